@@ -1,0 +1,99 @@
+"""Embeddings of LightningDiT: fixed sin-cos positions, 2D RoPE, timestep (single / dual SFD), label.
+
+Patch embedding is timm's ``PatchEmbed`` (Conv2d p x p, stride p, row-major tokens), used as is.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+
+def sincos_pos_embed_2d(dim: int, grid: int) -> torch.Tensor:
+    """(grid*grid, dim) MAE-style table: first dim/2 encode the column j, last dim/2 the row i.
+
+    Each half is [sin(pos*w_k), cos(pos*w_k)], w_k = 10000^(-k/(dim/4)), computed in float64 like the
+    official numpy code and returned as float32.
+    """
+    if dim % 4:
+        raise ValueError(f"hidden size {dim} must be divisible by 4 for the 2D sin-cos position table")
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))
+    rows, cols = torch.meshgrid(torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64),
+                                indexing="ij")
+
+    def one_axis(pos: torch.Tensor) -> torch.Tensor:
+        out = pos.reshape(-1, 1) * omega.reshape(1, -1)
+        return torch.cat([out.sin(), out.cos()], dim=1)
+
+    return torch.cat([one_axis(cols), one_axis(rows)], dim=1).float()
+
+
+class Rope2D(nn.Module):
+    """EVA-02 style 2D rotary embedding on (..., T, d_h): first d_h/2 dims rotate with the row index,
+    last d_h/2 with the column index; adjacent dim pairs (2m, 2m+1) share frequency 10000^(-2m/(d_h/2)).
+
+    The cos/sin tables are persistent buffers (they are part of the official state dict).
+    """
+
+    def __init__(self, head_dim: int, grid: int, theta: float = 10000.0):
+        super().__init__()
+        half = head_dim // 2
+        if head_dim % 4:
+            raise ValueError(f"head dim {head_dim} must be divisible by 4 for 2D RoPE")
+        freqs = 1.0 / theta ** (torch.arange(0, half, 2)[: half // 2].float() / half)
+        pos = torch.arange(grid) / grid * grid  # official positions: integers for power-of-two grids
+        angles = torch.repeat_interleave(pos[:, None] * freqs[None, :], 2, dim=-1)  # (grid, half)
+        table = torch.cat([angles[:, None, :].expand(grid, grid, half),
+                           angles[None, :, :].expand(grid, grid, half)], dim=-1)  # (row, col, d_h)
+        self.register_buffer("freqs_cos", table.cos().reshape(-1, head_dim))
+        self.register_buffer("freqs_sin", table.sin().reshape(-1, head_dim))
+
+    @staticmethod
+    def rotate_half(x: torch.Tensor) -> torch.Tensor:
+        pairs = x.unflatten(-1, (-1, 2))
+        return torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.freqs_cos + self.rotate_half(x) * self.freqs_sin
+
+
+def timestep_features(t: torch.Tensor, dim: int = 256, max_period: float = 10000.0) -> torch.Tensor:
+    """[cos(t*f_k), sin(t*f_k)] with f_k = exp(-ln(max_period) k / (dim/2)); t used as is (in [0,1])."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32) / half).to(t.device)
+    args = t[:, None].float() * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+class TimestepEmbedder(nn.Module):
+    """Linear(256 -> W) -> SiLU -> Linear(W -> W) on sinusoidal features (keys ``mlp.0`` / ``mlp.2``)."""
+
+    def __init__(self, width: int, frequency_dim: int = 256):
+        super().__init__()
+        self.frequency_dim = frequency_dim
+        self.mlp = nn.Sequential(nn.Linear(frequency_dim, width), nn.SiLU(), nn.Linear(width, width))
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        feats = timestep_features(t, self.frequency_dim)
+        return self.mlp(feats.to(self.mlp[0].weight.dtype))
+
+
+class LabelEmbedder(nn.Module):
+    """(num_classes + 1) x D table when label dropout is on; the last row is the null class.
+
+    In training mode labels are replaced by the null index with probability ``dropout_prob`` (global
+    torch RNG, like the official code; the trainer seeds it per step for exact resume).
+    """
+
+    def __init__(self, num_classes: int, width: int, dropout_prob: float):
+        super().__init__()
+        self.num_classes = num_classes
+        self.dropout_prob = dropout_prob
+        self.embedding_table = nn.Embedding(num_classes + int(dropout_prob > 0), width)
+
+    def forward(self, labels: torch.Tensor, train: bool) -> torch.Tensor:
+        if train and self.dropout_prob > 0:
+            drop = torch.rand(labels.shape[0], device=labels.device) < self.dropout_prob
+            labels = torch.where(drop, torch.full_like(labels, self.num_classes), labels)
+        return self.embedding_table(labels)

@@ -1,0 +1,175 @@
+"""Transformer building blocks of LightningDiT on megatron-core tensor-parallel linears.
+
+Every layer here computes exactly what the official LightningDiT layer computes; the official
+parameter names are kept (``qkv``, ``proj``, ``w12``, ``w3``, ...) so an official state dict maps 1:1
+at TP=1. Tensor-parallel layers hold a *local shard*; they do not know the TP degree — megatron's
+parallel_state does (see ``sfd_scale/parallel``).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from megatron.core import ModelParallelConfig
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from megatron.core.utils import get_pg_size
+
+try:  # optional GPU extra: used only on CUDA tensors in half precision
+    from flash_attn import flash_attn_func  # type: ignore
+except Exception:  # pragma: no cover - flash-attn needs CUDA to build
+    flash_attn_func = None
+
+
+def xavier_uniform(weight: torch.Tensor) -> None:
+    nn.init.xavier_uniform_(weight)
+
+
+def zeros(weight: torch.Tensor) -> None:
+    nn.init.zeros_(weight)
+
+
+class _ExactSingleRank:
+    """Mixin for megatron's parallel linears: with one TP rank, compute ``F.linear`` (bias fused in the GEMM).
+
+    Why: megatron adds the bias after the matmul, which rounds differently from ``nn.Linear`` by ~1e-6;
+    adaptive dopri5 sampling amplifies that to ~1e-3 in the final latent. With one TP rank there is no
+    communication to overlap, so we compute exactly what the official ``nn.Linear`` computes; with several
+    ranks megatron's forward (async all-reduce, sequence parallel) runs unchanged.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.tp_size = get_pg_size(self.tp_group)
+
+    def forward(self, x: torch.Tensor, *args, **kwargs):
+        if self.tp_size == 1 and not self.sequence_parallel:
+            return F.linear(x, self.weight, self.bias), None
+        return super().forward(x, *args, **kwargs)
+
+
+class ColumnLinear(_ExactSingleRank, ColumnParallelLinear):
+    pass
+
+
+class RowLinear(_ExactSingleRank, RowParallelLinear):
+    pass
+
+
+def column_linear(in_features: int, out_features: int, config: ModelParallelConfig, *, gather_output: bool,
+                  init=xavier_uniform) -> ColumnLinear:
+    """Linear split along its outputs. Bias always on (every LightningDiT linear has one)."""
+    return ColumnLinear(in_features, out_features, config=config, init_method=init, bias=True,
+                        gather_output=gather_output)
+
+
+def row_linear(in_features: int, out_features: int, config: ModelParallelConfig,
+               init=xavier_uniform) -> RowLinear:
+    """Linear split along its inputs (input already split), output all-reduced."""
+    return RowLinear(in_features, out_features, config=config, init_method=init, bias=True,
+                     input_is_parallel=True, skip_bias_add=False)
+
+
+class RMSNorm(nn.Module):
+    """y = x / sqrt(mean(x^2) + eps) * w, normalised in float32 then cast back (official order)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+def make_norm(dim: int, use_rmsnorm: bool) -> nn.Module:
+    return RMSNorm(dim) if use_rmsnorm else nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+
+
+def modulate(x: torch.Tensor, shift: Optional[torch.Tensor], scale: torch.Tensor) -> torch.Tensor:
+    x = x * (1 + scale.unsqueeze(1))
+    return x if shift is None else x + shift.unsqueeze(1)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Softmax attention over (B, heads, T, d_h): flash-attn on CUDA half precision, else SDPA."""
+    if flash_attn_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+        out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        return out.transpose(1, 2)
+    return F.scaled_dot_product_attention(q, k, v)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with fused qkv, optional per-head QK RMSNorm and 2D RoPE.
+
+    Under TP each rank owns ``num_heads / tp`` whole heads; the local qkv shard is laid out
+    [q | k | v] for those heads (``official.py`` slices the official weight that way).
+    """
+
+    def __init__(self, dim: int, num_heads: int, config: ModelParallelConfig, *, qk_norm: bool,
+                 use_rmsnorm: bool, tp_size: int = 1):
+        super().__init__()
+        self.head_dim = dim // num_heads
+        self.local_heads = num_heads // tp_size
+        self.qkv = column_linear(dim, 3 * dim, config, gather_output=False)
+        norm = (lambda: make_norm(self.head_dim, use_rmsnorm)) if qk_norm else nn.Identity
+        self.q_norm, self.k_norm = norm(), norm()
+        self.proj = row_linear(dim, dim, config)
+
+    def forward(self, x: torch.Tensor, rope: Optional[nn.Module] = None) -> torch.Tensor:
+        b, n, _ = x.shape
+        qkv, _ = self.qkv(x)
+        q, k, v = qkv.reshape(b, n, 3, self.local_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            q, k = rope(q), rope(k)
+        out = attention(q, k, v).transpose(1, 2).reshape(b, n, self.local_heads * self.head_dim)
+        out, _ = self.proj(out)
+        return out
+
+
+class SwiGLU(nn.Module):
+    """h = SiLU(a) * b with [a | b] = w12(x); out = w3(h). Local w12 shard is [a_r | b_r] under TP."""
+
+    def __init__(self, dim: int, hidden: int, config: ModelParallelConfig):
+        super().__init__()
+        self.w12 = column_linear(dim, 2 * hidden, config, gather_output=False)
+        self.w3 = row_linear(hidden, dim, config)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x12, _ = self.w12(x)
+        a, b = x12.chunk(2, dim=-1)
+        out, _ = self.w3(F.silu(a) * b)
+        return out
+
+
+class GeluMlp(nn.Module):
+    """timm-style Mlp (fc1 -> GELU(tanh) -> fc2), the non-SwiGLU LightningDiT/DiT MLP."""
+
+    def __init__(self, dim: int, hidden: int, config: ModelParallelConfig):
+        super().__init__()
+        self.fc1 = column_linear(dim, hidden, config, gather_output=False)
+        self.fc2 = row_linear(hidden, dim, config)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, _ = self.fc1(x)
+        out, _ = self.fc2(F.gelu(h, approximate="tanh"))
+        return out
+
+
+class AdaLNModulation(nn.Module):
+    """SiLU -> Linear(D -> k*D) giving k modulation vectors. Named ``1`` like the official Sequential.
+
+    The linear is column-parallel with gathered output: every rank needs all k*D values.
+    """
+
+    def __init__(self, dim: int, chunks: int, config: ModelParallelConfig):
+        super().__init__()
+        self.chunks = chunks
+        self.add_module("1", column_linear(dim, chunks * dim, config, gather_output=True, init=zeros))
+
+    def forward(self, c: torch.Tensor):
+        out, _ = getattr(self, "1")(F.silu(c))
+        return out.chunk(self.chunks, dim=1)

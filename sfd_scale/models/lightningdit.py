@@ -1,0 +1,242 @@
+"""LightningDiT / SFD model: architecture, size registry, weight initialisation.
+
+The model knows which layers are tensor-parallel (megatron-core primitives in ``layers.py``) but not
+how many ranks there are beyond ``tp_size`` for local head counts; ``sfd_scale/parallel`` decides the
+layout. Forward signature matches the official model: ``model(x, t, y)`` with ``t = (t_tex, t_sem)``
+for an SFD (dual-time) model and a tensor for a plain one; in training mode with REPA it returns
+``(velocity, repa_projection)``, otherwise the velocity.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Optional, Tuple, Union
+
+import torch
+import torch.nn as nn
+from megatron.core import ModelParallelConfig
+from timm.layers import PatchEmbed
+
+from ..parallel.layout import tensor_parallel_size
+from .embeddings import LabelEmbedder, Rope2D, TimestepEmbedder, sincos_pos_embed_2d
+from .layers import AdaLNModulation, Attention, GeluMlp, SwiGLU, column_linear, make_norm, modulate, zeros
+
+# name -> (depth, hidden, heads); official registry (the 1p0B entry is what the paper calls "XXL").
+SIZES = {
+    "S": (12, 384, 6),
+    "B": (12, 768, 12),
+    "L": (24, 1024, 16),
+    "XL": (28, 1152, 16),
+    "1p0B": (24, 1536, 24),
+    "1p6B": (28, 1792, 28),
+}
+SIZE_ALIASES = {"XXL": "1p0B"}
+
+# DINOv2 variant -> feature width (REPA target dim), as the official code maps repa_dino_version.
+REPA_FEATURE_DIMS = {"dinov2_vits14": 384, "dinov2_vitb14": 768, "dinov2_vitl14": 1024, "dinov2_vitg14": 1536}
+
+
+@dataclass(frozen=True)
+class ModelArgs:
+    """Everything that fixes the architecture (and therefore the state-dict shapes)."""
+
+    input_size: int = 16
+    patch_size: int = 1
+    in_channels: int = 48
+    hidden_size: int = 1152
+    depth: int = 28
+    num_heads: int = 16
+    mlp_ratio: float = 4.0
+    num_classes: int = 1000
+    class_dropout_prob: float = 0.1
+    learn_sigma: bool = False
+    use_qknorm: bool = True
+    use_swiglu: bool = True
+    use_rope: bool = True
+    use_rmsnorm: bool = True
+    wo_shift: bool = False
+    dual_time_embed: bool = True  # SFD: separate texture / semantic time embedders
+    use_repa: bool = False
+    repa_depth: int = 2
+    repa_projector_dim: int = 2048
+    repa_feature_dim: int = 768
+
+    def __post_init__(self):
+        checks = [
+            (self.input_size % self.patch_size == 0, f"input_size {self.input_size} not divisible by patch_size {self.patch_size}"),
+            (self.hidden_size % self.num_heads == 0, f"hidden_size {self.hidden_size} not divisible by num_heads {self.num_heads}"),
+            (not self.dual_time_embed or self.hidden_size % 2 == 0, f"dual time embedding needs an even hidden_size, got {self.hidden_size}"),
+            (not self.use_repa or 1 <= self.repa_depth <= self.depth, f"repa_depth {self.repa_depth} must lie in 1..depth ({self.depth})"),
+            (self.in_channels > 0 and self.depth > 0, "in_channels and depth must be positive"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ValueError(f"model: {msg}")
+
+    @property
+    def out_channels(self) -> int:
+        return 2 * self.in_channels if self.learn_sigma else self.in_channels
+
+    @property
+    def grid(self) -> int:
+        return self.input_size // self.patch_size
+
+    @property
+    def mlp_hidden(self) -> int:
+        hidden = int(self.hidden_size * self.mlp_ratio)
+        return int(2 / 3 * hidden) if self.use_swiglu else hidden
+
+
+def parse_model_name(name: str) -> Tuple[int, int, int, int]:
+    """'LightningDiT-XL/1' -> (depth, hidden, heads, patch). Clear error naming the known sizes."""
+    known = sorted(SIZES) + sorted(SIZE_ALIASES)
+    try:
+        family, patch = name.rsplit("/", 1)
+        prefix, size = family.split("-", 1)
+        size = SIZE_ALIASES.get(size, size)
+        if prefix != "LightningDiT" or size not in SIZES or patch not in ("1", "2"):
+            raise ValueError
+    except ValueError:
+        raise ValueError(f"unknown model name {name!r}: expected 'LightningDiT-<size>/<patch>' with size in "
+                         f"{known} and patch 1 or 2") from None
+    depth, hidden, heads = SIZES[size]
+    return depth, hidden, heads, int(patch)
+
+
+def args_for(name: str, **overrides) -> ModelArgs:
+    depth, hidden, heads, patch = parse_model_name(name)
+    return ModelArgs(depth=depth, hidden_size=hidden, num_heads=heads, patch_size=patch, **overrides)
+
+
+def parallel_config(params_dtype: torch.dtype = torch.float32) -> ModelParallelConfig:
+    """Megatron layer config. CPU initialisation unless CUDA is present (then weights start on GPU)."""
+    return ModelParallelConfig(use_cpu_initialization=not torch.cuda.is_available(), perform_initialization=True,
+                               params_dtype=params_dtype)
+
+
+class LightningDiTBlock(nn.Module):
+    def __init__(self, args: ModelArgs, config: ModelParallelConfig, tp_size: int = 1):
+        super().__init__()
+        d = args.hidden_size
+        self.wo_shift = args.wo_shift
+        self.norm1 = make_norm(d, args.use_rmsnorm)
+        self.norm2 = make_norm(d, args.use_rmsnorm)
+        self.attn = Attention(d, args.num_heads, config, qk_norm=args.use_qknorm, use_rmsnorm=args.use_rmsnorm,
+                              tp_size=tp_size)
+        mlp = SwiGLU if args.use_swiglu else GeluMlp
+        self.mlp = mlp(d, args.mlp_hidden, config)
+        self.adaLN_modulation = AdaLNModulation(d, 4 if args.wo_shift else 6, config)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor, rope: Optional[nn.Module]) -> torch.Tensor:
+        if self.wo_shift:
+            scale_msa, gate_msa, scale_mlp, gate_mlp = self.adaLN_modulation(c)
+            shift_msa = shift_mlp = None
+        else:
+            shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c)
+        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), rope=rope)
+        x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        return x
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, args: ModelArgs, config: ModelParallelConfig):
+        super().__init__()
+        d = args.hidden_size
+        self.norm_final = make_norm(d, args.use_rmsnorm)
+        self.linear = column_linear(d, args.patch_size ** 2 * args.out_channels, config, gather_output=True, init=zeros)
+        self.adaLN_modulation = AdaLNModulation(d, 2, config)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.adaLN_modulation(c)
+        out, _ = self.linear(modulate(self.norm_final(x), shift, scale))
+        return out
+
+
+class LightningDiT(nn.Module):
+    def __init__(self, args: ModelArgs, config: Optional[ModelParallelConfig] = None):
+        super().__init__()
+        config = config or parallel_config()
+        tp_size = tensor_parallel_size()  # sets up a one-process layout when none exists yet
+        if args.num_heads % tp_size:
+            raise ValueError(f"model.num_heads ({args.num_heads}) must be divisible by tensor parallel size {tp_size}")
+        self.args = args
+        d = args.hidden_size
+        self.x_embedder = PatchEmbed(args.input_size, args.patch_size, args.in_channels, d, bias=True)
+        if args.dual_time_embed:
+            self.t_embedder_sem = TimestepEmbedder(d // 2)
+            self.t_embedder_tex = TimestepEmbedder(d // 2)
+        else:
+            self.t_embedder = TimestepEmbedder(d)
+        self.y_embedder = LabelEmbedder(args.num_classes, d, args.class_dropout_prob)
+        self.pos_embed = nn.Parameter(sincos_pos_embed_2d(d, args.grid).unsqueeze(0), requires_grad=False)
+        self.feat_rope = Rope2D(d // args.num_heads, args.grid) if args.use_rope else None
+        self.blocks = nn.ModuleList(LightningDiTBlock(args, config, tp_size) for _ in range(args.depth))
+        self.final_layer = FinalLayer(args, config)
+        if args.use_repa:
+            p = args.repa_projector_dim
+            self.repa_projector = nn.Sequential(nn.Linear(d, p), nn.SiLU(), nn.Linear(p, p), nn.SiLU(),
+                                                nn.Linear(p, args.repa_feature_dim))
+        self.initialize_weights()
+
+    # ------------------------------------------------------------------------------------------ init
+    def initialize_weights(self) -> None:
+        """Official init for the replicated layers (megatron layers got theirs at construction):
+        Xavier linears, zero biases, patch conv as a linear, N(0, 0.02) label table and time MLPs."""
+        for m in [self.repa_projector] if self.args.use_repa else []:
+            for layer in m:
+                if isinstance(layer, nn.Linear):
+                    nn.init.xavier_uniform_(layer.weight)
+                    nn.init.zeros_(layer.bias)
+        w = self.x_embedder.proj.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.x_embedder.proj.bias)
+        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        for emb in self.time_embedders():
+            nn.init.normal_(emb.mlp[0].weight, std=0.02)
+            nn.init.normal_(emb.mlp[2].weight, std=0.02)
+
+    def time_embedders(self):
+        return [self.t_embedder_sem, self.t_embedder_tex] if self.args.dual_time_embed else [self.t_embedder]
+
+    # ------------------------------------------------------------------------------------------ forward
+    def embed_time(self, t: Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        if self.args.dual_time_embed:
+            if not isinstance(t, (tuple, list)) or len(t) != 2:
+                raise TypeError("an SFD model takes t as the pair (t_tex, t_sem)")
+            t_tex, t_sem = t
+            return torch.cat([self.t_embedder_sem(t_sem), self.t_embedder_tex(t_tex)], dim=1)
+        if isinstance(t, (tuple, list)):
+            raise TypeError("a plain (single-time) model takes t as one tensor, not a pair")
+        return self.t_embedder(t)
+
+    def condition(self, t, y: torch.Tensor) -> torch.Tensor:
+        """Conditioning vector c = time embedding + label embedding (B, D)."""
+        return self.embed_time(t) + self.y_embedder(y, self.training)
+
+    def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
+        c, p, s = self.args.out_channels, self.args.patch_size, self.args.grid
+        x = x.reshape(x.shape[0], s, s, p, p, c)
+        return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], c, s * p, s * p)
+
+    def forward(self, x: torch.Tensor, t, y: torch.Tensor):
+        tokens = self.x_embedder(x) + self.pos_embed
+        c = self.condition(t, y)
+        repa = None
+        for i, block in enumerate(self.blocks):
+            tokens = block(tokens, c, self.feat_rope)
+            if self.args.use_repa and self.training and i + 1 == self.args.repa_depth:
+                repa = self.repa_projector(tokens)
+        out = self.unpatchify(self.final_layer(tokens, c))
+        if self.args.learn_sigma:
+            out = out[:, : self.args.in_channels]
+        return (out, repa) if repa is not None else out
+
+
+def count_parameters(model: nn.Module) -> int:
+    """All parameters, frozen pos_embed included (how the official counts were taken)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def describe(args: ModelArgs) -> dict:
+    return asdict(args) | {"out_channels": args.out_channels, "tokens": args.grid ** 2, "mlp_hidden": args.mlp_hidden}
+
+

@@ -1,0 +1,77 @@
+"""Process layout: TP x PP x DP over torch.distributed + megatron-core parallel_state.
+
+TP = PP = DP = 1 is just one layout: a single process still gets a (one-rank, gloo) process group so
+megatron's tensor-parallel layers run unchanged. Multi-rank layouts are initialised the same way from
+the launcher's environment (torchrun / srun set RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+
+@dataclass(frozen=True)
+class ParallelLayout:
+    tensor_parallel: int = 1
+    pipeline_parallel: int = 1
+
+    def check(self, world_size: int) -> None:
+        tp, pp = self.tensor_parallel, self.pipeline_parallel
+        if tp < 1 or pp < 1:
+            raise ValueError(f"parallel.tensor_parallel ({tp}) and parallel.pipeline_parallel ({pp}) must be >= 1")
+        if world_size % (tp * pp):
+            raise ValueError(f"world size {world_size} is not divisible by parallel.tensor_parallel x "
+                             f"parallel.pipeline_parallel = {tp} x {pp}")
+
+    def data_parallel(self, world_size: int) -> int:
+        return world_size // (self.tensor_parallel * self.pipeline_parallel)
+
+
+def _init_process_group() -> None:
+    if dist.is_initialized():
+        return
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
+        dist.init_process_group(backend)  # env:// from the launcher
+    else:  # one process: an in-memory store, no port to pick or leak
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+
+
+def initialize(layout: ParallelLayout = ParallelLayout()) -> None:
+    """Create the process group (if needed) and megatron's TP / PP / DP groups for ``layout``."""
+    _init_process_group()
+    if parallel_state.model_parallel_is_initialized():
+        current = (parallel_state.get_tensor_model_parallel_world_size(),
+                   parallel_state.get_pipeline_model_parallel_world_size())
+        if current != (layout.tensor_parallel, layout.pipeline_parallel):
+            raise RuntimeError(f"parallel state already initialised as TP x PP = {current}, asked for {layout}")
+        return
+    layout.check(dist.get_world_size())
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=layout.tensor_parallel,
+                                             pipeline_model_parallel_size=layout.pipeline_parallel)
+
+
+def ensure_initialized() -> None:
+    """Single-process default: initialise TP = PP = 1 unless a layout was already set up."""
+    if not parallel_state.model_parallel_is_initialized():
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            raise RuntimeError("torch.distributed runs with several ranks but no layout was set: call "
+                               "sfd_scale.parallel.layout.initialize(ParallelLayout(...)) first")
+        initialize(ParallelLayout())
+
+
+def tensor_parallel_size() -> int:
+    ensure_initialized()
+    return parallel_state.get_tensor_model_parallel_world_size()
+
+
+def destroy() -> None:
+    """Tear down megatron groups and the process group (tests, end of a run)."""
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,19 @@
+"""Shared fixtures. Golden parity tests read ../shared/golden/ and fail (never skip) without it."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+GOLDEN_ROOT = Path(os.environ.get("SFD_GOLDEN_DIR", REPO.parent / "shared" / "golden"))
+
+
+@pytest.fixture(scope="session")
+def golden_dir() -> Path:
+    """The official golden set A (``shared/golden/sfd_official``). Missing files are a test failure."""
+    path = GOLDEN_ROOT / "sfd_official"
+    if not (path / "config.json").is_file():
+        pytest.fail(f"golden files not found at {path} (set SFD_GOLDEN_DIR to the folder holding sfd_official/)")
+    return path
