@@ -1,0 +1,12 @@
+"""sfd_scale: train Semantic-First Diffusion (SFD) image generators at scale.
+
+Layout: ``models`` (LightningDiT on megatron-core layers, official checkpoints), ``diffusion`` (the SFD
+math, guidance, samplers), ``data``, ``parallel``, ``train``, ``eval``; ``config`` is the typed schema.
+"""
+import warnings
+
+# megatron-core announces at import that it falls back to torch kernels without Apex / Transformer
+# Engine (the supported CPU and plain-GPU path); say it once in the docs instead of on every run.
+warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
+
+__version__ = "0.1.0"

@@ -28,8 +28,9 @@ REPA_MODES = ("cos", "mse", "cos_mse")
 class SFDSpec:
     """Channel layout and asynchrony of a composite latent.
 
-    ``semantic_chans == 0`` or ``delta_t == 0`` describes a plain (synchronous) LightningDiT: one
-    time per sample, sampling clock [0, 1], no phase masks.
+    ``semantic_chans == 0`` or ``delta_t == 0`` describes a synchronous model (plain LightningDiT, or the
+    dt = 0 baseline that denoises both parts together): one time per sample, clock [0, 1], no phase masks.
+    The semantic loss weight still applies to the semantic channels of a dt = 0 model.
     """
 
     texture_chans: int
@@ -41,8 +42,9 @@ class SFDSpec:
             raise ValueError(f"sfd.texture_chans must be > 0, got {self.texture_chans}")
         if self.semantic_chans < 0:
             raise ValueError(f"sfd.semantic_chans must be >= 0, got {self.semantic_chans}")
-        if self.semantic_chans > 0 and not (0.0 < self.delta_t < 1.0):
-            raise ValueError(f"sfd.delta_t must lie in the open interval (0, 1), got {self.delta_t}")
+        if self.semantic_chans > 0 and not (0.0 <= self.delta_t < 1.0):
+            raise ValueError(f"sfd.delta_t must lie in the open interval (0, 1) (or be exactly 0 for a synchronous "
+                             f"baseline), got {self.delta_t}")
         if self.semantic_chans == 0 and self.delta_t != 0.0:
             raise ValueError(f"sfd.delta_t={self.delta_t} needs sfd.semantic_chans > 0 (no semantic part to run ahead)")
 

@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from megatron.core import ModelParallelConfig
+from megatron.core import ModelParallelConfig, parallel_state
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.utils import get_pg_size
 
@@ -61,14 +61,15 @@ def column_linear(in_features: int, out_features: int, config: ModelParallelConf
                   init=xavier_uniform) -> ColumnLinear:
     """Linear split along its outputs. Bias always on (every LightningDiT linear has one)."""
     return ColumnLinear(in_features, out_features, config=config, init_method=init, bias=True,
-                        gather_output=gather_output)
+                        gather_output=gather_output, tp_group=parallel_state.get_tensor_model_parallel_group())
 
 
 def row_linear(in_features: int, out_features: int, config: ModelParallelConfig,
                init=xavier_uniform) -> RowLinear:
     """Linear split along its inputs (input already split), output all-reduced."""
     return RowLinear(in_features, out_features, config=config, init_method=init, bias=True,
-                     input_is_parallel=True, skip_bias_add=False)
+                     input_is_parallel=True, skip_bias_add=False,
+                     tp_group=parallel_state.get_tensor_model_parallel_group())
 
 
 class RMSNorm(nn.Module):
@@ -114,7 +115,9 @@ class Attention(nn.Module):
         self.head_dim = dim // num_heads
         self.local_heads = num_heads // tp_size
         self.qkv = column_linear(dim, 3 * dim, config, gather_output=False)
-        norm = (lambda: make_norm(self.head_dim, use_rmsnorm)) if qk_norm else nn.Identity
+        # official QK-norm: RMSNorm with use_rmsnorm, else an *affine* LayerNorm (torch default eps)
+        norm = ((lambda: RMSNorm(self.head_dim) if use_rmsnorm else nn.LayerNorm(self.head_dim))
+                if qk_norm else nn.Identity)
         self.q_norm, self.k_norm = norm(), norm()
         self.proj = row_linear(dim, dim, config)
 

@@ -98,6 +98,11 @@ def _torch_load(path: Path):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
+        if "omegaconf" not in str(err) and not zipfile.is_zipfile(path):
+            # not torch.save's zip container: weights_only reports garbage bytes with the same error type
+            # as a forbidden class, so name it for what it almost surely is (still refused either way)
+            raise ValueError(f"unreadable checkpoint {path}: neither a torch.save zip archive nor a loadable "
+                             "legacy torch file") from err
         if "omegaconf" not in str(err):
             raise ValueError(f"cannot safely read checkpoint {path}: {err}. It holds pickled objects other than "
                              "tensors and OmegaConf configs; convert it to safetensors with a trusted torch.load") from err
@@ -143,13 +148,16 @@ def read_checkpoint(path: Union[str, os.PathLike], which: str = "ema") -> StateD
         raise ValueError(f"unreadable checkpoint {path}: {type(err).__name__}: {err}") from err
     if not isinstance(obj, Mapping):
         raise ValueError(f"checkpoint {path} holds a {type(obj).__name__}, not a state dict or container")
-    if which in obj and isinstance(obj[which], Mapping):
+    selected = which in obj and isinstance(obj[which], Mapping)
+    if selected:
         obj = obj[which]
     elif any(k in obj for k in ("ema", "model")):
         raise KeyError(f"checkpoint {path} has no {which!r} entry (entries: {sorted(obj)})")
     bad = [k for k, v in obj.items() if not torch.is_tensor(v)]
     if bad:
-        raise ValueError(f"checkpoint {path}: entries {bad[:5]} are not tensors; is this a state dict?")
+        # a container holding neither entry must say so, not only that it is no state dict
+        what = f"its {which!r} entry" if selected else f"it has no {which!r} entry and"
+        raise ValueError(f"checkpoint {path}: {what} is not a state dict (entries {bad[:5]} are not tensors)")
     return strip_prefix(obj)
 
 

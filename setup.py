@@ -1,0 +1,39 @@
+"""sfd_scale: Semantic-First Diffusion (SFD) training at scale on megatron-core / DeepSpeed."""
+from setuptools import find_packages, setup
+
+setup(
+    name="sfd_scale",
+    version="0.1.0",
+    description="Train Semantic-First Diffusion (LightningDiT + asynchronous semantic/texture latents) at scale",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["sfd_scale", "sfd_scale.*"]),
+    install_requires=[
+        # torch / torchvision: install first with the pins from the README (a bare "torch" pulls a
+        # multi-GB build of pip's choosing); any recent release works.
+        "torch>=2.4",
+        "torchvision>=0.19",
+        "megatron-core>=0.14",      # 0.16.x on Python 3.11, newer on 3.12+
+        "psutil",                   # needed by megatron dist_checkpointing's async writer (undeclared there)
+        "deepspeed>=0.15",          # ZeRO engine; build with DS_BUILD_OPS=0 (ops JIT-compile when used)
+        "nvidia-dali-cuda130",      # image decode for latent extraction (CPU pipelines work without a GPU)
+        "mosaicml-streaming>=0.9",  # latent shards
+        "omegaconf>=2.3",
+        "wandb",
+        "torchdiffeq>=0.2.3",
+        "timm>=1.0",
+        "diffusers>=0.30",
+        "safetensors",
+        "einops",
+        "numpy",
+        "scikit-learn",             # the demo's real images (load_digits) and its semantic PCA
+        "Pillow",
+        "tqdm",
+    ],
+    extras_require={
+        "test": ["pytest>=7"],
+        # GPU-only extras, used when importable (need CUDA to build): pip install flash-attn apex
+        "gpu": ["flash-attn"],
+    },
+)

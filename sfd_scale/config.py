@@ -1,0 +1,270 @@
+"""Typed run configuration: dataclass schema <- YAML files <- ``key=value`` overrides (OmegaConf).
+
+A wrong key or a value of the wrong type fails at start-up with the key's full name. After merging,
+``validate()`` checks the relations between sections (channel split, dt, guidance settings, ...).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from .diffusion.guidance import GuidanceConfig
+from .diffusion.sampling import SamplerConfig
+from .diffusion.sfd import ObjectiveConfig, SFDSpec
+from .models.lightningdit import ModelArgs, parse_model_name
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the offending key or file."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "LightningDiT-XL/1"     # size + patch from the registry (S, B, L, XL, XXL=1p0B, 1p6B)
+    depth: Optional[int] = None          # explicit overrides of the registry size (tiny demo models)
+    hidden_size: Optional[int] = None
+    num_heads: Optional[int] = None
+    patch_size: Optional[int] = None
+    input_size: int = 16                 # latent side length (image size / VAE downsampling)
+    in_channels: Optional[int] = None    # optional cross-check: must equal sfd.texture_chans + semantic_chans
+    num_classes: int = 1000
+    class_dropout_prob: float = 0.1
+    learn_sigma: bool = False
+    mlp_ratio: float = 4.0
+    use_qknorm: bool = True
+    use_swiglu: bool = True
+    use_rope: bool = True
+    use_rmsnorm: bool = True
+    wo_shift: bool = False
+    use_repa: bool = False
+    repa_depth: int = 2
+    repa_projector_dim: int = 2048
+    repa_feature_dim: int = 768
+
+
+@dataclass
+class SFDConfig:
+    texture_chans: int = 32
+    semantic_chans: int = 16
+    delta_t: float = 0.3
+    semantic_weight: float = 2.0
+    use_cosine_loss: bool = True
+    use_lognorm: bool = True
+    repa_weight: float = 1.0
+    repa_mode: str = "cos"
+
+
+@dataclass
+class DataConfig:
+    source: str = "official"        # official: official latent shards at ``path``; demo: built-in digits
+    path: Optional[str] = None
+    latent_norm: bool = True
+    latent_sv_norm: bool = True
+    latent_multiplier: float = 1.0
+    hflip: bool = True              # use the pre-encoded flipped latents with probability 1/2
+    num_workers: int = 2
+    demo_samples: Optional[int] = None  # demo only: use a subset of the 1797 digits
+
+
+@dataclass
+class ParallelConfig:
+    tensor_parallel: int = 1
+    pipeline_parallel: int = 1
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    grad_clip: float = 0.0          # max global grad norm; 0 disables clipping
+    fused: Optional[bool] = None    # fused AdamW; None = when the device supports it
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "runs/sfd"
+    global_batch_size: int = 256
+    max_steps: int = 400_000
+    ema_decay: float = 0.9999
+    precision: str = "fp32"         # fp32 | bf16 (autocast; params, EMA and optimizer stay fp32)
+    seed: int = 0
+    log_every: int = 100
+    sample_every: int = 0           # 0: only at the end
+    device: str = "auto"            # auto | cpu | cuda
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 0                  # 0: only at the end
+    resume: bool = True             # continue from the newest checkpoint in output_dir
+    init_from: Optional[str] = None  # official or sfd_scale checkpoint to initialise the weights from
+
+
+@dataclass
+class LoggingConfig:
+    wandb_mode: str = "offline"     # offline | online | disabled
+    project: str = "sfd_scale"
+    run_name: Optional[str] = None
+    progress: bool = True
+
+
+@dataclass
+class SampleConfig:
+    method: str = "dopri5"
+    num_steps: int = 250
+    atol: float = 1e-6
+    rtol: float = 1e-3
+    timestep_shift: float = 0.0
+    guidance: str = "none"          # none | cfg | autoguidance
+    cfg_scale: float = 1.0
+    cfg_scale_tex: Optional[float] = None
+    cfg_scale_sem: Optional[float] = None
+    cfg_interval_start: Optional[float] = None
+    interval_mode: str = "both"
+    guide_checkpoint: Optional[str] = None
+    guide_model: Optional[str] = None   # registry name of the guide (autoguidance), e.g. LightningDiT-B/1
+    grid_images: int = 16
+    seed: int = 0
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sfd: SFDConfig = field(default_factory=SFDConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+
+# ----------------------------------------------------------------------------------------------- loading
+def _read_yaml(path: Path, seen: tuple = ()) -> list:
+    """A YAML file as a list of layers: its ``includes`` (paths relative to it, in order) first."""
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    if path.resolve() in seen:
+        raise ConfigError(f"config include cycle: {' -> '.join(str(p) for p in seen + (path,))}")
+    try:
+        layer = OmegaConf.load(path)
+    except Exception as err:  # YAML syntax errors come from the yaml package
+        raise ConfigError(f"{path}: cannot parse YAML: {err}") from None
+    includes = layer.pop("includes", []) if isinstance(layer, DictConfig) else []
+    layers = []
+    for inc in includes:
+        layers += _read_yaml(path.parent / str(inc), seen + (path.resolve(),))
+    return layers + [(str(path), layer)]
+
+
+def load_config(files: Sequence[str] = (), overrides: Sequence[str] = ()) -> Config:
+    """Schema defaults <- each YAML file (after its ``includes``) <- dotlist overrides; then ``validate``."""
+    merged = OmegaConf.structured(Config)
+    layers: List = []
+    for f in files:
+        layers += _read_yaml(Path(f))
+    try:
+        layers.append(("command line", OmegaConf.from_dotlist(list(overrides))))
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"command line: {_describe(err)}") from None
+    for name, layer in layers:
+        try:
+            merged = OmegaConf.merge(merged, layer)
+        except OmegaConfBaseException as err:
+            raise ConfigError(f"{name}: {_describe(err)}") from None
+    try:
+        cfg: Config = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:
+        raise ConfigError(_describe(err)) from None
+    validate(cfg)
+    return cfg
+
+
+def _describe(err: OmegaConfBaseException) -> str:
+    key = getattr(err, "full_key", None)
+    msg = str(err).splitlines()[0]
+    return f"bad key {key!r}: {msg}" if key else msg
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+# ----------------------------------------------------------------------------------------------- derived
+def model_args(cfg: Config) -> ModelArgs:
+    """Architecture from the model section; registry size unless depth/hidden/heads/patch override it."""
+    m = cfg.model
+    spec = sfd_spec(cfg)
+    try:
+        depth, hidden, heads, patch = parse_model_name(m.name)
+        if m.in_channels is not None:
+            spec.check_channels(m.in_channels, "model.in_channels")
+        return ModelArgs(
+            input_size=m.input_size, patch_size=m.patch_size or patch, in_channels=spec.channels,
+            hidden_size=m.hidden_size or hidden, depth=m.depth or depth, num_heads=m.num_heads or heads,
+            mlp_ratio=m.mlp_ratio, num_classes=m.num_classes, class_dropout_prob=m.class_dropout_prob,
+            learn_sigma=m.learn_sigma, use_qknorm=m.use_qknorm, use_swiglu=m.use_swiglu, use_rope=m.use_rope,
+            use_rmsnorm=m.use_rmsnorm, wo_shift=m.wo_shift, dual_time_embed=spec.is_async, use_repa=m.use_repa,
+            repa_depth=m.repa_depth, repa_projector_dim=m.repa_projector_dim, repa_feature_dim=m.repa_feature_dim)
+    except ValueError as err:
+        raise ConfigError(f"model.name / model section: {err}" if "model name" in str(err) else str(err)) from None
+
+
+def sfd_spec(cfg: Config) -> SFDSpec:
+    s = cfg.sfd
+    try:
+        return SFDSpec(s.texture_chans, s.semantic_chans, s.delta_t if s.semantic_chans else 0.0)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
+def objective_config(cfg: Config) -> ObjectiveConfig:
+    s = cfg.sfd
+    return ObjectiveConfig(s.semantic_weight, s.use_cosine_loss, s.use_lognorm, s.repa_weight, s.repa_mode)
+
+
+def sampler_config(cfg: Config) -> SamplerConfig:
+    s = cfg.sample
+    return SamplerConfig(s.method, s.num_steps, s.atol, s.rtol, s.timestep_shift)
+
+
+def guidance_config(cfg: Config) -> GuidanceConfig:
+    s = cfg.sample
+    return GuidanceConfig(s.guidance, s.cfg_scale, s.cfg_scale_tex, s.cfg_scale_sem, s.cfg_interval_start,
+                          s.interval_mode)
+
+
+def validate(cfg: Config) -> None:
+    """Cross-section checks; each error names the key(s) involved."""
+    def need(ok: bool, msg: str):
+        if not ok:
+            raise ConfigError(msg)
+
+    try:
+        objective_config(cfg), sampler_config(cfg), guidance_config(cfg)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    model_args(cfg)
+    need(cfg.train.precision in ("fp32", "bf16"), f"train.precision must be 'fp32' or 'bf16', got {cfg.train.precision!r}")
+    need(cfg.train.device in ("auto", "cpu", "cuda"), f"train.device must be auto, cpu or cuda, got {cfg.train.device!r}")
+    need(cfg.train.global_batch_size > 0, f"train.global_batch_size must be > 0, got {cfg.train.global_batch_size}")
+    need(0.0 <= cfg.train.ema_decay < 1.0, f"train.ema_decay must lie in [0, 1), got {cfg.train.ema_decay}")
+    need(cfg.optim.lr > 0, f"optim.lr must be > 0, got {cfg.optim.lr}")
+    need(cfg.optim.grad_clip >= 0, f"optim.grad_clip must be >= 0 (0 = off), got {cfg.optim.grad_clip}")
+    need(cfg.data.source in ("official", "demo"), f"data.source must be 'official' or 'demo', got {cfg.data.source!r}")
+    need(cfg.data.source != "official" or bool(cfg.data.path), "data.path is required when data.source is 'official'")
+    need(cfg.logging.wandb_mode in ("offline", "online", "disabled"),
+         f"logging.wandb_mode must be offline, online or disabled, got {cfg.logging.wandb_mode!r}")
+    need(cfg.sample.guidance != "autoguidance" or bool(cfg.sample.guide_checkpoint),
+         "sample.guide_checkpoint is required when sample.guidance is 'autoguidance'")
+    need(cfg.parallel.tensor_parallel == 1 and cfg.parallel.pipeline_parallel == 1,
+         "parallel.tensor_parallel / parallel.pipeline_parallel > 1 are not supported by this trainer yet")

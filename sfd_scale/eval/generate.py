@@ -1,0 +1,46 @@
+"""Generate latents / images from a trained model with the configured sampler and guidance."""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+from ..config import Config, guidance_config, sampler_config, sfd_spec
+from ..data.demo import save_image_grid
+from ..diffusion.sampling import Sampler
+
+
+def generate_latents(model: Callable, cfg: Config, labels: torch.Tensor, *, guide: Optional[Callable] = None,
+                     seed: int = 0, device: torch.device = torch.device("cpu")) -> torch.Tensor:
+    """Final composite latents (all channels) for ``labels``; initial noise drawn from ``seed``."""
+    spec = sfd_spec(cfg)
+    args = model.args
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(len(labels), spec.channels, args.input_size, args.input_size, generator=g).to(device)
+    sampler = Sampler(model, spec, sampler_config(cfg), guidance_config(cfg), guide=guide,
+                      null_class=args.num_classes)
+    return sampler.sample(z, labels.to(device))
+
+
+def latent_preview(latents: torch.Tensor, texture_chans: int) -> torch.Tensor:
+    """uint8 (B, H, W, 3) view of the first three texture channels, for data without a decoder."""
+    x = latents[:, : min(3, texture_chans)].float()
+    lo = x.amin(dim=(0, 2, 3), keepdim=True)
+    hi = x.amax(dim=(0, 2, 3), keepdim=True)
+    x = ((x - lo) / (hi - lo).clamp_min(1e-6) * 255).round().to(torch.uint8)
+    if x.shape[1] < 3:
+        x = x[:, :1].expand(-1, 3, -1, -1)
+    return x.permute(0, 2, 3, 1).contiguous()
+
+
+def save_sample_grid(model: Callable, cfg: Config, path: str, *, decode: Optional[Callable] = None,
+                     guide: Optional[Callable] = None, num_classes: Optional[int] = None,
+                     device: torch.device = torch.device("cpu")) -> str:
+    """PNG grid of ``sample.grid_images`` samples, labels cycling over the classes."""
+    n = cfg.sample.grid_images
+    classes = num_classes or model.args.num_classes
+    labels = torch.arange(n) % classes
+    latents = generate_latents(model, cfg, labels, guide=guide, seed=cfg.sample.seed, device=device).cpu()
+    images = decode(latents) if decode is not None else latent_preview(latents, sfd_spec(cfg).texture_chans)
+    nrow = min(classes, n) if classes <= 16 else 8
+    return save_image_grid(images, path, nrow=nrow)

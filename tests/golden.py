@@ -1,0 +1,46 @@
+"""Helpers shared by the golden parity tests: everything goes through sfd_scale's public API and is
+driven by the golden set's own ``config.json``, so a golden set with another configuration (patch 2,
+other channel split or dt, wo_shift, a plain LightningDiT) is checked by the same tests unchanged."""
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from sfd_scale.models.official import (build_official, load_official_state_dict, read_checkpoint,
+                                       sfd_spec_from_official)
+
+FORWARD_TOL = 1e-5
+SAMPLING_TOL = 1e-4
+
+
+@lru_cache(maxsize=None)
+def config(golden_dir: Path) -> dict:
+    return json.loads((golden_dir / "config.json").read_text())
+
+
+def tensors(golden_dir: Path, name: str) -> dict:
+    path = golden_dir / name
+    assert path.is_file(), f"golden file missing: {path}"
+    return load_file(str(path))
+
+
+def build(golden_dir: Path, model: str = "main"):
+    """(model in eval mode with the golden weights, SFDSpec) from the official constructor kwargs."""
+    entry = config(golden_dir)["models"][model]
+    net = build_official(**entry["kwargs"])
+    load_official_state_dict(net, read_checkpoint(golden_dir / entry["weights_file"]))
+    return net.eval(), sfd_spec_from_official(**entry["kwargs"])
+
+
+def model_time(spec, data: dict):
+    """The ``t`` argument stored with a golden case: (t_tex, t_sem) for SFD, ``t`` for a plain model."""
+    return (data["t_tex"], data["t_sem"]) if spec.is_async else data["t"]
+
+
+def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    assert a.shape == b.shape, f"shape {tuple(a.shape)} vs golden {tuple(b.shape)}"
+    return (a.float() - b.float()).abs().max().item()
