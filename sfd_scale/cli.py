@@ -19,7 +19,7 @@ def config_parser(description: str) -> argparse.ArgumentParser:
 
 def parse_config(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]] = None):
     """(argparse namespace, validated Config); a config problem exits with one clear line."""
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     try:
         return args, load_config(args.config, args.overrides)
     except ConfigError as err:

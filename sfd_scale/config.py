@@ -189,6 +189,18 @@ def load_config(files: Sequence[str] = (), overrides: Sequence[str] = ()) -> Con
     return cfg
 
 
+def config_from_dict(values: dict, overrides: Sequence[str] = ()) -> Config:
+    """A Config from a plain dict (e.g. the one stored in a checkpoint) plus dotlist overrides."""
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(values),
+                                 OmegaConf.from_dotlist(list(overrides)))
+        cfg: Config = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:
+        raise ConfigError(_describe(err)) from None
+    validate(cfg)
+    return cfg
+
+
 def _describe(err: OmegaConfBaseException) -> str:
     key = getattr(err, "full_key", None)
     msg = str(err).splitlines()[0]

@@ -44,3 +44,26 @@ def save_sample_grid(model: Callable, cfg: Config, path: str, *, decode: Optiona
     images = decode(latents) if decode is not None else latent_preview(latents, sfd_spec(cfg).texture_chans)
     nrow = min(classes, n) if classes <= 16 else 8
     return save_image_grid(images, path, nrow=nrow)
+
+
+def load_guide(cfg: Config, device: torch.device = torch.device("cpu")):
+    """The autoguidance guide: registry size ``sample.guide_model`` with the main model's latent layout,
+    weights from the ``ema`` of ``sample.guide_checkpoint`` (REPA projector kept if the file has one)."""
+    from dataclasses import replace
+
+    from ..config import model_args
+    from ..models.lightningdit import LightningDiT, parse_model_name
+    from ..models.official import load_official_state_dict, read_checkpoint
+
+    if not cfg.sample.guide_model:
+        raise ValueError("sample.guide_model (e.g. LightningDiT-B/1) is required for autoguidance")
+    state = read_checkpoint(cfg.sample.guide_checkpoint, which="ema")
+    depth, hidden, heads, patch = parse_model_name(cfg.sample.guide_model)
+    args = replace(model_args(cfg), depth=depth, hidden_size=hidden, num_heads=heads, patch_size=patch,
+                   use_repa=any(k.startswith("repa_projector.") for k in state))
+    if args.use_repa:
+        args = replace(args, repa_projector_dim=state["repa_projector.0.weight"].shape[0],
+                       repa_feature_dim=state[f"repa_projector.4.weight"].shape[0])
+    guide = LightningDiT(args)
+    load_official_state_dict(guide, state)
+    return guide.to(device).eval()
