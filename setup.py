@@ -23,7 +23,9 @@ setup(
         "wandb",
         "torchdiffeq>=0.2.3",
         "timm>=1.0",
-        "diffusers>=0.30",
+        # mosaicml-streaming needs transformers<5, hence huggingface-hub<1; diffusers >= 0.40 needs
+        # hub >= 1.32, and without this bound pip backtracks through every transformers release.
+        "diffusers>=0.30,<0.40",
         "safetensors",
         "einops",
         "numpy",

@@ -22,6 +22,7 @@ class TrainingData:
     num_classes: Optional[int]
     decode: Optional[Callable[[torch.Tensor], torch.Tensor]]  # latents -> uint8 (B, H, W, C) images
     description: str
+    has_repa_features: bool = False
 
 
 class _IndexFlipView(Dataset):
@@ -52,7 +53,8 @@ def build_training_data(cfg) -> TrainingData:
     sample = ds.read(0, False)
     view = _IndexFlipView(ds.read, len(ds))
     return TrainingData(view, sample[0].shape[0], None, None,
-                        f"official latent shards at {d.path}: {len(ds)} samples, latents {tuple(sample[0].shape)}")
+                        f"official latent shards at {d.path}: {len(ds)} samples, latents {tuple(sample[0].shape)}",
+                        has_repa_features=len(sample) == 3)
 
 
 class ResumableBatchSampler:

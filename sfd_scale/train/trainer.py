@@ -55,6 +55,9 @@ class Trainer:
             raise ValueError(f"model.num_classes ({cfg.model.num_classes}) is smaller than the data's "
                              f"{self.data.num_classes} classes")
 
+        if cfg.model.use_repa and not self.data.has_repa_features:
+            raise ValueError(f"model.use_repa is on but the training data has no REPA target features "
+                             f"(feats_dino in the shards): {self.data.description}")
         self.model = LightningDiT(model_args(cfg)).to(self.device)
         if cfg.checkpoint.init_from:
             load_official_state_dict(self.model, read_checkpoint(cfg.checkpoint.init_from, which="ema"))
@@ -105,7 +108,7 @@ class Trainer:
 
     def train_step(self, batch) -> dict:
         x1, y = batch[0].to(self.device, non_blocking=True), batch[1].to(self.device, non_blocking=True)
-        repa = batch[2].to(self.device, non_blocking=True) if len(batch) > 2 and self.model.args.use_repa else None
+        repa = batch[2].to(self.device, non_blocking=True) if self.model.args.use_repa else None
         # One seed per step: label dropout (global RNG inside the model), base times and noise.
         torch.manual_seed(self.cfg.train.seed * 1_000_003 + self.step + 1)
         self.model.train()
