@@ -74,6 +74,10 @@ class DataConfig:
 class ParallelConfig:
     tensor_parallel: int = 1
     pipeline_parallel: int = 1
+    engine: str = "megatron"        # megatron (DDP + megatron optimizer) | deepspeed (ZeRO) | plain (one process)
+    distributed_optimizer: bool = True  # megatron: shard optimizer state over DP ranks (ZeRO-1 style)
+    overlap_grad_reduce: bool = False   # megatron: reduce gradient buckets during the backward pass
+    zero_stage: int = 2             # deepspeed: ZeRO stage 1, 2 or 3
 
 
 @dataclass
@@ -92,9 +96,11 @@ class OptimConfig:
 class TrainConfig:
     output_dir: str = "runs/sfd"
     global_batch_size: int = 256
+    micro_batch_size: Optional[int] = None  # per rank per forward; None = global batch / data-parallel size
     max_steps: int = 400_000
     ema_decay: float = 0.9999
-    precision: str = "fp32"         # fp32 | bf16 (autocast; params, EMA and optimizer stay fp32)
+    precision: str = "fp32"         # fp32 | bf16: forward under autocast; plain engine: fp32 weights; megatron /
+                                    # deepspeed engines: bf16 weights + fp32 main params in the optimizer
     seed: int = 0
     log_every: int = 100
     sample_every: int = 0           # 0: only at the end
@@ -269,6 +275,13 @@ def validate(cfg: Config) -> None:
     need(cfg.train.precision in ("fp32", "bf16"), f"train.precision must be 'fp32' or 'bf16', got {cfg.train.precision!r}")
     need(cfg.train.device in ("auto", "cpu", "cuda"), f"train.device must be auto, cpu or cuda, got {cfg.train.device!r}")
     need(cfg.train.global_batch_size > 0, f"train.global_batch_size must be > 0, got {cfg.train.global_batch_size}")
+    mb = cfg.train.micro_batch_size
+    need(mb is None or mb > 0, f"train.micro_batch_size must be > 0 (or null = global batch / data-parallel size), got {mb}")
+    need(mb is None or cfg.train.global_batch_size % mb == 0,
+         f"train.global_batch_size ({cfg.train.global_batch_size}) must be a multiple of train.micro_batch_size ({mb})")
+    need(cfg.parallel.engine in ("plain", "megatron", "deepspeed"),
+         f"parallel.engine must be 'plain', 'megatron' or 'deepspeed', got {cfg.parallel.engine!r}")
+    need(cfg.parallel.zero_stage in (1, 2, 3), f"parallel.zero_stage must be 1, 2 or 3, got {cfg.parallel.zero_stage}")
     need(0.0 <= cfg.train.ema_decay < 1.0, f"train.ema_decay must lie in [0, 1), got {cfg.train.ema_decay}")
     need(cfg.optim.lr > 0, f"optim.lr must be > 0, got {cfg.optim.lr}")
     need(cfg.optim.grad_clip >= 0, f"optim.grad_clip must be >= 0 (0 = off), got {cfg.optim.grad_clip}")

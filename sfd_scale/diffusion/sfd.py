@@ -231,6 +231,40 @@ class SFDObjective:
         """Network times for a base time: stretched pair for SFD, the base time for a plain model."""
         return model_time(self.spec, base_to_clock(t_base, self.spec.delta_t)) if self.spec.is_async else t_base
 
+    def prepare(self, x1: torch.Tensor, *, t_base: Optional[torch.Tensor] = None, x0: Optional[torch.Tensor] = None,
+                generator: Optional[torch.Generator] = None) -> dict:
+        """The random draw and the network input of one batch: t_base, t (model time), x0, xt, ut."""
+        self.spec.check_channels(x1.shape[1], "data channels")
+        if t_base is None:
+            t_base = sample_base_time(x1.shape[0], lognorm=self.config.use_lognorm, generator=generator,
+                                      device=x1.device)
+        if x0 is None:
+            x0 = torch.randn(x1.shape, generator=generator, dtype=x1.dtype, device=x1.device)
+        t = self.times(t_base)
+        return {"t_base": t_base, "t": t, "x0": x0, "xt": interpolate(self.spec, x0, x1, t),
+                "ut": velocity_target(x0, x1)}
+
+    def losses(self, pred: torch.Tensor, ut: torch.Tensor, projection: Optional[torch.Tensor] = None,
+               repa_target: Optional[torch.Tensor] = None) -> dict:
+        """Per-sample loss terms of a prediction and the batch ``total`` (what train.py back-propagates)."""
+        terms = {"loss": weighted_mse(self.spec, pred.float(), ut.float(), self.config.semantic_weight)}
+        total = terms["loss"].mean()
+        if self.config.use_cosine_loss:
+            terms["cos_loss"] = cosine_loss(pred.float(), ut.float())
+            total = total + terms["cos_loss"].mean()
+        if repa_target is not None:
+            if projection is None:
+                raise ValueError("a REPA target was given but the model returned no projection "
+                                 "(model.use_repa is off or the model is in eval mode)")
+            terms["repa_loss"] = self.repa_term(projection, repa_target)
+            total = total + terms["repa_loss"].mean()
+        terms["total"] = total
+        return terms
+
+    def repa_term(self, projection: torch.Tensor, repa_target: torch.Tensor) -> torch.Tensor:
+        """Per-sample weighted REPA loss (also used alone by a pipeline stage that owns the projector)."""
+        return self.config.repa_weight * repa_loss(projection.float(), repa_target.float(), self.config.repa_mode)
+
     def loss_terms(self, model: Callable, x1: torch.Tensor, y: torch.Tensor, *,
                    t_base: Optional[torch.Tensor] = None, x0: Optional[torch.Tensor] = None,
                    repa_target: Optional[torch.Tensor] = None,
@@ -240,31 +274,10 @@ class SFDObjective:
         ``model(x, t, y)`` must return the velocity, or ``(velocity, repa_projection)`` when
         ``repa_target`` is given.
         """
-        self.spec.check_channels(x1.shape[1], "data channels")
-        if t_base is None:
-            t_base = sample_base_time(x1.shape[0], lognorm=self.config.use_lognorm, generator=generator,
-                                      device=x1.device)
-        if x0 is None:
-            x0 = torch.randn(x1.shape, generator=generator, dtype=x1.dtype, device=x1.device)
-        t = self.times(t_base)
-        xt = interpolate(self.spec, x0, x1, t)
-        ut = velocity_target(x0, x1)
-        out = model(xt, t, y)
+        batch = self.prepare(x1, t_base=t_base, x0=x0, generator=generator)
+        out = model(batch["xt"], batch["t"], y)
         pred, proj = (out if isinstance(out, tuple) else (out, None))
-        terms = {"t_base": t_base, "xt": xt, "ut": ut, "pred": pred}
+        terms = {k: batch[k] for k in ("t_base", "xt", "ut")} | {"pred": pred}
         if self.spec.is_async:
-            terms["t_tex"], terms["t_sem"] = t
-        terms["loss"] = weighted_mse(self.spec, pred.float(), ut.float(), self.config.semantic_weight)
-        total = terms["loss"].mean()
-        if self.config.use_cosine_loss:
-            terms["cos_loss"] = cosine_loss(pred.float(), ut.float())
-            total = total + terms["cos_loss"].mean()
-        if repa_target is not None:
-            if proj is None:
-                raise ValueError("a REPA target was given but the model returned no projection "
-                                 "(model.use_repa is off or the model is in eval mode)")
-            terms["repa_loss"] = self.config.repa_weight * repa_loss(proj.float(), repa_target.float(),
-                                                                     self.config.repa_mode)
-            total = total + terms["repa_loss"].mean()
-        terms["total"] = total
-        return terms
+            terms["t_tex"], terms["t_sem"] = batch["t"]
+        return terms | self.losses(pred, batch["ut"], proj, repa_target)

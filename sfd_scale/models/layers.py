@@ -13,7 +13,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from megatron.core import ModelParallelConfig, parallel_state
-from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from megatron.core.tensor_parallel import (ColumnParallelLinear, RowParallelLinear,
+                                           copy_to_tensor_model_parallel_region)
 from megatron.core.utils import get_pg_size
 
 try:  # optional GPU extra: used only on CUDA tensors in half precision
@@ -58,10 +59,17 @@ class RowLinear(_ExactSingleRank, RowParallelLinear):
 
 
 def column_linear(in_features: int, out_features: int, config: ModelParallelConfig, *, gather_output: bool,
-                  init=xavier_uniform) -> ColumnLinear:
-    """Linear split along its outputs. Bias always on (every LightningDiT linear has one)."""
+                  init=xavier_uniform, stride: int = 1) -> ColumnLinear:
+    """Linear split along its outputs. Bias always on (every LightningDiT linear has one).
+
+    ``stride`` = number of independent output blocks each split on its own (fused qkv: 3, SwiGLU w12: 2),
+    as megatron's ``partition_stride``. With CPU initialisation megatron draws the full weight and
+    hands each rank block r of every stride block, so a TP=N model from a seed is exactly the TP=1
+    model from that seed, sharded (at TP=1 it changes nothing).
+    """
     return ColumnLinear(in_features, out_features, config=config, init_method=init, bias=True,
-                        gather_output=gather_output, tp_group=parallel_state.get_tensor_model_parallel_group())
+                        gather_output=gather_output, stride=stride,
+                        tp_group=parallel_state.get_tensor_model_parallel_group())
 
 
 def row_linear(in_features: int, out_features: int, config: ModelParallelConfig,
@@ -81,8 +89,38 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+        return rms_norm(x, self.weight, self.eps)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).type_as(x) * weight
+
+
+class _HeadSharedRMSNorm(RMSNorm):
+    """QK-norm under TP: every rank applies the one per-head_dim weight to its *own* heads only, so its
+    local gradient is a partial sum over heads. ``copy_to_tensor_model_parallel_region`` (identity
+    forward, all-reduce backward) makes every rank's gradient the full one inside autograd, so no
+    optimizer or engine has to know (megatron's own models instead leave it to finalize_model_grads)."""
+
+    def __init__(self, dim: int, tp_group):
+        super().__init__(dim)
+        self.tp_group = tp_group
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, copy_to_tensor_model_parallel_region(self.weight, group=self.tp_group), self.eps)
+
+
+class _HeadSharedLayerNorm(nn.LayerNorm):
+    """Affine LayerNorm QK-norm under TP (non-RMSNorm models); gradients summed as in _HeadSharedRMSNorm."""
+
+    def __init__(self, dim: int, tp_group):
+        super().__init__(dim)
+        self.tp_group = tp_group
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w, b = (copy_to_tensor_model_parallel_region(p, group=self.tp_group) for p in (self.weight, self.bias))
+        return F.layer_norm(x, self.normalized_shape, w, b, self.eps)
 
 
 def make_norm(dim: int, use_rmsnorm: bool) -> nn.Module:
@@ -106,7 +144,7 @@ class Attention(nn.Module):
     """Multi-head self-attention with fused qkv, optional per-head QK RMSNorm and 2D RoPE.
 
     Under TP each rank owns ``num_heads / tp`` whole heads; the local qkv shard is laid out
-    [q | k | v] for those heads (``official.py`` slices the official weight that way).
+    [q | k | v] for those heads (``parallel/tensor_parallel.py`` slices the official weight that way).
     """
 
     def __init__(self, dim: int, num_heads: int, config: ModelParallelConfig, *, qk_norm: bool,
@@ -114,10 +152,15 @@ class Attention(nn.Module):
         super().__init__()
         self.head_dim = dim // num_heads
         self.local_heads = num_heads // tp_size
-        self.qkv = column_linear(dim, 3 * dim, config, gather_output=False)
+        self.qkv = column_linear(dim, 3 * dim, config, gather_output=False, stride=3)
         # official QK-norm: RMSNorm with use_rmsnorm, else an *affine* LayerNorm (torch default eps)
-        norm = ((lambda: RMSNorm(self.head_dim) if use_rmsnorm else nn.LayerNorm(self.head_dim))
-                if qk_norm else nn.Identity)
+        if tp_size == 1:
+            norm = ((lambda: RMSNorm(self.head_dim) if use_rmsnorm else nn.LayerNorm(self.head_dim))
+                    if qk_norm else nn.Identity)
+        else:  # the norm weights are shared by heads on several ranks: gradients summed over TP
+            group = parallel_state.get_tensor_model_parallel_group()
+            shared = _HeadSharedRMSNorm if use_rmsnorm else _HeadSharedLayerNorm
+            norm = (lambda: shared(self.head_dim, group)) if qk_norm else nn.Identity
         self.q_norm, self.k_norm = norm(), norm()
         self.proj = row_linear(dim, dim, config)
 
@@ -138,7 +181,7 @@ class SwiGLU(nn.Module):
 
     def __init__(self, dim: int, hidden: int, config: ModelParallelConfig):
         super().__init__()
-        self.w12 = column_linear(dim, 2 * hidden, config, gather_output=False)
+        self.w12 = column_linear(dim, 2 * hidden, config, gather_output=False, stride=2)
         self.w3 = row_linear(hidden, dim, config)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

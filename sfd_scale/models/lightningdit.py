@@ -14,9 +14,11 @@ from typing import Optional, Tuple, Union
 import torch
 import torch.nn as nn
 from megatron.core import ModelParallelConfig
+from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 from timm.layers import PatchEmbed
 
 from ..parallel.layout import tensor_parallel_size
+from ..parallel.tensor_parallel import check_divisible
 from .embeddings import LabelEmbedder, Rope2D, TimestepEmbedder, sincos_pos_embed_2d
 from .layers import AdaLNModulation, Attention, GeluMlp, SwiGLU, column_linear, make_norm, modulate, zeros
 
@@ -86,6 +88,23 @@ class ModelArgs:
         return int(2 / 3 * hidden) if self.use_swiglu else hidden
 
 
+@dataclass(frozen=True)
+class StageSpec:
+    """Which part of the network one module holds (pipeline parallelism); the default is all of it.
+
+    ``pre_process``: patch / time / label embedders; blocks ``first_block`` .. ``last_block - 1`` (global
+    indices); ``post_process``: final layer. The REPA projector lives with block ``repa_depth``.
+    """
+
+    first_block: int = 0
+    last_block: Optional[int] = None
+    pre_process: bool = True
+    post_process: bool = True
+
+    def blocks(self, depth: int) -> range:
+        return range(self.first_block, depth if self.last_block is None else self.last_block)
+
+
 def parse_model_name(name: str) -> Tuple[int, int, int, int]:
     """'LightningDiT-XL/1' -> (depth, hidden, heads, patch). Clear error naming the known sizes."""
     known = sorted(SIZES) + sorted(SIZE_ALIASES)
@@ -152,26 +171,32 @@ class FinalLayer(nn.Module):
 
 
 class LightningDiT(nn.Module):
-    def __init__(self, args: ModelArgs, config: Optional[ModelParallelConfig] = None):
+    def __init__(self, args: ModelArgs, config: Optional[ModelParallelConfig] = None, stage: StageSpec = StageSpec()):
         super().__init__()
         config = config or parallel_config()
         tp_size = tensor_parallel_size()  # sets up a one-process layout when none exists yet
-        if args.num_heads % tp_size:
-            raise ValueError(f"model.num_heads ({args.num_heads}) must be divisible by tensor parallel size {tp_size}")
-        self.args = args
+        check_divisible(args, tp_size)
+        if config.sequence_parallel:  # megatron splits dim 0 (its [seq, batch, hidden]); ours is the batch
+            raise ValueError("sequence parallel is not supported: LightningDiT activations are [batch, tokens, hidden]")
+        self.args, self.config, self.stage = args, config, stage
+        self.block_ids = stage.blocks(args.depth)
+        self.input_tensor = None  # pipeline stages after the first get their input from the previous stage
         d = args.hidden_size
-        self.x_embedder = PatchEmbed(args.input_size, args.patch_size, args.in_channels, d, bias=True)
-        if args.dual_time_embed:
-            self.t_embedder_sem = TimestepEmbedder(d // 2)
-            self.t_embedder_tex = TimestepEmbedder(d // 2)
-        else:
-            self.t_embedder = TimestepEmbedder(d)
-        self.y_embedder = LabelEmbedder(args.num_classes, d, args.class_dropout_prob)
-        self.pos_embed = nn.Parameter(sincos_pos_embed_2d(d, args.grid).unsqueeze(0), requires_grad=False)
-        self.feat_rope = Rope2D(d // args.num_heads, args.grid) if args.use_rope else None
-        self.blocks = nn.ModuleList(LightningDiTBlock(args, config, tp_size) for _ in range(args.depth))
-        self.final_layer = FinalLayer(args, config)
-        if args.use_repa:
+        if stage.pre_process:
+            self.x_embedder = PatchEmbed(args.input_size, args.patch_size, args.in_channels, d, bias=True)
+            if args.dual_time_embed:
+                self.t_embedder_sem = TimestepEmbedder(d // 2)
+                self.t_embedder_tex = TimestepEmbedder(d // 2)
+            else:
+                self.t_embedder = TimestepEmbedder(d)
+            self.y_embedder = LabelEmbedder(args.num_classes, d, args.class_dropout_prob)
+            self.pos_embed = nn.Parameter(sincos_pos_embed_2d(d, args.grid).unsqueeze(0), requires_grad=False)
+        self.feat_rope = Rope2D(d // args.num_heads, args.grid) if args.use_rope and len(self.block_ids) else None
+        self.blocks = nn.ModuleList(LightningDiTBlock(args, config, tp_size) for _ in self.block_ids)
+        if stage.post_process:
+            self.final_layer = FinalLayer(args, config)
+        self.has_repa = args.use_repa and (args.repa_depth - 1) in self.block_ids
+        if self.has_repa:
             p = args.repa_projector_dim
             self.repa_projector = nn.Sequential(nn.Linear(d, p), nn.SiLU(), nn.Linear(p, p), nn.SiLU(),
                                                 nn.Linear(p, args.repa_feature_dim))
@@ -181,11 +206,13 @@ class LightningDiT(nn.Module):
     def initialize_weights(self) -> None:
         """Official init for the replicated layers (megatron layers got theirs at construction):
         Xavier linears, zero biases, patch conv as a linear, N(0, 0.02) label table and time MLPs."""
-        for m in [self.repa_projector] if self.args.use_repa else []:
+        for m in [self.repa_projector] if self.has_repa else []:
             for layer in m:
                 if isinstance(layer, nn.Linear):
                     nn.init.xavier_uniform_(layer.weight)
                     nn.init.zeros_(layer.bias)
+        if not self.stage.pre_process:
+            return
         w = self.x_embedder.proj.weight
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         nn.init.zeros_(self.x_embedder.proj.bias)
@@ -217,14 +244,36 @@ class LightningDiT(nn.Module):
         x = x.reshape(x.shape[0], s, s, p, p, c)
         return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], c, s * p, s * p)
 
-    def forward(self, x: torch.Tensor, t, y: torch.Tensor):
-        tokens = self.x_embedder(x) + self.pos_embed
-        c = self.condition(t, y)
+    def set_input_tensor(self, tensor) -> None:
+        """Megatron pipeline schedules hand a stage its input here (a list with one tensor, or a tensor)."""
+        self.input_tensor = tensor[0] if isinstance(tensor, (list, tuple)) else tensor
+
+    def forward(self, x: Optional[torch.Tensor], t=None, y: Optional[torch.Tensor] = None, repa_loss=None):
+        """Velocity (B, C, H, W); in training with REPA ``(velocity, projection)``.
+
+        As a pipeline stage the input comes from ``set_input_tensor`` unless this stage embeds, and a stage
+        without the final layer returns the packed (T + 1, B, D) activations: the tokens plus the
+        conditioning vector c as one extra row, so c and its gradient travel with the hidden states.
+        ``repa_loss(projection) -> scalar`` is then needed on the stage owning the projector: its loss is
+        attached to the activations (megatron's aux-loss autoscaler) instead of being returned.
+        """
+        if self.stage.pre_process:
+            tokens = self.x_embedder(x) + self.pos_embed
+            c = self.condition(t, y)
+        else:
+            packed = self.input_tensor.transpose(0, 1)
+            tokens, c = packed[:, :-1], packed[:, -1]
         repa = None
-        for i, block in enumerate(self.blocks):
+        for i, block in zip(self.block_ids, self.blocks):
             tokens = block(tokens, c, self.feat_rope)
-            if self.args.use_repa and self.training and i + 1 == self.args.repa_depth:
+            if self.has_repa and self.training and i + 1 == self.args.repa_depth:
                 repa = self.repa_projector(tokens)
+        if not self.stage.post_process:
+            if repa is not None:
+                if repa_loss is None:
+                    raise ValueError("this pipeline stage owns the REPA projector: pass repa_loss")
+                tokens = MoEAuxLossAutoScaler.apply(tokens, repa_loss(repa))
+            return torch.cat([tokens, c.unsqueeze(1)], dim=1).transpose(0, 1).contiguous()
         out = self.unpatchify(self.final_layer(tokens, c))
         if self.args.learn_sigma:
             out = out[:, : self.args.in_channels]

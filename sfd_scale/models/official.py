@@ -9,6 +9,8 @@
 
 At TP=1 the native names *are* the official names (plus megatron's ``_extra_state`` placeholders);
 the only translation is the ``module.`` prefix that DDP / accelerate leave on train.py's ``model`` entry.
+At TP > 1 (read from the model's megatron layers) the same names hold local shards: loading slices the
+full official tensors for this rank and exporting all-gathers them back (``parallel/tensor_parallel.py``).
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from typing import Dict, Mapping, Optional, Union
 import torch
 
 from ..diffusion.sfd import SFDSpec
+from ..parallel.tensor_parallel import gather_state_dict, model_tp, shard_state_dict
 from .lightningdit import REPA_FEATURE_DIMS, LightningDiT, ModelArgs
 
 StateDict = Dict[str, torch.Tensor]
@@ -163,8 +166,14 @@ def read_checkpoint(path: Union[str, os.PathLike], which: str = "ema") -> StateD
 
 # ----------------------------------------------------------------------------------------------- mapping
 def load_official_state_dict(model: LightningDiT, sd: Mapping[str, torch.Tensor]) -> None:
-    """Strictly load an official state dict into ``model`` (TP=1). One clear error on any mismatch."""
+    """Strictly load a full official state dict into ``model``. One clear error on any mismatch.
+
+    Under TP every rank of the group passes the same full state dict and keeps its own shard.
+    """
     sd = strip_prefix(sd)
+    tp_rank, tp_size, _ = model_tp(model)
+    if tp_size > 1:
+        sd = shard_state_dict(sd, model.args, tp_rank, tp_size)
     own = {k: v for k, v in model.state_dict().items() if not _is_extra_state(k)}
     missing = sorted(set(own) - set(sd))
     unexpected = sorted(k for k in set(sd) - set(own) if not _is_extra_state(k))
@@ -183,5 +192,12 @@ def load_official_state_dict(model: LightningDiT, sd: Mapping[str, torch.Tensor]
 
 
 def export_official_state_dict(model: LightningDiT) -> StateDict:
-    """Our weights under the official key names (what the official LightningDiT.load_state_dict takes)."""
+    """Our weights under the official key names (what the official LightningDiT.load_state_dict takes).
+
+    Under TP this is a collective over the model's TP group: every rank gets the full tensors.
+    """
+    _, tp_size, group = model_tp(model)
+    if tp_size > 1:
+        local = {k: v for k, v in model.state_dict().items() if not _is_extra_state(k)}
+        return gather_state_dict(local, model.args, group=group)
     return {k: v.detach().clone() for k, v in model.state_dict().items() if not _is_extra_state(k)}

@@ -13,16 +13,22 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
+from . import cpu_compat
+
 
 @dataclass(frozen=True)
 class ParallelLayout:
     tensor_parallel: int = 1
     pipeline_parallel: int = 1
+    virtual_stages: int = 1   # model chunks per pipeline rank (interleaved 1F1B when > 1)
 
     def check(self, world_size: int) -> None:
         tp, pp = self.tensor_parallel, self.pipeline_parallel
-        if tp < 1 or pp < 1:
-            raise ValueError(f"parallel.tensor_parallel ({tp}) and parallel.pipeline_parallel ({pp}) must be >= 1")
+        if tp < 1 or pp < 1 or self.virtual_stages < 1:
+            raise ValueError(f"parallel.tensor_parallel ({tp}), parallel.pipeline_parallel ({pp}) and "
+                             f"parallel.virtual_stages ({self.virtual_stages}) must be >= 1")
+        if self.virtual_stages > 1 and pp < 2:
+            raise ValueError("parallel.virtual_stages > 1 needs parallel.pipeline_parallel >= 2")
         if world_size % (tp * pp):
             raise ValueError(f"world size {world_size} is not divisible by parallel.tensor_parallel x "
                              f"parallel.pipeline_parallel = {tp} x {pp}")
@@ -42,7 +48,13 @@ def _init_process_group() -> None:
 
 
 def initialize(layout: ParallelLayout = ParallelLayout()) -> None:
-    """Create the process group (if needed) and megatron's TP / PP / DP groups for ``layout``."""
+    """Create the process group (if needed) and megatron's TP / PP / DP groups for ``layout``.
+
+    Without a GPU, megatron-core first gets its CPU redirections (``cpu_compat``): CPU + gloo is a
+    supported way to run any layout, not only TP = PP = 1.
+    """
+    if not torch.cuda.is_available():
+        cpu_compat.enable()
     _init_process_group()
     if parallel_state.model_parallel_is_initialized():
         current = (parallel_state.get_tensor_model_parallel_world_size(),
@@ -51,8 +63,9 @@ def initialize(layout: ParallelLayout = ParallelLayout()) -> None:
             raise RuntimeError(f"parallel state already initialised as TP x PP = {current}, asked for {layout}")
         return
     layout.check(dist.get_world_size())
-    parallel_state.initialize_model_parallel(tensor_model_parallel_size=layout.tensor_parallel,
-                                             pipeline_model_parallel_size=layout.pipeline_parallel)
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=layout.tensor_parallel, pipeline_model_parallel_size=layout.pipeline_parallel,
+        virtual_pipeline_model_parallel_size=layout.virtual_stages if layout.virtual_stages > 1 else None)
 
 
 def ensure_initialized() -> None:

@@ -1,0 +1,192 @@
+"""Data-parallel training engines: one small interface, three implementations.
+
+    engine = build_engine(model, cfg)           # picks cfg.parallel.engine: plain | megatron | deepspeed
+    metrics = engine.train_step(micro_batches, loss_fn)   # loss_fn(engine.model, micro_batch) -> scalar
+    engine.state_dict() / engine.load_state_dict(state)   # optimizer + LR schedule (+ engine) of this rank
+
+* ``plain`` (this file): one process, torch AdamW (fused where supported), LambdaLR linear warmup,
+  ``clip_grad_norm_`` - exactly the single-process trainer's arithmetic.
+* ``megatron`` (``engine_megatron.py``): megatron-core DDP (contiguous grad buffers, optional overlapped
+  reduce, optional distributed optimizer) + megatron's optimizer, with our fix of its
+  DistributedOptimizer reload bug.
+* ``deepspeed`` (``engine_deepspeed.py``): ZeRO stage 1 / 2 / 3.
+
+Every engine sees the same split of a global batch: ``micro_batch_layout`` gives (micro batch size,
+number of micro-batches per rank) and ``local_micro_batches`` cuts a global batch into this rank's
+micro-batches, so a run at DP = 1 and one at DP = 2 process the same samples per optimizer step.
+Model *weights* are not part of ``state_dict()``: the trainer saves / loads them through ``module``
+(the unwrapped LightningDiT) before calling ``load_state_dict``.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Callable, List, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+
+from ..config import Config, ConfigError
+
+ENGINES = ("plain", "megatron", "deepspeed")
+LossFn = Callable[[torch.nn.Module, object], torch.Tensor]
+
+
+# ----------------------------------------------------------------------------------------------- layout
+def micro_batch_layout(cfg: Config, dp_size: int) -> Tuple[int, int]:
+    """(micro batch size per rank, micro-batches per rank per optimizer step) for ``dp_size`` ranks."""
+    gb, mb = cfg.train.global_batch_size, cfg.train.micro_batch_size
+    if gb % dp_size:
+        raise ConfigError(f"train.global_batch_size ({gb}) is not divisible by the data-parallel size ({dp_size})")
+    mb = gb // dp_size if mb is None else mb
+    if gb % (mb * dp_size):
+        raise ConfigError(f"train.global_batch_size ({gb}) must be a multiple of train.micro_batch_size ({mb}) x "
+                          f"data-parallel size ({dp_size}) = {mb * dp_size}")
+    return mb, gb // (mb * dp_size)
+
+
+def local_micro_batches(batch: Sequence[torch.Tensor], micro_batch_size: int, dp_rank: int,
+                        dp_size: int) -> List[tuple]:
+    """This rank's contiguous share of a global batch (tuple of tensors), cut into micro-batches."""
+    n = batch[0].shape[0]
+    if n % dp_size:
+        raise ValueError(f"global batch of {n} samples does not split over {dp_size} data-parallel ranks")
+    per_rank = n // dp_size
+    if per_rank % micro_batch_size:
+        raise ValueError(f"{per_rank} samples per rank do not split into micro-batches of {micro_batch_size}")
+    lo = dp_rank * per_rank
+    return [tuple(t[i:i + micro_batch_size] for t in batch) for i in range(lo, lo + per_rank, micro_batch_size)]
+
+
+def warmup_factor(step: int, warmup: int) -> float:
+    """The LR multiplier of optimizer step ``step`` (0-based): linear warmup over ``warmup`` steps."""
+    return min(1.0, (step + 1) / warmup) if warmup else 1.0
+
+
+def fused_adamw(cfg: Config, device: torch.device) -> bool:
+    return cfg.optim.fused if cfg.optim.fused is not None else device.type in ("cuda", "cpu")
+
+
+# ----------------------------------------------------------------------------------------------- interface
+class Engine:
+    """What the trainer talks to. ``model``: call forward on it; ``module``: the unwrapped LightningDiT."""
+
+    name = "engine"
+    model: torch.nn.Module
+    module: torch.nn.Module
+    dp_rank: int = 0
+    dp_size: int = 1
+    micro_batch_size: int
+    num_micro_batches: int
+
+    def train_step(self, micro_batches: Sequence, loss_fn: LossFn) -> dict:
+        """Accumulate grads over ``micro_batches`` (each loss scaled by 1/len), reduce over DP, clip
+        (optim.grad_clip, 0 = off), optimizer step, LR-schedule step. Returns {'loss': mean loss over
+        micro-batches and DP ranks, 'grad_norm': pre-clip global norm or None, 'lr': the LR this step used}."""
+        raise NotImplementedError
+
+    def state_dict(self) -> dict:
+        raise NotImplementedError
+
+    def load_state_dict(self, state: dict) -> None:
+        raise NotImplementedError
+
+    @contextlib.contextmanager
+    def full_parameters(self):
+        """``module`` with every parameter materialised in full (ZeRO-3 gathers; others: no-op)."""
+        yield self.module
+
+    # ------------------------------------------------------------------------------------------ helpers
+    def _check_micro_batches(self, micro_batches: Sequence) -> int:
+        n = len(micro_batches)
+        if n != self.num_micro_batches:
+            raise ValueError(f"{self.name} engine expects {self.num_micro_batches} micro-batches of "
+                             f"{self.micro_batch_size} per rank per step (train.global_batch_size / "
+                             f"train.micro_batch_size / data-parallel size), got {n}")
+        return n
+
+    def _mean_loss(self, losses: List[torch.Tensor], group=None) -> float:
+        """Mean over micro-batches and DP ranks; raises on every rank alike when it is not finite."""
+        # on the loss's device (NCCL reduces CUDA tensors only), in float64 so the mean is exact enough
+        total = torch.stack([l.detach().double() for l in losses]).sum().reshape(1)
+        if self.dp_size > 1:
+            dist.all_reduce(total, group=group)
+        mean = total.item() / (len(losses) * self.dp_size)
+        if not math.isfinite(mean):
+            raise FloatingPointError(f"non-finite loss {mean} (mean over micro-batches and data-parallel ranks)")
+        return mean
+
+
+def snapshot(obj):
+    """Deep copy with every tensor cloned to CPU (optimizer state dicts hold live references)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().clone().cpu()
+    if isinstance(obj, dict):
+        return {k: snapshot(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(snapshot(v) for v in obj)
+    return obj
+
+
+# ----------------------------------------------------------------------------------------------- plain
+class PlainEngine(Engine):
+    """One process: the trainer's own optimizer, schedule and clipping, micro-batches accumulated."""
+
+    name = "plain"
+
+    def __init__(self, model: torch.nn.Module, cfg: Config):
+        self.model = self.module = model
+        self.cfg = cfg
+        self.micro_batch_size, self.num_micro_batches = micro_batch_layout(cfg, 1)
+        o = cfg.optim
+        device = next(model.parameters()).device
+        self.optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=o.lr,
+                                           betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay,
+                                           fused=fused_adamw(cfg, device))
+        warmup = max(o.warmup_steps, 0)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: warmup_factor(s, warmup))
+
+    def train_step(self, micro_batches: Sequence, loss_fn: LossFn) -> dict:
+        n = self._check_micro_batches(micro_batches)
+        self.optimizer.zero_grad(set_to_none=True)
+        losses = []
+        for mb in micro_batches:
+            loss = loss_fn(self.model, mb)
+            (loss if n == 1 else loss / n).backward()
+            losses.append(loss.detach())
+        mean = self._mean_loss(losses)
+        clip = self.cfg.optim.grad_clip
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), clip) if clip > 0 else None
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.step()
+        self.scheduler.step()
+        return {"loss": mean, "grad_norm": None if grad_norm is None else grad_norm.item(), "lr": lr}
+
+    def state_dict(self) -> dict:
+        return {"optimizer": snapshot(self.optimizer.state_dict()), "scheduler": self.scheduler.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+
+
+# ----------------------------------------------------------------------------------------------- factory
+def build_engine(model: torch.nn.Module, cfg: Config) -> Engine:
+    """The engine named by ``cfg.parallel.engine`` around ``model``: built identically (same seed) on every
+    rank and already on its device; megatron's parallel state (``layout.initialize``) set up."""
+    name = cfg.parallel.engine
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if name == "plain":
+        if world > 1:
+            raise ConfigError(f"parallel.engine='plain' runs in one process, but the world size is {world}: "
+                              f"use 'megatron' or 'deepspeed'")
+        return PlainEngine(model, cfg)
+    if name == "megatron":
+        from .engine_megatron import MegatronEngine
+
+        return MegatronEngine(model, cfg)
+    if name == "deepspeed":
+        from .engine_deepspeed import DeepSpeedEngine
+
+        return DeepSpeedEngine(model, cfg)
+    raise ConfigError(f"parallel.engine must be one of {ENGINES}, got {name!r}")
