@@ -36,14 +36,19 @@ def _case(golden_dir, section, name):
     return case, golden.tensors(golden_dir, entry[f"{section}_file"])
 
 
+def _guidance(golden_dir, case, kind=None):
+    """The case's guidance with the model's own interval mode (an official constructor argument)."""
+    mode = golden.config(golden_dir)["models"]["main"]["kwargs"].get("semfirst_infer_interval_mode", "both")
+    extra = {"guidance": kind} if kind else {}
+    return guidance_from_official(**{**case, **extra}, semfirst_infer_interval_mode=mode)
+
+
 @pytest.mark.parametrize("name", _cases("cfg"))
 def test_forward_with_cfg(golden_dir, models, name):
     model, spec, _ = models
     case, g = _case(golden_dir, "cfg", name)
-    guidance = guidance_from_official("cfg", **case,
-                                      semfirst_infer_interval_mode=golden.config(golden_dir)["models"]["main"]["kwargs"].get("semfirst_infer_interval_mode", "both"))
     with torch.no_grad():
-        out = cfg_velocity(model, spec, g["x"], golden.model_time(spec, g), g["y"], guidance)
+        out = cfg_velocity(model, spec, g["x"], golden.model_time(spec, g), g["y"], _guidance(golden_dir, case, "cfg"))
     assert max_err(out, g[f"out_{name}"]) <= FORWARD_TOL
 
 
@@ -57,8 +62,7 @@ def test_forward_with_autoguidance(golden_dir, models, name):
     with torch.no_grad():
         if "guide_forward" in g:
             assert max_err(guide(g["x"], t, g["y"]), g["guide_forward"]) <= FORWARD_TOL
-        guidance = guidance_from_official("autoguidance", **case,
-                                          semfirst_infer_interval_mode=entry["kwargs"].get("semfirst_infer_interval_mode", "both"))
+        guidance = _guidance(golden_dir, case, "autoguidance")
         out = autoguidance_velocity(model, guide, spec, g["x"], t, g["y"], guidance)
     assert max_err(out, g[f"out_{name}"]) <= FORWARD_TOL
 
@@ -76,9 +80,7 @@ def test_ode_sampling(golden_dir, models, name):
         return model(x, t, y)
 
     guide = guides.get(case.get("guide")) if case["guidance"] == "autoguidance" else None
-    sampler = Sampler(recording_model, spec, sampler_from_official(**case),
-                      guidance_from_official(**case, semfirst_infer_interval_mode=entry["kwargs"].get(
-                          "semfirst_infer_interval_mode", "both")),
+    sampler = Sampler(recording_model, spec, sampler_from_official(**case), _guidance(golden_dir, case),
                       guide=guide, null_class=entry["kwargs"]["num_classes"])
     final = sampler.sample(g["z"], g["y"])
     grid = clock_grid(spec, case["num_steps"], case["timestep_shift"])
