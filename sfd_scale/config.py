@@ -291,5 +291,9 @@ def validate(cfg: Config) -> None:
          f"logging.wandb_mode must be offline, online or disabled, got {cfg.logging.wandb_mode!r}")
     need(cfg.sample.guidance != "autoguidance" or bool(cfg.sample.guide_checkpoint),
          "sample.guide_checkpoint is required when sample.guidance is 'autoguidance'")
-    need(cfg.parallel.tensor_parallel == 1 and cfg.parallel.pipeline_parallel == 1,
-         "parallel.tensor_parallel / parallel.pipeline_parallel > 1 are not supported by this trainer yet")
+    need(cfg.parallel.tensor_parallel >= 1, f"parallel.tensor_parallel must be >= 1, got {cfg.parallel.tensor_parallel}")
+    need(cfg.parallel.pipeline_parallel == 1,
+         "parallel.pipeline_parallel > 1 is not wired into the trainer yet (sfd_scale.parallel.pipeline has the "
+         "stage split and schedules)")
+    need(cfg.parallel.tensor_parallel == 1 or cfg.parallel.engine == "megatron",
+         f"parallel.tensor_parallel > 1 needs parallel.engine='megatron', got {cfg.parallel.engine!r}")

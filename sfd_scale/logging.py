@@ -9,8 +9,8 @@ from tqdm.auto import tqdm
 
 class RunLogger:
     def __init__(self, output_dir: str, mode: str, project: str, run_name: Optional[str], config: dict,
-                 total_steps: int, initial_step: int, progress: bool):
-        self.run = None
+                 total_steps: int, initial_step: int, progress: bool, quiet: bool = False):
+        self.run, self.quiet = None, quiet  # quiet: ranks other than 0 print nothing
         if mode != "disabled":
             import wandb
 
@@ -23,6 +23,8 @@ class RunLogger:
         if self.run is not None:
             self.run.log(metrics, step=step)
         shown = {k: f"{v:.4g}" for k, v in metrics.items() if k in ("loss", "loss_avg", "lr", "steps/s")}
+        if self.quiet:
+            return
         if self.bar.disable:  # batch jobs / CI: one plain line per log step instead of a bar
             print(f"step {step}: " + " ".join(f"{k}={v}" for k, v in shown.items()), flush=True)
         else:
@@ -38,7 +40,8 @@ class RunLogger:
             self.run.log({key: wandb.Image(path)}, step=step)
 
     def write(self, line: str) -> None:
-        self.bar.write(line)
+        if not self.quiet:
+            self.bar.write(line)
 
     def close(self) -> None:
         self.bar.close()

@@ -62,15 +62,22 @@ class ResumableBatchSampler:
 
     Batch k is a pure function of (seed, k), so resuming needs no sampler state: start at the number of
     batches already consumed (the training step). DataLoader prefetching therefore cannot skew a resume.
-    Batches never straddle epochs (each epoch's tail is dropped).
+    Batches never straddle epochs (each epoch's tail is dropped). With several data-parallel ranks each
+    rank gets its contiguous share of the same global batch.
     """
 
-    def __init__(self, length: int, batch_size: int, seed: int, hflip: bool, start_batch: int = 0):
+    def __init__(self, length: int, batch_size: int, seed: int, hflip: bool, start_batch: int = 0,
+                 dp_rank: int = 0, dp_size: int = 1):
         if batch_size > length:
             raise ValueError(f"train.global_batch_size ({batch_size}) exceeds the dataset size ({length})")
+        if batch_size % dp_size:
+            raise ValueError(f"train.global_batch_size ({batch_size}) is not divisible by the data-parallel size "
+                             f"({dp_size})")
         self.length, self.batch_size, self.seed, self.hflip = length, batch_size, seed, hflip
         self.batches_per_epoch = length // batch_size
         self.start_batch = start_batch
+        per_rank = batch_size // dp_size  # each data-parallel rank reads its contiguous share
+        self.share = slice(dp_rank * per_rank, (dp_rank + 1) * per_rank)
 
     def epoch_order(self, epoch: int) -> Tuple[torch.Tensor, torch.Tensor]:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
@@ -84,5 +91,5 @@ class ResumableBatchSampler:
             order, flips = self.epoch_order(epoch)
             for b in range(batch, self.batches_per_epoch):
                 sl = slice(b * self.batch_size, (b + 1) * self.batch_size)
-                yield list(zip(order[sl].tolist(), flips[sl].tolist()))
+                yield list(zip(order[sl].tolist(), flips[sl].tolist()))[self.share]
             epoch, batch = epoch + 1, 0

@@ -33,14 +33,17 @@ def latent_preview(latents: torch.Tensor, texture_chans: int) -> torch.Tensor:
     return x.permute(0, 2, 3, 1).contiguous()
 
 
-def save_sample_grid(model: Callable, cfg: Config, path: str, *, decode: Optional[Callable] = None,
+def save_sample_grid(model: Callable, cfg: Config, path: Optional[str], *, decode: Optional[Callable] = None,
                      guide: Optional[Callable] = None, num_classes: Optional[int] = None,
                      device: torch.device = torch.device("cpu")) -> str:
-    """PNG grid of ``sample.grid_images`` samples, labels cycling over the classes."""
+    """PNG grid of ``sample.grid_images`` samples, labels cycling over the classes (not written when
+    ``path`` is None: the other ranks of a collective sampling run)."""
     n = cfg.sample.grid_images
     classes = num_classes or model.args.num_classes
     labels = torch.arange(n) % classes
     latents = generate_latents(model, cfg, labels, guide=guide, seed=cfg.sample.seed, device=device).cpu()
+    if path is None:
+        return None
     images = decode(latents) if decode is not None else latent_preview(latents, sfd_spec(cfg).texture_chans)
     nrow = min(classes, n) if classes <= 16 else 8
     return save_image_grid(images, path, nrow=nrow)

@@ -110,8 +110,9 @@ def _transformer_config(module: torch.nn.Module) -> TransformerConfig:
 # layout on reload) with 'step' and 'padding' in every param entry; after megatron's load, give every
 # param state its own step tensor. The rest (param-group matching, shard allocation, copying into the shards) stays megatron's.
 def _step_of(dopt: DistributedOptimizer) -> int:
+    # Adam's own per-parameter counters only: a param group's "step" (restored from a saved state dict)
+    # belongs to megatron's LR scheduler, which we do not use, and is never advanced by the optimizer.
     steps = {float(s["step"]) for s in dopt.optimizer.state.values() if "step" in s}
-    steps |= {float(g["step"]) for g in dopt.optimizer.param_groups if g.get("step") is not None}
     if len(steps) > 1:
         raise RuntimeError(f"optimizer parameters disagree on the step count: {sorted(steps)}")
     return int(steps.pop()) if steps else 0

@@ -1,28 +1,32 @@
-"""The one training loop: batch -> SFD objective -> optimizer step -> EMA -> log -> samples -> checkpoint.
+"""The one training loop: batch -> SFD objective -> engine step -> EMA -> log -> samples -> checkpoint.
 
-Single process today (TP = PP = DP = 1 through the same megatron-core layers the parallel engine will
-use). Every random draw of step k (noise, base times, label dropout) comes from a generator seeded by
-(train.seed, k), and batch k is a pure function of (train.seed, k), so a resumed run repeats exactly
-what an uninterrupted one would have done.
+One loop for every engine (plain / megatron DDP / DeepSpeed ZeRO) and layout (TP x DP); the engine
+behind ``parallel/engines.py`` differs, this file does not. Every random draw of step k (base times,
+noise, label dropout) is made for the *global* batch from a generator seeded by (train.seed, k) and then
+split over data-parallel ranks, and batch k is a pure function of (train.seed, k): a resumed run repeats
+exactly what an uninterrupted one would have done, and DP = 2 trains on exactly what DP = 1 trains on.
 """
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Optional
 
 import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
 from torch.utils.data import DataLoader
 
-from ..config import Config, model_args, objective_config, sfd_spec, to_yaml
+from ..config import Config, ConfigError, model_args, objective_config, sfd_spec, to_yaml
 from ..data.sources import ResumableBatchSampler, build_training_data
-from ..diffusion.sfd import SFDObjective
+from ..diffusion.sfd import SFDObjective, sample_base_time
 from ..eval.generate import save_sample_grid
 from ..logging import RunLogger
 from ..models.lightningdit import LightningDiT, count_parameters
 from ..models.official import export_official_state_dict, load_official_state_dict, read_checkpoint
+from ..parallel.engines import build_engine, local_micro_batches
 from ..parallel.layout import ParallelLayout, initialize
 from . import checkpoint as ckpt
 from .ema import EMA
@@ -30,9 +34,12 @@ from .ema import EMA
 
 def _device(name: str) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("train.device is 'cuda' but no GPU is available")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("train.device is 'cuda' but no GPU is available")
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cuda", torch.cuda.current_device())
     return torch.device(name)
 
 
@@ -46,7 +53,13 @@ class Trainer:
         self.device = _device(cfg.train.device)
         self.out = Path(cfg.train.output_dir)
         initialize(ParallelLayout(cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel))
-        torch.manual_seed(cfg.train.seed)  # model initialisation
+        self.rank = dist.get_rank()
+        self.dp_rank = parallel_state.get_data_parallel_rank()
+        self.dp_size = parallel_state.get_data_parallel_world_size()
+        if cfg.parallel.engine == "deepspeed" and cfg.parallel.zero_stage == 3:
+            raise ConfigError("parallel.zero_stage=3 is not supported by the trainer yet: its EMA follows the "
+                              "module's parameters, which ZeRO-3 partitions (use stage 1 or 2)")
+        torch.manual_seed(cfg.train.seed)  # model initialisation: identical on every rank
 
         self.spec = sfd_spec(cfg)
         self.data = build_training_data(cfg)
@@ -54,49 +67,49 @@ class Trainer:
         if self.data.num_classes is not None and self.data.num_classes > cfg.model.num_classes:
             raise ValueError(f"model.num_classes ({cfg.model.num_classes}) is smaller than the data's "
                              f"{self.data.num_classes} classes")
-
         if cfg.model.use_repa and not self.data.has_repa_features:
             raise ValueError(f"model.use_repa is on but the training data has no REPA target features "
                              f"(feats_dino in the shards): {self.data.description}")
-        self.model = LightningDiT(model_args(cfg)).to(self.device)
+
+        model = LightningDiT(model_args(cfg)).to(self.device)
         if cfg.checkpoint.init_from:
-            load_official_state_dict(self.model, read_checkpoint(cfg.checkpoint.init_from, which="ema"))
+            load_official_state_dict(model, read_checkpoint(cfg.checkpoint.init_from, which="ema"))
+        # Label dropout is drawn by the trainer for the global batch (see step_inputs), not inside the
+        # model from a per-rank RNG, so that every layout drops the same labels.
+        self.label_dropout = model.y_embedder.dropout_prob
+        model.y_embedder.dropout_prob = 0.0
+        self.engine = build_engine(model, cfg)
+        self.model = self.engine.module
         self.ema = EMA(self.model, cfg.train.ema_decay)
-        o = cfg.optim
-        fused = o.fused if o.fused is not None else self.device.type in ("cuda", "cpu")
-        self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=o.lr,
-                                           betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay,
-                                           fused=fused)
-        warmup = max(o.warmup_steps, 0)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
         self.objective = SFDObjective(self.spec, objective_config(cfg))
         self.step = 0
         resumed = ckpt.latest(self.out) if cfg.checkpoint.resume else None
         if resumed is not None:
-            self.load_state(ckpt.load(resumed))
+            self.load_state(ckpt.load(resumed, rank=self.rank))
         self.resumed_from = resumed
 
     # ------------------------------------------------------------------------------------------ state
-    def state_dict(self) -> dict:
-        return {"model": export_official_state_dict(self.model), "ema": export_official_state_dict(self.ema.model),
-                "opt": self.optimizer.state_dict(), "config": asdict(self.cfg),
-                "trainer": {"step": self.step, "scheduler": self.scheduler.state_dict()}}
+    def save(self) -> Path:
+        """Collective: weights under official names (gathered over TP) on rank 0, engine state per rank."""
+        model, ema = export_official_state_dict(self.model), export_official_state_dict(self.ema.model)
+        layout = {"tensor_parallel": self.cfg.parallel.tensor_parallel, "data_parallel": self.dp_size,
+                  "engine": self.engine.name}
+        shared = ({"model": model, "ema": ema, "config": asdict(self.cfg),
+                   "trainer": {"step": self.step, "layout": layout}} if self.rank == 0 else None)
+        return ckpt.save(self.out, self.step, shared, self.engine.state_dict())
 
     def load_state(self, state: dict) -> None:
         load_official_state_dict(self.model, state["model"])
         load_official_state_dict(self.ema.model, state["ema"])
-        self.optimizer.load_state_dict(state["opt"])
-        self.scheduler.load_state_dict(state["trainer"]["scheduler"])
+        self.engine.load_state_dict(state["engine"])
         self.step = int(state["trainer"]["step"])
-
-    def save(self) -> Path:
-        return ckpt.save(self.out, self.step, self.state_dict())
 
     # ------------------------------------------------------------------------------------------ steps
     def loader(self) -> DataLoader:
+        """This data-parallel rank's share of every global batch (TP ranks of a group read the same)."""
         sampler = ResumableBatchSampler(len(self.data.dataset), self.cfg.train.global_batch_size,
-                                        self.cfg.train.seed, self.cfg.data.hflip, start_batch=self.step)
+                                        self.cfg.train.seed, self.cfg.data.hflip, start_batch=self.step,
+                                        dp_rank=self.dp_rank, dp_size=self.dp_size)
         workers = self.cfg.data.num_workers if self.cfg.data.source != "demo" else 0
         return DataLoader(self.data.dataset, batch_sampler=sampler, num_workers=workers, collate_fn=_collate,
                           pin_memory=self.device.type == "cuda", persistent_workers=workers > 0)
@@ -106,47 +119,54 @@ class Trainer:
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def train_step(self, batch) -> dict:
-        x1, y = batch[0].to(self.device, non_blocking=True), batch[1].to(self.device, non_blocking=True)
-        repa = batch[2].to(self.device, non_blocking=True) if self.model.args.use_repa else None
-        # One seed per step: label dropout (global RNG inside the model), base times and noise.
-        torch.manual_seed(self.cfg.train.seed * 1_000_003 + self.step + 1)
-        self.model.train()
+    def step_inputs(self, batch) -> tuple:
+        """(x1, y with dropped labels, t_base, x0[, repa]) for this rank: the step's draws are made for the
+        global batch from (train.seed, step) and sliced, so they do not depend on the layout."""
+        g = torch.Generator().manual_seed(self.cfg.train.seed * 1_000_003 + self.step + 1)
+        gb = self.cfg.train.global_batch_size
+        x1 = batch[0]
+        t_base = sample_base_time(gb, lognorm=self.objective.config.use_lognorm, generator=g)
+        x0 = torch.randn((gb, *x1.shape[1:]), generator=g, dtype=x1.dtype)
+        drop = torch.rand(gb, generator=g) < self.label_dropout
+        sl = slice(self.dp_rank * x1.shape[0], (self.dp_rank + 1) * x1.shape[0])
+        y = torch.where(drop[sl], torch.full_like(batch[1], self.cfg.model.num_classes), batch[1])
+        parts = [x1, y, t_base[sl], x0[sl]] + ([batch[2]] if self.model.args.use_repa else [])
+        return tuple(p.to(self.device, non_blocking=True) for p in parts)
+
+    def loss_fn(self, model, mb) -> torch.Tensor:
+        x1, y, t_base, x0 = mb[:4]
         with self.autocast():
-            terms = self.objective.loss_terms(self.model, x1, y, repa_target=repa)
-        loss = terms["total"]
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite loss {loss.item()} at step {self.step}")
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = (torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
-                     if self.cfg.optim.grad_clip > 0 else None)
-        self.optimizer.step()
-        self.scheduler.step()
+            terms = self.objective.loss_terms(model, x1, y, t_base=t_base, x0=x0,
+                                              repa_target=mb[4] if len(mb) > 4 else None)
+        return terms["total"]
+
+    def train_step(self, batch) -> dict:
+        self.model.train()
+        micro = local_micro_batches(self.step_inputs(batch), self.engine.micro_batch_size, 0, 1)
+        metrics = self.engine.train_step(micro, self.loss_fn)
         self.ema.update()
         self.step += 1
-        metrics = {"loss": loss.item(), "lr": self.scheduler.get_last_lr()[0]}
-        for key in ("loss", "cos_loss", "repa_loss"):
-            if key in terms:
-                metrics[f"loss/{key}"] = terms[key].mean().item()
-        if grad_norm is not None:
-            metrics["grad_norm"] = grad_norm.item()
-        return metrics
+        return {k: v for k, v in metrics.items() if v is not None}
 
     def sample_grid(self, name: str) -> str:
+        """Collective under TP (every rank samples); rank 0 writes the PNG."""
         path = str(self.out / "samples" / f"{name}.png")
-        return save_sample_grid(self.ema.model, self.cfg, path, decode=self.data.decode,
+        return save_sample_grid(self.ema.model, self.cfg, path if self.rank == 0 else None, decode=self.data.decode,
                                 num_classes=self.data.num_classes, device=self.device)
 
     # ------------------------------------------------------------------------------------------ loop
     def fit(self) -> dict:
         cfg = self.cfg
-        self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "config.yaml").write_text(to_yaml(cfg))
-        logger = RunLogger(str(self.out), cfg.logging.wandb_mode, cfg.logging.project, cfg.logging.run_name,
-                           asdict(cfg), cfg.train.max_steps, self.step, cfg.logging.progress)
+        main = self.rank == 0
+        if main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.yaml").write_text(to_yaml(cfg))
+        logger = RunLogger(str(self.out), cfg.logging.wandb_mode if main else "disabled", cfg.logging.project,
+                           cfg.logging.run_name, asdict(cfg), cfg.train.max_steps, self.step,
+                           cfg.logging.progress and main, quiet=not main)
         n_params = count_parameters(self.model)
-        logger.write(f"model {cfg.model.name} ({n_params / 1e6:.2f}M params) on {self.device}; data: "
+        logger.write(f"model {cfg.model.name} ({n_params / 1e6:.2f}M params per TP rank) on {self.device}, "
+                     f"engine {self.engine.name}, TP {cfg.parallel.tensor_parallel} x DP {self.dp_size}; data: "
                      f"{self.data.description}" + (f"; resumed from {self.resumed_from}" if self.resumed_from else ""))
         start_step, t0, first_loss, last = self.step, time.time(), None, {}
         window = []
@@ -164,12 +184,15 @@ class Trainer:
                     logger.log(self.step, last)
                     window = []
                 if cfg.train.sample_every and self.step % cfg.train.sample_every == 0:
-                    logger.log_image(self.step, "samples", self.sample_grid(f"step_{self.step:07d}"))
+                    grid = self.sample_grid(f"step_{self.step:07d}")
+                    if main:
+                        logger.log_image(self.step, "samples", grid)
                 if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0:
                     self.save()
             final_ckpt = self.save()
             grid = self.sample_grid("final")
-            logger.log_image(self.step, "samples", grid)
+            if main:
+                logger.log_image(self.step, "samples", grid)
         finally:
             logger.close()
         elapsed = time.time() - t0
