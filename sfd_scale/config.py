@@ -74,6 +74,7 @@ class DataConfig:
 class ParallelConfig:
     tensor_parallel: int = 1
     pipeline_parallel: int = 1
+    virtual_stages: int = 1         # model chunks per pipeline rank (interleaved 1F1B when > 1)
     engine: str = "megatron"        # megatron (DDP + megatron optimizer) | deepspeed (ZeRO) | plain (one process)
     distributed_optimizer: bool = True  # megatron: shard optimizer state over DP ranks (ZeRO-1 style)
     overlap_grad_reduce: bool = False   # megatron: reduce gradient buckets during the backward pass
@@ -291,9 +292,22 @@ def validate(cfg: Config) -> None:
          f"logging.wandb_mode must be offline, online or disabled, got {cfg.logging.wandb_mode!r}")
     need(cfg.sample.guidance != "autoguidance" or bool(cfg.sample.guide_checkpoint),
          "sample.guide_checkpoint is required when sample.guidance is 'autoguidance'")
-    need(cfg.parallel.tensor_parallel >= 1, f"parallel.tensor_parallel must be >= 1, got {cfg.parallel.tensor_parallel}")
-    need(cfg.parallel.pipeline_parallel == 1,
-         "parallel.pipeline_parallel > 1 is not wired into the trainer yet (sfd_scale.parallel.pipeline has the "
-         "stage split and schedules)")
+    p = cfg.parallel
+    need(p.tensor_parallel >= 1 and p.pipeline_parallel >= 1 and p.virtual_stages >= 1,
+         f"parallel.tensor_parallel ({p.tensor_parallel}), parallel.pipeline_parallel ({p.pipeline_parallel}) and "
+         f"parallel.virtual_stages ({p.virtual_stages}) must be >= 1")
+    need(p.virtual_stages == 1 or p.pipeline_parallel > 1, "parallel.virtual_stages > 1 needs parallel.pipeline_parallel > 1")
+    need(p.pipeline_parallel == 1 or p.engine == "megatron",
+         f"parallel.pipeline_parallel > 1 needs parallel.engine='megatron', got {p.engine!r}")
+    need(p.pipeline_parallel == 1 or not cfg.train.sample_every,
+         "train.sample_every needs parallel.pipeline_parallel = 1 (sample pipelined runs from their checkpoints)")
+    from .parallel.pipeline import check_split
+    from .parallel.tensor_parallel import check_divisible
+
+    try:  # the layout rules that need only the config (world size and DP come at start-up)
+        check_divisible(model_args(cfg), p.tensor_parallel)
+        check_split(model_args(cfg).depth, p.pipeline_parallel, p.virtual_stages)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     need(cfg.parallel.tensor_parallel == 1 or cfg.parallel.engine == "megatron",
          f"parallel.tensor_parallel > 1 needs parallel.engine='megatron', got {cfg.parallel.engine!r}")

@@ -8,6 +8,8 @@ for an SFD (dual-time) model and a tensor for a plain one; in training mode with
 """
 from __future__ import annotations
 
+import contextlib
+
 from dataclasses import asdict, dataclass
 from typing import Optional, Tuple, Union
 
@@ -127,9 +129,17 @@ def args_for(name: str, **overrides) -> ModelArgs:
 
 
 def parallel_config(params_dtype: torch.dtype = torch.float32) -> ModelParallelConfig:
-    """Megatron layer config. CPU initialisation unless CUDA is present (then weights start on GPU)."""
-    return ModelParallelConfig(use_cpu_initialization=not torch.cuda.is_available(), perform_initialization=True,
-                               params_dtype=params_dtype)
+    """Megatron layer config. Always CPU initialisation (then ``.to(device)``): megatron's GPU path draws
+    from its CUDA RNG tracker, which would make weights depend on the layout and the device."""
+    return ModelParallelConfig(use_cpu_initialization=True, perform_initialization=True, params_dtype=params_dtype)
+
+
+@contextlib.contextmanager
+def _seeded(base: int, part: int):
+    """Global CPU RNG seeded for one part of the model, restored afterwards."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed((base * 1_000_003 + part) % (2 ** 63))
+        yield
 
 
 class LightningDiTBlock(nn.Module):
@@ -171,7 +181,8 @@ class FinalLayer(nn.Module):
 
 
 class LightningDiT(nn.Module):
-    def __init__(self, args: ModelArgs, config: Optional[ModelParallelConfig] = None, stage: StageSpec = StageSpec()):
+    def __init__(self, args: ModelArgs, config: Optional[ModelParallelConfig] = None, stage: StageSpec = StageSpec(),
+                 init_seed: Optional[int] = None):
         super().__init__()
         config = config or parallel_config()
         tp_size = tensor_parallel_size()  # sets up a one-process layout when none exists yet
@@ -181,38 +192,50 @@ class LightningDiT(nn.Module):
         self.args, self.config, self.stage = args, config, stage
         self.block_ids = stage.blocks(args.depth)
         self.input_tensor = None  # pipeline stages after the first get their input from the previous stage
+        # what megatron's finalize_model_grads asks a pipeline chunk: nothing is tied across stages here
+        self.pre_process, self.post_process = stage.pre_process, stage.post_process
+        self.share_embeddings_and_output_weights = False
+        # Initialisation does not depend on the layout: every part draws from its own generator state,
+        # seeded from one number (``init_seed``, else drawn from the global RNG; all chunks of a pipelined
+        # model share it), so block i of a pipeline stage (or a TP shard of it: megatron's CPU init draws
+        # the full weight) equals block i of the one-process model.
+        base = int(torch.randint(0, 2 ** 62, (), dtype=torch.int64, device="cpu")) if init_seed is None else init_seed
         d = args.hidden_size
         if stage.pre_process:
-            self.x_embedder = PatchEmbed(args.input_size, args.patch_size, args.in_channels, d, bias=True)
-            if args.dual_time_embed:
-                self.t_embedder_sem = TimestepEmbedder(d // 2)
-                self.t_embedder_tex = TimestepEmbedder(d // 2)
-            else:
-                self.t_embedder = TimestepEmbedder(d)
-            self.y_embedder = LabelEmbedder(args.num_classes, d, args.class_dropout_prob)
-            self.pos_embed = nn.Parameter(sincos_pos_embed_2d(d, args.grid).unsqueeze(0), requires_grad=False)
+            with _seeded(base, 0):
+                self.x_embedder = PatchEmbed(args.input_size, args.patch_size, args.in_channels, d, bias=True)
+                if args.dual_time_embed:
+                    self.t_embedder_sem = TimestepEmbedder(d // 2)
+                    self.t_embedder_tex = TimestepEmbedder(d // 2)
+                else:
+                    self.t_embedder = TimestepEmbedder(d)
+                self.y_embedder = LabelEmbedder(args.num_classes, d, args.class_dropout_prob)
+                self.pos_embed = nn.Parameter(sincos_pos_embed_2d(d, args.grid).unsqueeze(0), requires_grad=False)
+                self._init_embedders()
         self.feat_rope = Rope2D(d // args.num_heads, args.grid) if args.use_rope and len(self.block_ids) else None
-        self.blocks = nn.ModuleList(LightningDiTBlock(args, config, tp_size) for _ in self.block_ids)
+        blocks = []
+        for i in self.block_ids:
+            with _seeded(base, 1 + i):
+                blocks.append(LightningDiTBlock(args, config, tp_size))
+        self.blocks = nn.ModuleList(blocks)
         if stage.post_process:
-            self.final_layer = FinalLayer(args, config)
+            with _seeded(base, 1 + args.depth):
+                self.final_layer = FinalLayer(args, config)
         self.has_repa = args.use_repa and (args.repa_depth - 1) in self.block_ids
         if self.has_repa:
             p = args.repa_projector_dim
-            self.repa_projector = nn.Sequential(nn.Linear(d, p), nn.SiLU(), nn.Linear(p, p), nn.SiLU(),
-                                                nn.Linear(p, args.repa_feature_dim))
-        self.initialize_weights()
+            with _seeded(base, 2 + args.depth):
+                self.repa_projector = nn.Sequential(nn.Linear(d, p), nn.SiLU(), nn.Linear(p, p), nn.SiLU(),
+                                                    nn.Linear(p, args.repa_feature_dim))
+                for layer in self.repa_projector:
+                    if isinstance(layer, nn.Linear):
+                        nn.init.xavier_uniform_(layer.weight)
+                        nn.init.zeros_(layer.bias)
 
     # ------------------------------------------------------------------------------------------ init
-    def initialize_weights(self) -> None:
-        """Official init for the replicated layers (megatron layers got theirs at construction):
-        Xavier linears, zero biases, patch conv as a linear, N(0, 0.02) label table and time MLPs."""
-        for m in [self.repa_projector] if self.has_repa else []:
-            for layer in m:
-                if isinstance(layer, nn.Linear):
-                    nn.init.xavier_uniform_(layer.weight)
-                    nn.init.zeros_(layer.bias)
-        if not self.stage.pre_process:
-            return
+    def _init_embedders(self) -> None:
+        """Official init of the replicated embedders (megatron layers get theirs at construction):
+        patch conv as a Xavier linear, zero biases, N(0, 0.02) label table and time-MLP weights."""
         w = self.x_embedder.proj.weight
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         nn.init.zeros_(self.x_embedder.proj.bias)

@@ -1,5 +1,8 @@
 """Megatron-core data-parallel engine: DDP with contiguous grad buffers + megatron's optimizer.
 
+With pipeline parallelism the engine holds this rank's model chunks (one DDP each) and the micro-batches
+go through ``pipeline.forward_backward`` (megatron's schedules) instead of the plain loop below.
+
 One optimizer step follows megatron-core's own loop (``training.py`` train_step and the no-pipeline
 schedule ``forward_backward_no_pipelining``): ``zero_grad_buffer()`` + ``optimizer.zero_grad()``; every
 micro-batch but the last inside ``model.no_sync()`` (grads only accumulate into the fp32/bf16 main-grad
@@ -149,15 +152,19 @@ def load_distributed_optimizer(dopt: DistributedOptimizer, saved: dict) -> None:
 class MegatronEngine(Engine):
     name = "megatron"
 
-    def __init__(self, model: torch.nn.Module, cfg: Config):
+    def __init__(self, model, cfg: Config):
+        """``model``: one LightningDiT, or the list of this rank's pipeline chunks (``pipeline.build_stages``)."""
         self.cfg = cfg
         self.dp_size = parallel_state.get_data_parallel_world_size()
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.dp_group = parallel_state.get_data_parallel_group()
         self.micro_batch_size, self.num_micro_batches = micro_batch_layout(cfg, self.dp_size)
+        chunks = list(model) if isinstance(model, (list, tuple)) else [model]
+        self.pipelined = parallel_state.get_pipeline_model_parallel_world_size() > 1
         bf16 = cfg.train.precision == "bf16"
         if bf16:
-            model.bfloat16()
+            for chunk in chunks:
+                chunk.bfloat16()
         p, o = cfg.parallel, cfg.optim
         ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=bf16, overlap_grad_reduce=p.overlap_grad_reduce,
                                                    use_distributed_optimizer=p.distributed_optimizer)
@@ -166,28 +173,40 @@ class MegatronEngine(Engine):
                                      bf16=bf16, params_dtype=torch.bfloat16 if bf16 else torch.float32,
                                      use_distributed_optimizer=p.distributed_optimizer)
         with _megatron_call():
-            self.model = DistributedDataParallel(_transformer_config(model), ddp_config, model)
-            self.model.broadcast_params()  # replicas start identical even if their init RNG did not
-            self.optimizer = get_megatron_optimizer(opt_config, [self.model], config_overrides={})
-        self.module = model
+            self.chunks = [DistributedDataParallel(_transformer_config(c), ddp_config, c) for c in chunks]
+            for ddp in self.chunks:
+                ddp.broadcast_params()  # replicas start identical even if their init RNG did not
+            self.optimizer = get_megatron_optimizer(opt_config, self.chunks, config_overrides={})
+        self.model = self.chunks[0]
+        self.module = chunks if self.pipelined else chunks[0]
         self.scheduler = WarmupSchedule(lambda: self.optimizer.param_groups, o.lr, o.warmup_steps)
 
     def _sub_optimizers(self):
         return getattr(self.optimizer, "chained_optimizers", [self.optimizer])
 
     def train_step(self, micro_batches: Sequence, loss_fn: LossFn) -> dict:
+        """With pipeline stages, ``micro_batches`` are ``pipeline.MicroBatch`` and ``loss_fn`` is the
+        ``SFDObjective``: megatron's 1F1B / interleaved schedule runs them over the stages."""
         n = self._check_micro_batches(micro_batches)
         with _megatron_call():
-            self.model.zero_grad_buffer()
+            for ddp in self.chunks:
+                ddp.zero_grad_buffer()
             self.optimizer.zero_grad()
-        losses = []
-        for i, mb in enumerate(micro_batches):  # (overlap_grad_reduce: bucket reduces start in backward)
-            with self.model.no_sync() if i < n - 1 else contextlib.nullcontext(), _quiet():
-                loss = loss_fn(self.model, mb)
-                (loss if n == 1 else loss / n).backward()
-            losses.append(loss.detach())
+        if self.pipelined:
+            from .pipeline import forward_backward
+
+            with _quiet():
+                terms = forward_backward(self.chunks, micro_batches, loss_fn)
+            losses = [self._pipeline_loss(terms)]
+        else:
+            losses = []
+            for i, mb in enumerate(micro_batches):  # (overlap_grad_reduce: bucket reduces start in backward)
+                with self.model.no_sync() if i < n - 1 else contextlib.nullcontext(), _quiet():
+                    loss = loss_fn(self.model, mb)
+                    (loss if n == 1 else loss / n).backward()
+                losses.append(loss.detach())
         with _megatron_call():
-            finalize_model_grads([self.model])
+            finalize_model_grads(self.chunks)
             mean = self._mean_loss(losses, self.dp_group)
             lr = self.optimizer.param_groups[0]["lr"]
             ok, grad_norm, _ = self.optimizer.step()
@@ -195,6 +214,14 @@ class MegatronEngine(Engine):
             raise FloatingPointError("megatron optimizer skipped the step (inf / nan gradients)")
         self.scheduler.step()
         return {"loss": mean, "grad_norm": None if grad_norm is None else float(grad_norm), "lr": lr}
+
+    @staticmethod
+    def _pipeline_loss(terms: dict) -> torch.Tensor:
+        """The step's mean total loss on every stage: the last stage's main terms plus the REPA term of
+        the stage owning the projector (when that is not the last), summed over the pipeline group."""
+        local = torch.tensor([terms.get("total", 0.0) + terms.get("repa_loss_aux", 0.0)], dtype=torch.float64)
+        torch.distributed.all_reduce(local, group=parallel_state.get_pipeline_model_parallel_group())
+        return local[0]
 
     def state_dict(self) -> dict:
         with _megatron_call():

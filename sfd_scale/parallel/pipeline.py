@@ -21,6 +21,7 @@ from megatron.core.enums import ModelType
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+from megatron.core.utils import get_attr_wrapped_model
 
 from ..diffusion.sfd import SFDObjective
 from .cpu_compat import megatron_on_cpu
@@ -57,7 +58,7 @@ def transformer_config(args: ModelArgs, params_dtype: torch.dtype = torch.float3
     """The megatron config pipeline schedules read (p2p shapes and dtype, layout sizes)."""
     return TransformerConfig(
         num_layers=args.depth, hidden_size=args.hidden_size, num_attention_heads=args.num_heads,
-        params_dtype=params_dtype, pipeline_dtype=params_dtype, use_cpu_initialization=not torch.cuda.is_available(),
+        params_dtype=params_dtype, pipeline_dtype=params_dtype, use_cpu_initialization=True,
         tensor_model_parallel_size=parallel_state.get_tensor_model_parallel_world_size(),
         pipeline_model_parallel_size=parallel_state.get_pipeline_model_parallel_world_size(),
         virtual_pipeline_model_parallel_size=parallel_state.get_virtual_pipeline_model_parallel_world_size(),
@@ -73,8 +74,9 @@ def build_stages(args: ModelArgs, params_dtype: torch.dtype = torch.float32) -> 
     pp, rank = parallel_state.get_pipeline_model_parallel_world_size(), parallel_state.get_pipeline_model_parallel_rank()
     vp = parallel_state.get_virtual_pipeline_model_parallel_world_size() or 1
     chunks = []
+    init_seed = int(torch.randint(0, 2 ** 62, (), dtype=torch.int64, device="cpu"))  # one draw: chunks = one model's init
     for v in range(vp):
-        chunk = LightningDiT(args, config, stage_spec(args.depth, pp, rank, vp, v))
+        chunk = LightningDiT(args, config, stage_spec(args.depth, pp, rank, vp, v), init_seed=init_seed)
         chunk.model_type = ModelType.encoder_or_decoder
         chunk.vp_stage = v if vp > 1 else None
         chunks.append(chunk)
@@ -109,7 +111,8 @@ def forward_backward(chunks: Sequence[LightningDiT], micro_batches: Sequence[Mic
     """One pass of megatron's pipeline schedule over ``micro_batches``; gradients accumulate in the chunks.
 
     Returns the mean loss terms over micro-batches on the last stage (empty dict on other stages) plus
-    ``repa_loss`` on the stage owning the REPA projector.
+    ``repa_loss_aux`` on the stage owning the REPA projector when that is not the last stage (its term
+    is then not part of the last stage's ``total``).
     """
     n = len(micro_batches)
     MoEAuxLossAutoScaler.set_loss_scale(torch.ones(1))  # aux losses come pre-divided by n (below)
@@ -117,6 +120,7 @@ def forward_backward(chunks: Sequence[LightningDiT], micro_batches: Sequence[Mic
 
     def forward_step(data_iterator, model):
         mb: MicroBatch = next(data_iterator)
+        stage = get_attr_wrapped_model(model, "stage")  # through megatron's DDP wrapper
         batch = objective.prepare(mb.x1, t_base=mb.t_base, x0=mb.x0)
 
         def repa_loss(projection):
@@ -124,7 +128,7 @@ def forward_backward(chunks: Sequence[LightningDiT], micro_batches: Sequence[Mic
             repa_values.append(loss.item())
             return loss / n
 
-        inputs = (batch["xt"], batch["t"], mb.y) if model.stage.pre_process else (None,)
+        inputs = (batch["xt"], batch["t"], mb.y) if stage.pre_process else (None,)
         output = model(*inputs, repa_loss=repa_loss if mb.repa_target is not None else None)
 
         def loss_func(out):
@@ -135,13 +139,13 @@ def forward_backward(chunks: Sequence[LightningDiT], micro_batches: Sequence[Mic
         return output, loss_func
 
     iterators = [iter(micro_batches) for _ in chunks] if len(chunks) > 1 else iter(micro_batches)
-    args = chunks[0].args
+    args = get_attr_wrapped_model(chunks[0], "args")
     with megatron_on_cpu():  # the schedules allocate a few scalars with device="cuda"
         reduced = get_forward_backward_func()(
             forward_step_func=forward_step, data_iterator=iterators,
             model=list(chunks) if len(chunks) > 1 else chunks[0], num_microbatches=n, seq_length=args.grid ** 2 + 1,
             micro_batch_size=micro_batches[0].x1.shape[0], forward_only=forward_only)
     out = {k: sum(r[k].item() for r in reduced) / n for k in reduced[0]} if reduced else {}
-    if repa_values:
-        out["repa_loss"] = sum(repa_values) / len(repa_values)
+    if repa_values:  # REPA on a stage before the last: its term is not in the last stage's total
+        out["repa_loss_aux"] = sum(repa_values) / len(repa_values)
     return out

@@ -29,6 +29,8 @@ DEFAULT_LAYOUTS = [
     Layout("DP=2 megatron, distributed optimizer", 2, ["parallel.engine=megatron"]),
     Layout("DP=2 deepspeed ZeRO-2", 2, ["parallel.engine=deepspeed", "parallel.zero_stage=2"]),
     Layout("TP=2 megatron", 2, ["parallel.engine=megatron", "parallel.tensor_parallel=2"]),
+    Layout("PP=2 megatron, 2 micro-batches", 2, ["parallel.engine=megatron", "parallel.pipeline_parallel=2",
+                                                 "train.micro_batch_size=16"]),
 ]
 
 

@@ -13,9 +13,11 @@ import os
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.distributed as dist
+import torch.nn as nn
 from megatron.core import parallel_state
 from torch.utils.data import DataLoader
 
@@ -28,6 +30,7 @@ from ..models.lightningdit import LightningDiT, count_parameters
 from ..models.official import export_official_state_dict, load_official_state_dict, read_checkpoint
 from ..parallel.engines import build_engine, local_micro_batches
 from ..parallel.layout import ParallelLayout, initialize
+from ..parallel.pipeline import MicroBatch, build_stages, global_key, stage_state_dict
 from . import checkpoint as ckpt
 from .ema import EMA
 
@@ -52,7 +55,9 @@ class Trainer:
         self.cfg = cfg
         self.device = _device(cfg.train.device)
         self.out = Path(cfg.train.output_dir)
-        initialize(ParallelLayout(cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel))
+        initialize(ParallelLayout(cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel,
+                                  cfg.parallel.virtual_stages))
+        self.pipelined = cfg.parallel.pipeline_parallel > 1
         self.rank = dist.get_rank()
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.dp_size = parallel_state.get_data_parallel_world_size()
@@ -71,15 +76,22 @@ class Trainer:
             raise ValueError(f"model.use_repa is on but the training data has no REPA target features "
                              f"(feats_dino in the shards): {self.data.description}")
 
-        model = LightningDiT(model_args(cfg)).to(self.device)
+        # this rank's model: the whole LightningDiT, or its pipeline chunks (one per virtual stage)
+        chunks = (build_stages(model_args(cfg)) if self.pipelined else [LightningDiT(model_args(cfg))])
+        chunks = [c.to(self.device) for c in chunks]
         if cfg.checkpoint.init_from:
-            load_official_state_dict(model, read_checkpoint(cfg.checkpoint.init_from, which="ema"))
+            full = read_checkpoint(cfg.checkpoint.init_from, which="ema")
+            for chunk in chunks:
+                load_official_state_dict(chunk, self._part(full, chunk))
         # Label dropout is drawn by the trainer for the global batch (see step_inputs), not inside the
         # model from a per-rank RNG, so that every layout drops the same labels.
-        self.label_dropout = model.y_embedder.dropout_prob
-        model.y_embedder.dropout_prob = 0.0
-        self.engine = build_engine(model, cfg)
-        self.model = self.engine.module
+        self.label_dropout = cfg.model.class_dropout_prob
+        for chunk in chunks:
+            if chunk.stage.pre_process:
+                chunk.y_embedder.dropout_prob = 0.0
+        self.engine = build_engine(chunks if self.pipelined else chunks[0], cfg)
+        self.chunks = chunks
+        self.model = nn.ModuleList(chunks) if self.pipelined else chunks[0]
         self.ema = EMA(self.model, cfg.train.ema_decay)
         self.objective = SFDObjective(self.spec, objective_config(cfg))
         self.step = 0
@@ -89,18 +101,38 @@ class Trainer:
         self.resumed_from = resumed
 
     # ------------------------------------------------------------------------------------------ state
+    def _part(self, full: dict, chunk) -> dict:
+        """The part of a full state dict a pipeline chunk holds (all of it, checked strictly, otherwise)."""
+        return stage_state_dict(full, chunk) if self.pipelined else full
+
+    def _ema_chunks(self):
+        return list(self.ema.model) if self.pipelined else [self.ema.model]
+
+    def full_state_dict(self, chunks) -> dict:
+        """Official-named full weights: gathered over TP by the export, over pipeline stages here."""
+        local = {}
+        for chunk in chunks:
+            local.update({global_key(chunk, k): v for k, v in export_official_state_dict(chunk).items()})
+        if not self.pipelined:
+            return local
+        parts = [None] * parallel_state.get_pipeline_model_parallel_world_size()
+        dist.all_gather_object(parts, local, group=parallel_state.get_pipeline_model_parallel_group())
+        return {k: v for part in parts for k, v in part.items()}
+
     def save(self) -> Path:
-        """Collective: weights under official names (gathered over TP) on rank 0, engine state per rank."""
-        model, ema = export_official_state_dict(self.model), export_official_state_dict(self.ema.model)
-        layout = {"tensor_parallel": self.cfg.parallel.tensor_parallel, "data_parallel": self.dp_size,
-                  "engine": self.engine.name}
+        """Collective: full weights under official names on rank 0, engine state per rank."""
+        model, ema = self.full_state_dict(self.chunks), self.full_state_dict(self._ema_chunks())
+        p = self.cfg.parallel
+        layout = {"tensor_parallel": p.tensor_parallel, "pipeline_parallel": p.pipeline_parallel,
+                  "virtual_stages": p.virtual_stages, "data_parallel": self.dp_size, "engine": self.engine.name}
         shared = ({"model": model, "ema": ema, "config": asdict(self.cfg),
                    "trainer": {"step": self.step, "layout": layout}} if self.rank == 0 else None)
         return ckpt.save(self.out, self.step, shared, self.engine.state_dict())
 
     def load_state(self, state: dict) -> None:
-        load_official_state_dict(self.model, state["model"])
-        load_official_state_dict(self.ema.model, state["ema"])
+        for chunk, ema_chunk in zip(self.chunks, self._ema_chunks()):
+            load_official_state_dict(chunk, self._part(state["model"], chunk))
+            load_official_state_dict(ema_chunk, self._part(state["ema"], ema_chunk))
         self.engine.load_state_dict(state["engine"])
         self.step = int(state["trainer"]["step"])
 
@@ -130,7 +162,7 @@ class Trainer:
         drop = torch.rand(gb, generator=g) < self.label_dropout
         sl = slice(self.dp_rank * x1.shape[0], (self.dp_rank + 1) * x1.shape[0])
         y = torch.where(drop[sl], torch.full_like(batch[1], self.cfg.model.num_classes), batch[1])
-        parts = [x1, y, t_base[sl], x0[sl]] + ([batch[2]] if self.model.args.use_repa else [])
+        parts = [x1, y, t_base[sl], x0[sl]] + ([batch[2]] if self.cfg.model.use_repa else [])
         return tuple(p.to(self.device, non_blocking=True) for p in parts)
 
     def loss_fn(self, model, mb) -> torch.Tensor:
@@ -143,13 +175,21 @@ class Trainer:
     def train_step(self, batch) -> dict:
         self.model.train()
         micro = local_micro_batches(self.step_inputs(batch), self.engine.micro_batch_size, 0, 1)
-        metrics = self.engine.train_step(micro, self.loss_fn)
+        if self.pipelined:  # the schedule runs the objective on the stages; micro-batches carry the draws
+            micro = [MicroBatch(*mb) for mb in micro]
+            with self.autocast():
+                metrics = self.engine.train_step(micro, self.objective)
+        else:
+            metrics = self.engine.train_step(micro, self.loss_fn)
         self.ema.update()
         self.step += 1
         return {k: v for k, v in metrics.items() if v is not None}
 
-    def sample_grid(self, name: str) -> str:
-        """Collective under TP (every rank samples); rank 0 writes the PNG."""
+    def sample_grid(self, name: str) -> Optional[str]:
+        """Collective under TP (every rank samples); rank 0 writes the PNG. Not with pipeline stages:
+        sample those runs from their checkpoint (tools/sample.py)."""
+        if self.pipelined:
+            return None
         path = str(self.out / "samples" / f"{name}.png")
         return save_sample_grid(self.ema.model, self.cfg, path if self.rank == 0 else None, decode=self.data.decode,
                                 num_classes=self.data.num_classes, device=self.device)
@@ -164,7 +204,7 @@ class Trainer:
         logger = RunLogger(str(self.out), cfg.logging.wandb_mode if main else "disabled", cfg.logging.project,
                            cfg.logging.run_name, asdict(cfg), cfg.train.max_steps, self.step,
                            cfg.logging.progress and main, quiet=not main)
-        n_params = count_parameters(self.model)
+        n_params = sum(count_parameters(c) for c in self.chunks)
         logger.write(f"model {cfg.model.name} ({n_params / 1e6:.2f}M params per TP rank) on {self.device}, "
                      f"engine {self.engine.name}, TP {cfg.parallel.tensor_parallel} x DP {self.dp_size}; data: "
                      f"{self.data.description}" + (f"; resumed from {self.resumed_from}" if self.resumed_from else ""))
@@ -185,13 +225,13 @@ class Trainer:
                     window = []
                 if cfg.train.sample_every and self.step % cfg.train.sample_every == 0:
                     grid = self.sample_grid(f"step_{self.step:07d}")
-                    if main:
+                    if main and grid:
                         logger.log_image(self.step, "samples", grid)
                 if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0:
                     self.save()
             final_ckpt = self.save()
             grid = self.sample_grid("final")
-            if main:
+            if main and grid:
                 logger.log_image(self.step, "samples", grid)
         finally:
             logger.close()
@@ -209,5 +249,6 @@ def summary_text(summary: dict, cfg: Config) -> str:
     return (f"Trained {cfg.model.name} ({summary['params_M']:.2f}M params) with SFD (texture "
             f"{cfg.sfd.texture_chans} + semantic {cfg.sfd.semantic_chans} channels, dt={cfg.sfd.delta_t}) for "
             f"{summary['steps_this_run']} steps (total {summary['steps']}) in {summary['seconds']:.0f}s; {loss}. "
-            f"EMA samples ({cfg.sample.method}, {cfg.sample.guidance} guidance x{cfg.sample.cfg_scale}): "
-            f"{summary['samples']}. Checkpoint: {summary['checkpoint']}.")
+            + (f"EMA samples ({cfg.sample.method}, {cfg.sample.guidance} guidance x{cfg.sample.cfg_scale}): "
+               f"{summary['samples']}. " if summary["samples"] else "No sample grid (pipelined run). ")
+            + f"Checkpoint: {summary['checkpoint']}.")

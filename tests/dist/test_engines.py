@@ -173,7 +173,8 @@ def test_megatron_dp2_matches_dp1_and_resumes_exactly():
     for rank in (0, 1):  # replicas stay identical
         for name in MEGATRON:
             _assert_equal(two[rank][name][0], two[0][name][0], f"rank {rank} vs rank 0, {name}")
-    _assert_equal(one["ddp"][0], one["distopt"][0], "DP=1: distributed optimizer vs DDP")
+    # the distributed optimizer runs Adam on flat fp32 shards: equal to per-tensor DDP Adam up to an ulp
+    _assert_close(one["distopt"][0], one["ddp"][0], ATOL, "DP=1: distributed optimizer vs DDP")
     diffs = {name: _assert_close(two[0][name][0], one["ddp"][0], ATOL, f"megatron {name} DP=2 vs DP=1")
              for name in MEGATRON}
     for name in MEGATRON:  # the reported loss is the mean over the global batch

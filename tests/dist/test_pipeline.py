@@ -71,7 +71,7 @@ def test_pipeline_matches_single_process(virtual_stages):
     results = run_ranks(_pipeline_rank, 2, args=(weights, virtual_stages))
     # the last stage reports the main terms; the REPA term comes from the stage owning the projector
     # (block index 1: rank 0 without virtual stages, rank 1's first chunk with two)
-    repa = [r[0]["repa_loss"] for r in results if "repa_loss" in r[0]]
+    repa = [r[0]["repa_loss_aux"] for r in results if "repa_loss_aux" in r[0]]
     assert len(repa) == 1
     assert abs(results[1][0]["total"] + repa[0] - ref_loss) <= 1e-6
     grads = {}

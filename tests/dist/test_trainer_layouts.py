@@ -10,9 +10,8 @@ def _train(rank, world_size, out_dir, overrides):
 
     trainer = Trainer(tiny_config(out_dir, *overrides))
     summary = trainer.fit()
-    from sfd_scale.models.official import export_official_state_dict
-
-    return summary["last_loss"], export_official_state_dict(trainer.model), export_official_state_dict(trainer.ema.model)
+    # full weights gathered over TP and pipeline stages (what a checkpoint holds)
+    return summary["last_loss"], trainer.full_state_dict(trainer.chunks), trainer.full_state_dict(trainer._ema_chunks())
 
 
 def _single(out_dir, overrides):
@@ -47,6 +46,31 @@ def test_tensor_parallel_trainer_matches_one_process(tmp_path):
     # hidden 48: SwiGLU width 128 splits over 2 ranks; a large eps keeps Adam from amplifying ~1e-7 TP noise
     loss1, model1, _ = _single(tmp_path / "tp1", common)
     results = run_ranks(_train, 2, args=(tmp_path / "tp2", common + ["parallel.tensor_parallel=2"]))
+    for loss2, model2, _ in results:
+        assert abs(loss2 - loss1) <= 1e-5
+        assert set(model2) == set(model1) and _max_diff(model1, model2) <= 1e-5
+
+
+def test_pipeline_trainer_matches_one_process_and_resumes(tmp_path):
+    """PP = 2 with 2 virtual stages (4 blocks -> 4 chunks), 2 micro-batches, REPA off (digits data)."""
+    common = ["parallel.engine=megatron", "parallel.distributed_optimizer=false", "model.depth=4",
+              "train.micro_batch_size=8", "train.sample_every=0"]
+    loss1, model1, ema1 = _single(tmp_path / "pp1", common + ["train.max_steps=3"])
+    pp = common + ["parallel.pipeline_parallel=2", "parallel.virtual_stages=2"]
+    run_ranks(_train, 2, args=(tmp_path / "pp2", pp + ["train.max_steps=2"]))
+    results = run_ranks(_train, 2, args=(tmp_path / "pp2", pp + ["train.max_steps=3", "checkpoint.resume=true"]))
+    for loss2, model2, ema2 in results:
+        assert abs(loss2 - loss1) <= 1e-6
+        assert set(model2) == set(model1) and _max_diff(model1, model2) <= 3e-7 and _max_diff(ema1, ema2) <= 3e-7
+
+
+def test_tensor_and_pipeline_parallel_step_matches_one_process(tmp_path):
+    """TP = 2 x PP = 2 on 4 ranks: one full training step equals the single-process step."""
+    common = ["parallel.engine=megatron", "parallel.distributed_optimizer=false", "train.max_steps=1",
+              "model.hidden_size=48", "optim.eps=1e-3", "train.micro_batch_size=8"]
+    loss1, model1, _ = _single(tmp_path / "one", common)
+    results = run_ranks(_train, 4, args=(tmp_path / "tp2pp2", common + ["parallel.tensor_parallel=2",
+                                                                         "parallel.pipeline_parallel=2"]))
     for loss2, model2, _ in results:
         assert abs(loss2 - loss1) <= 1e-5
         assert set(model2) == set(model1) and _max_diff(model1, model2) <= 1e-5
