@@ -90,3 +90,34 @@ def test_stage_split_and_errors():
         (0, True, False), (2, False, False), (4, False, False), (6, False, True)]
     with pytest.raises(ValueError, match="not divisible"):
         check_split(6, 2, 2)
+
+
+def _golden_pp_rank(rank, world_size, golden_dir):
+    """Official weights split over 2 stages; stage 0's packed activations go to stage 1 by send / recv."""
+    import torch.distributed as dist
+
+    from sfd_scale.parallel.layout import ParallelLayout, initialize
+    from sfd_scale.parallel.pipeline import build_stages, stage_state_dict
+    from tests import golden
+
+    initialize(ParallelLayout(pipeline_parallel=world_size))
+    entry = golden.config(golden_dir)["models"]["main"]
+    from sfd_scale.models.official import args_from_official, read_checkpoint, sfd_spec_from_official
+
+    (chunk,) = build_stages(args_from_official(**entry["kwargs"]))
+    chunk.load_state_dict(stage_state_dict(read_checkpoint(golden_dir / entry["weights_file"]), chunk), strict=False)
+    chunk.eval()
+    g = golden.tensors(golden_dir, entry["forward_file"])
+    t = golden.model_time(sfd_spec_from_official(**entry["kwargs"]), g)
+    with torch.no_grad():
+        if rank == 0:
+            dist.send(chunk(g["x"], t, g["y"]).contiguous(), dst=1)
+            return None
+        packed = torch.empty(chunk.args.grid ** 2 + 1, g["x"].shape[0], chunk.args.hidden_size)
+        dist.recv(packed, src=0)
+        chunk.set_input_tensor(packed)
+        return golden.max_err(chunk(None), g["out_eval"])
+
+
+def test_golden_forward_at_pp2(golden_dir):
+    assert run_ranks(_golden_pp_rank, 2, args=(golden_dir,))[1] <= 1e-5
