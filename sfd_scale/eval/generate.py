@@ -66,7 +66,7 @@ def load_guide(cfg: Config, device: torch.device = torch.device("cpu")):
                    use_repa=any(k.startswith("repa_projector.") for k in state))
     if args.use_repa:
         args = replace(args, repa_projector_dim=state["repa_projector.0.weight"].shape[0],
-                       repa_feature_dim=state[f"repa_projector.4.weight"].shape[0])
+                       repa_feature_dim=state["repa_projector.4.weight"].shape[0])
     guide = LightningDiT(args)
     load_official_state_dict(guide, state)
     return guide.to(device).eval()
