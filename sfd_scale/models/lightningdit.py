@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Optional, Tuple, Union
 
 import torch
@@ -306,9 +306,3 @@ class LightningDiT(nn.Module):
 def count_parameters(model: nn.Module) -> int:
     """All parameters, frozen pos_embed included (how the official counts were taken)."""
     return sum(p.numel() for p in model.parameters())
-
-
-def describe(args: ModelArgs) -> dict:
-    return asdict(args) | {"out_channels": args.out_channels, "tokens": args.grid ** 2, "mlp_hidden": args.mlp_hidden}
-
-

@@ -72,10 +72,6 @@ def enable() -> None:
     _ENABLED = True
 
 
-def is_enabled() -> bool:
-    return _ENABLED
-
-
 def _is_cuda(device) -> bool:
     if isinstance(device, torch.device):
         return device.type == "cuda"

@@ -33,9 +33,6 @@ class ParallelLayout:
             raise ValueError(f"world size {world_size} is not divisible by parallel.tensor_parallel x "
                              f"parallel.pipeline_parallel = {tp} x {pp}")
 
-    def data_parallel(self, world_size: int) -> int:
-        return world_size // (self.tensor_parallel * self.pipeline_parallel)
-
 
 def _init_process_group() -> None:
     if dist.is_initialized():
