@@ -60,8 +60,12 @@ class SFDConfig:
 
 @dataclass
 class DataConfig:
-    source: str = "official"        # official: official latent shards at ``path``; demo: built-in digits
+    source: str = "shards"          # shards: sfd_scale latent shards (streaming MDS) at ``path``; official:
+                                    # official safetensors latent folder at ``path``; demo: built-in digits
     path: Optional[str] = None
+    remote: Optional[str] = None    # shards: object-store URI streamed into ``path`` (a local cache)
+    canonical_nodes: int = 8        # shards: the sample order depends on this and train.seed, not on the
+                                    # number of GPUs; keep it fixed for a run
     latent_norm: bool = True
     latent_sv_norm: bool = True
     latent_multiplier: float = 1.0
@@ -286,8 +290,10 @@ def validate(cfg: Config) -> None:
     need(0.0 <= cfg.train.ema_decay < 1.0, f"train.ema_decay must lie in [0, 1), got {cfg.train.ema_decay}")
     need(cfg.optim.lr > 0, f"optim.lr must be > 0, got {cfg.optim.lr}")
     need(cfg.optim.grad_clip >= 0, f"optim.grad_clip must be >= 0 (0 = off), got {cfg.optim.grad_clip}")
-    need(cfg.data.source in ("official", "demo"), f"data.source must be 'official' or 'demo', got {cfg.data.source!r}")
-    need(cfg.data.source != "official" or bool(cfg.data.path), "data.path is required when data.source is 'official'")
+    need(cfg.data.source in ("shards", "official", "demo"),
+         f"data.source must be 'shards', 'official' or 'demo', got {cfg.data.source!r}")
+    need(cfg.data.source == "demo" or bool(cfg.data.path), f"data.path is required when data.source is {cfg.data.source!r}")
+    need(cfg.data.canonical_nodes >= 1, f"data.canonical_nodes must be >= 1, got {cfg.data.canonical_nodes}")
     need(cfg.logging.wandb_mode in ("offline", "online", "disabled"),
          f"logging.wandb_mode must be offline, online or disabled, got {cfg.logging.wandb_mode!r}")
     need(cfg.sample.guidance != "autoguidance" or bool(cfg.sample.guide_checkpoint),

@@ -26,6 +26,8 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
+from .shards import PartWriter, composite_latent, finalize, finished_parts
+
 # Each optional block must come with its flipped twin, otherwise a flipped read would fail mid-epoch.
 _PAIRED_KEYS = ("latents", "latents_dino", "latents_sv", "feats_dino")
 _STATS_MAX_SAMPLES = 10_000  # the official class estimates stats from at most 10k samples
@@ -128,18 +130,12 @@ class OfficialLatentDataset(torch.utils.data.Dataset):
                 # official code, drop it at the end.
                 return f.get_slice(key)[row:row + 1]
 
-            feature = row_of("latents" + sfx).float()
-            if self.latent_norm:
-                feature = (feature - self.latent_mean) / self.latent_std
-            parts = [feature]
-            if "latents_dino" in keys:  # legacy block, inserted un-normalised between tex and sem
-                parts.append(row_of("latents_dino" + sfx).float())
-            if "latents_sv" in keys:
-                sv = row_of("latents_sv" + sfx).float()
-                if self.latent_sv_norm:
-                    sv = (sv - self.latent_sv_mean) / self.latent_sv_std
-                parts.append(sv)
-            feature = (torch.cat(parts, dim=1) * self.latent_multiplier).squeeze(0)
+            stats = {"latents_mean": self.latent_mean, "latents_std": self.latent_std,
+                     "latents_sv_mean": self.latent_sv_mean, "latents_sv_std": self.latent_sv_std}
+            feature = composite_latent(
+                row_of("latents" + sfx).float(), row_of("latents_sv" + sfx).float() if "latents_sv" in keys else None,
+                stats, self.latent_norm, self.latent_sv_norm, self.latent_multiplier,
+                row_of("latents_dino" + sfx).float() if "latents_dino" in keys else None).squeeze(0)
             label = row_of("labels").to(torch.int64).squeeze(0)
             if "feats_dino" in keys:
                 return feature, label, row_of("feats_dino" + sfx).float().squeeze(0)
@@ -193,3 +189,42 @@ class OfficialLatentDataset(torch.utils.data.Dataset):
         finally:
             if tmp is not None and os.path.exists(tmp):
                 os.remove(tmp)
+
+
+# ---------------------------------------------------------------------------------------------- import
+def import_official(src, dst, progress: bool = True) -> dict:
+    """Convert an official latent folder into sfd_scale latent shards at ``dst``, value-exact.
+
+    One part per official shard file, in the official (sorted) order, so global indices are unchanged;
+    stored dtypes are kept. The statistics are the folder's ``latents_stats.pt`` / ``latents_sv_stats.pt``
+    when present (the numbers the official reader uses); otherwise exact per-channel mean / unbiased std
+    over every non-flipped sample (the official class would estimate them from 10k random samples of the
+    global numpy RNG). Rerunning after a crash skips the parts already written. Returns the dataset info.
+    """
+    from tqdm.auto import tqdm
+
+    reader = OfficialLatentDataset(src, latent_norm=False, latent_sv_norm=False)  # headers only, no stats
+    stats = {}
+    for key in ("latents", "latents_sv"):
+        path = os.path.join(reader.data_dir, f"{key}_stats.pt")
+        if os.path.exists(path):
+            mean, std = reader._get_stats(key)
+            stats.update({f"{key}_mean": mean.float(), f"{key}_std": std.float()})
+    has_sv = any("latents_sv" in k for k in reader._keys)
+    if stats and ("latents_mean" not in stats or (has_sv and "latents_sv_mean" not in stats)):
+        raise FileNotFoundError(f"{src} has only some of latents_stats.pt / latents_sv_stats.pt; provide both "
+                                f"or neither (then exact statistics are computed)")
+    done = set(finished_parts(dst))
+    for k, path in enumerate(tqdm(reader.files, desc="import", unit="shard", disable=not progress)):
+        if f"part_{k:07d}" in done:
+            continue
+        with safe_open(path, framework="np") as f:
+            tensors = {key: f.get_tensor(key) for key in reader._keys[k]}
+        with PartWriter(dst, k) as writer:
+            for row in range(len(tensors["labels"])):
+                sample = {key: value[row] for key, value in tensors.items() if key != "labels"}
+                sample["label"] = int(tensors["labels"][row])
+                writer.write(sample)
+    return finalize(dst, {"source": "official latent folder", "official_dir": os.path.abspath(reader.data_dir),
+                          "stats": "copied from the official stats files" if stats else "exact over all samples"},
+                    stats=stats or None)

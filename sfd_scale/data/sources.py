@@ -1,30 +1,54 @@
 """Training data for the trainer: which latents, in what order, and how to look at samples.
 
-The order of samples (and each sample's flip) is a pure function of (seed, epoch, position), kept by
-``ResumableBatchSampler``; a restart that restores its two counters sees exactly the same batches.
+Three sources (``data.source``): ``shards`` (sfd_scale latent shards read with mosaicml-streaming, the
+one for real runs), ``official`` (the official safetensors latent folder, read in place) and ``demo``
+(scikit-learn digits). Each yields this rank's share of every global batch as a dict
+``{"latent", "label", "index"[, "repa"]}`` and can start at any training step: the batches of step k
+depend only on (train.seed, k) and, for shards, ``data.canonical_nodes`` — not on the number of ranks,
+workers or restarts. ``index`` is the sample's dataset index; the trainer keys each sample's random
+draws by it.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Iterator, List, Optional, Tuple
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Iterator, List, Optional, Tuple
 
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
 from .demo import build_demo_latents
 from .official import OfficialLatentDataset
+from .shards import LatentShardDataset, Normalization, latent_channels, read_meta
+from .streaming_cleanup import StreamingLease
+
+
+@dataclass
+class Placement:
+    """Where this process sits: its data-parallel share and the ranks that must see the same samples."""
+    global_batch: int
+    dp_rank: int = 0
+    dp_size: int = 1
+    replication: int = 1            # consecutive ranks reading the same samples (tensor x pipeline group)
+    num_workers: int = 0
+    pin_memory: bool = False
+
+    @property
+    def per_rank(self) -> int:
+        return self.global_batch // self.dp_size
 
 
 @dataclass
 class TrainingData:
-    dataset: Dataset                   # __getitem__((index, flip)) -> (latent, label[, repa_features])
     channels: int
     num_classes: Optional[int]
     decode: Optional[Callable[[torch.Tensor], torch.Tensor]]  # latents -> uint8 (B, H, W, C) images
     description: str
-    has_repa_features: bool = False
+    has_repa_features: bool
+    batches: Callable[[int, Placement], Iterable[dict]]      # (start step, placement) -> this rank's batches
+    close: Callable[[], None] = field(default=lambda: None)
 
 
+# ------------------------------------------------------------------------------------------ map-style
 class _IndexFlipView(Dataset):
     """Reads sample ``index`` with the flip chosen by the sampler (not by a hidden RNG)."""
 
@@ -34,27 +58,13 @@ class _IndexFlipView(Dataset):
     def __len__(self) -> int:
         return self._len
 
-    def __getitem__(self, key: Tuple[int, bool]):
+    def __getitem__(self, key: Tuple[int, bool]) -> dict:
         index, flip = key
-        return self._read(index, flip)
-
-
-def build_training_data(cfg) -> TrainingData:
-    """Dataset named by ``cfg.data`` (official latent shards or the built-in digits demo)."""
-    d = cfg.data
-    if d.source == "demo":
-        demo = build_demo_latents(seed=cfg.train.seed, semantic_chans=cfg.sfd.semantic_chans,
-                                  num_samples=d.demo_samples)
-        view = _IndexFlipView(lambda i, flip: (demo.latents[i], demo.labels[i]), len(demo))
-        return TrainingData(view, demo.latents.shape[1], demo.num_classes, demo.decode,
-                            f"scikit-learn digits: {len(demo)} images 16x16 -> latents {tuple(demo.latents.shape[1:])}")
-    ds = OfficialLatentDataset(d.path, latent_norm=d.latent_norm, latent_sv_norm=d.latent_sv_norm,
-                               latent_multiplier=d.latent_multiplier)
-    sample = ds.read(0, False)
-    view = _IndexFlipView(ds.read, len(ds))
-    return TrainingData(view, sample[0].shape[0], None, None,
-                        f"official latent shards at {d.path}: {len(ds)} samples, latents {tuple(sample[0].shape)}",
-                        has_repa_features=len(sample) == 3)
+        out = self._read(index, flip)
+        item = {"latent": out[0], "label": out[1], "index": torch.tensor(index, dtype=torch.int64)}
+        if len(out) > 2:
+            item["repa"] = out[2]
+        return item
 
 
 class ResumableBatchSampler:
@@ -93,3 +103,92 @@ class ResumableBatchSampler:
                 sl = slice(b * self.batch_size, (b + 1) * self.batch_size)
                 yield list(zip(order[sl].tolist(), flips[sl].tolist()))[self.share]
             epoch, batch = epoch + 1, 0
+
+
+def _map_style_batches(view: Dataset, seed: int, hflip: bool):
+    def batches(start_step: int, where: Placement) -> Iterable[dict]:
+        sampler = ResumableBatchSampler(len(view), where.global_batch, seed, hflip, start_batch=start_step,
+                                        dp_rank=where.dp_rank, dp_size=where.dp_size)
+        return DataLoader(view, batch_sampler=sampler, num_workers=where.num_workers, pin_memory=where.pin_memory,
+                          persistent_workers=where.num_workers > 0)
+    return batches
+
+
+# ------------------------------------------------------------------------------------------ shards
+class ShardBatches:
+    """This rank's batches from a ``LatentShardDataset``, from training step ``start_step`` on.
+
+    An epoch is ``epoch_size // global_batch`` steps (the tail is dropped, as with the map-style sources);
+    step k is (epoch, sample) = divmod(k, steps_per_epoch) * global batch, handed to streaming as its resume
+    state before each epoch, so a restart at step k reads exactly the remaining samples.
+    """
+
+    def __init__(self, dataset: LatentShardDataset, start_step: int, where: Placement):
+        self.ds, self.start, self.where = dataset, start_step, where
+        self.steps_per_epoch = dataset.epoch_size // where.global_batch
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"train.global_batch_size ({where.global_batch}) exceeds the dataset size "
+                             f"({dataset.epoch_size})")
+
+    def __iter__(self) -> Iterator[dict]:
+        step = self.start
+        while True:
+            epoch, b = divmod(step, self.steps_per_epoch)
+            self.ds.load_state_dict({"epoch": epoch, "sample_in_epoch": b * self.where.global_batch,
+                                     "num_canonical_nodes": self.ds.num_canonical_nodes,
+                                     "shuffle_seed": self.ds.shuffle_seed, "initial_physical_nodes": None})
+            loader = DataLoader(self.ds, batch_size=self.where.per_rank, num_workers=self.where.num_workers,
+                                pin_memory=self.where.pin_memory, drop_last=True, collate_fn=self.ds.collate)
+            for batch in loader:
+                yield batch
+                step += 1
+                if step % self.steps_per_epoch == 0:
+                    break
+
+
+def _shard_source(cfg) -> TrainingData:
+    d = cfg.data
+    meta = read_meta(d.path)
+    cols = meta["columns"]
+    opened: List[Tuple[LatentShardDataset, StreamingLease]] = []
+
+    def batches(start_step: int, where: Placement) -> Iterable[dict]:
+        lease = StreamingLease.acquire()
+        ds = LatentShardDataset(d.path, remote=d.remote, batch_size=where.per_rank, seed=cfg.train.seed,
+                                hflip=d.hflip, norm=Normalization(d.latent_norm, d.latent_sv_norm, d.latent_multiplier),
+                                repa=cfg.model.use_repa, canonical_nodes=d.canonical_nodes,
+                                replication=where.replication if where.replication > 1 else None)
+        lease.record(ds)
+        opened.append((ds, lease))
+        return ShardBatches(ds, start_step, where)
+
+    def close() -> None:
+        while opened:
+            ds, lease = opened.pop()
+            lease.release(ds)
+
+    channels = latent_channels(cols)
+    return TrainingData(channels, None, None,
+                        f"latent shards at {d.path}: {meta['num_samples']} samples, {channels} channels",
+                        has_repa_features="feats_dino" in cols, batches=batches, close=close)
+
+
+def build_training_data(cfg) -> TrainingData:
+    """Dataset named by ``cfg.data`` (latent shards, the official latent folder, or the digits demo)."""
+    d = cfg.data
+    if d.source == "shards":
+        return _shard_source(cfg)
+    if d.source == "demo":
+        demo = build_demo_latents(seed=cfg.train.seed, semantic_chans=cfg.sfd.semantic_chans,
+                                  num_samples=d.demo_samples)
+        view = _IndexFlipView(lambda i, flip: (demo.latents[i], demo.labels[i]), len(demo))
+        return TrainingData(demo.latents.shape[1], demo.num_classes, demo.decode,
+                            f"scikit-learn digits: {len(demo)} images 16x16 -> latents {tuple(demo.latents.shape[1:])}",
+                            False, _map_style_batches(view, cfg.train.seed, d.hflip))
+    ds = OfficialLatentDataset(d.path, latent_norm=d.latent_norm, latent_sv_norm=d.latent_sv_norm,
+                               latent_multiplier=d.latent_multiplier)
+    sample = ds.read(0, False)
+    view = _IndexFlipView(ds.read, len(ds))
+    return TrainingData(sample[0].shape[0], None, None,
+                        f"official latent folder {d.path}: {len(ds)} samples, latents {tuple(sample[0].shape)}",
+                        len(sample) == 3, _map_style_batches(view, cfg.train.seed, d.hflip))

@@ -3,7 +3,8 @@
     results = run_local(fn, world_size=2, args=(...))   # fn(rank, world_size, *args), at module level
 
 Each rank gets RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT, an initialised process group
-(gloo on CPU, nccl with GPUs) and a private TMPDIR; the group and megatron's parallel state are torn down
+(gloo on CPU, nccl with GPUs) and a TMPDIR private to the launch (shared by its ranks, as on a node: mosaicml-streaming's file locks
+must be common to the ranks of a node); the group and megatron's parallel state are torn down
 afterwards. A rank that fails raises here with its traceback; one that hangs past ``timeout`` is killed.
 Clusters use torchrun / srun instead; this is the same environment, made locally.
 """
@@ -29,7 +30,8 @@ def free_port() -> int:
 def _entry(rank: int, fn: Callable, world_size: int, port: int, out_dir: str, args: Sequence,
            threads: int) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), TMPDIR=os.path.join(out_dir, f"tmp{rank}"))
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), TMPDIR=os.path.join(out_dir, "tmp"),
+                      LOCAL_WORLD_SIZE=str(world_size))
     os.makedirs(os.environ["TMPDIR"], exist_ok=True)
     import torch
     import torch.distributed as dist

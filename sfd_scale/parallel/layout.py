@@ -62,7 +62,10 @@ def initialize(layout: ParallelLayout = ParallelLayout()) -> None:
     layout.check(dist.get_world_size())
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=layout.tensor_parallel, pipeline_model_parallel_size=layout.pipeline_parallel,
-        virtual_pipeline_model_parallel_size=layout.virtual_stages if layout.virtual_stages > 1 else None)
+        virtual_pipeline_model_parallel_size=layout.virtual_stages if layout.virtual_stages > 1 else None,
+        # DP outermost: the TP x PP ranks of one model replica are consecutive, which is what the
+        # streaming loader's ``replication`` (same samples for consecutive ranks) needs.
+        order="tp-pp-dp")
 
 
 def ensure_initialized() -> None:

@@ -1,10 +1,10 @@
 """The one training loop: batch -> SFD objective -> engine step -> EMA -> log -> samples -> checkpoint.
 
 One loop for every engine (plain / megatron DDP / DeepSpeed ZeRO) and layout (TP x DP); the engine
-behind ``parallel/engines.py`` differs, this file does not. Every random draw of step k (base times,
-noise, label dropout) is made for the *global* batch from a generator seeded by (train.seed, k) and then
-split over data-parallel ranks, and batch k is a pure function of (train.seed, k): a resumed run repeats
-exactly what an uninterrupted one would have done, and DP = 2 trains on exactly what DP = 1 trains on.
+behind ``parallel/engines.py`` differs, this file does not. Global batch k is a pure function of
+(train.seed, k) (``data/sources.py``) and every random draw of step k (base time, noise, label dropout)
+is keyed by (train.seed, k, sample index): a resumed run repeats exactly what an uninterrupted one would
+have done, and DP = 2 trains on exactly what DP = 1 trains on, whichever rank reads which sample.
 """
 from __future__ import annotations
 
@@ -15,14 +15,14 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 from megatron.core import parallel_state
-from torch.utils.data import DataLoader
 
 from ..config import Config, ConfigError, model_args, objective_config, sfd_spec, to_yaml
-from ..data.sources import ResumableBatchSampler, build_training_data
+from ..data.sources import Placement, build_training_data
 from ..diffusion.sfd import SFDObjective, sample_base_time
 from ..eval.generate import save_sample_grid
 from ..logging import RunLogger
@@ -46,8 +46,17 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _collate(items):
-    return tuple(torch.stack(parts) for parts in zip(*items))
+def sample_draws(seed: int, step: int, indices: torch.Tensor, shape: tuple, lognorm: bool, dropout: float):
+    """(t_base, x0, drop) for each sample, keyed by (seed, step, sample index): the same sample gets the same
+    draws at the same step on any rank of any layout."""
+    t, x0, drop = [], [], []
+    for index in indices.tolist():
+        key = np.random.SeedSequence([seed, step, index]).generate_state(1, np.uint64)[0]
+        g = torch.Generator().manual_seed(int(key) & 0x7FFF_FFFF_FFFF_FFFF)
+        t.append(sample_base_time(1, lognorm=lognorm, generator=g))
+        x0.append(torch.randn(shape, generator=g))
+        drop.append(torch.rand(1, generator=g) < dropout)
+    return torch.cat(t), torch.stack(x0), torch.cat(drop)
 
 
 class Trainer:
@@ -137,32 +146,27 @@ class Trainer:
         self.step = int(state["trainer"]["step"])
 
     # ------------------------------------------------------------------------------------------ steps
-    def loader(self) -> DataLoader:
-        """This data-parallel rank's share of every global batch (TP ranks of a group read the same)."""
-        sampler = ResumableBatchSampler(len(self.data.dataset), self.cfg.train.global_batch_size,
-                                        self.cfg.train.seed, self.cfg.data.hflip, start_batch=self.step,
-                                        dp_rank=self.dp_rank, dp_size=self.dp_size)
-        workers = self.cfg.data.num_workers if self.cfg.data.source != "demo" else 0
-        return DataLoader(self.data.dataset, batch_sampler=sampler, num_workers=workers, collate_fn=_collate,
-                          pin_memory=self.device.type == "cuda", persistent_workers=workers > 0)
+    def loader(self):
+        """This data-parallel rank's share of every global batch, from the current step on (the ranks of one
+        model replica, TP x PP, read the same samples)."""
+        where = Placement(self.cfg.train.global_batch_size, self.dp_rank, self.dp_size,
+                          replication=dist.get_world_size() // self.dp_size,
+                          num_workers=self.cfg.data.num_workers if self.cfg.data.source != "demo" else 0,
+                          pin_memory=self.device.type == "cuda")
+        return self.data.batches(self.step, where)
 
     def autocast(self):
         if self.cfg.train.precision == "bf16":
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def step_inputs(self, batch) -> tuple:
-        """(x1, y with dropped labels, t_base, x0[, repa]) for this rank: the step's draws are made for the
-        global batch from (train.seed, step) and sliced, so they do not depend on the layout."""
-        g = torch.Generator().manual_seed(self.cfg.train.seed * 1_000_003 + self.step + 1)
-        gb = self.cfg.train.global_batch_size
-        x1 = batch[0]
-        t_base = sample_base_time(gb, lognorm=self.objective.config.use_lognorm, generator=g)
-        x0 = torch.randn((gb, *x1.shape[1:]), generator=g, dtype=x1.dtype)
-        drop = torch.rand(gb, generator=g) < self.label_dropout
-        sl = slice(self.dp_rank * x1.shape[0], (self.dp_rank + 1) * x1.shape[0])
-        y = torch.where(drop[sl], torch.full_like(batch[1], self.cfg.model.num_classes), batch[1])
-        parts = [x1, y, t_base[sl], x0[sl]] + ([batch[2]] if self.cfg.model.use_repa else [])
+    def step_inputs(self, batch: dict) -> tuple:
+        """(x1, y with dropped labels, t_base, x0[, repa]) for this rank's samples (``sample_draws``)."""
+        x1 = batch["latent"]
+        t_base, x0, drop = sample_draws(self.cfg.train.seed, self.step, batch["index"], tuple(x1.shape[1:]),
+                                        self.objective.config.use_lognorm, self.label_dropout)
+        y = torch.where(drop, torch.full_like(batch["label"], self.cfg.model.num_classes), batch["label"])
+        parts = [x1, y, t_base, x0.to(x1.dtype)] + ([batch["repa"]] if self.cfg.model.use_repa else [])
         return tuple(p.to(self.device, non_blocking=True) for p in parts)
 
     def loss_fn(self, model, mb) -> torch.Tensor:
@@ -235,6 +239,7 @@ class Trainer:
                 logger.log_image(self.step, "samples", grid)
         finally:
             logger.close()
+            self.data.close()
         elapsed = time.time() - t0
         summary = {"steps": self.step, "steps_this_run": self.step - start_step, "seconds": round(elapsed, 1),
                    "params_M": round(n_params / 1e6, 3), "first_loss": first_loss, "last_loss": last.get("loss"),

@@ -1,0 +1,385 @@
+"""SemVAE training: typed config (schema <- YAML <- ``key=value``), data sources, LR schedule and the loop.
+
+Data sources: ``random`` draws synthetic (B, 768, G, G) features from a fixed seeded low-rank Gaussian (smoke
+tests, CPU demos); ``shards`` reads precomputed DINOv2 features from mosaicml-streaming MDS shards (column
+``feats_dino``, optionally ``feats_dino_flip``). Random-crop augmentation is not available on precomputed
+features (the crop happens before DINOv2); the only augmentation is the stored horizontal flip.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+from torch.optim.lr_scheduler import LambdaLR
+
+from ..config import ConfigError, _describe, _read_yaml
+from ..logging import RunLogger
+from .semvae import SemanticVAE, SemVAEArgs, feature_cosine, save_semvae, semvae_loss
+
+STATE_FILE = "semvae_state.pt"      # optimizer + scheduler + weights + data position, for exact resume
+FINAL_FILE = "semvae.safetensors"
+
+
+@dataclass
+class SemVAEDataConfig:
+    source: str = "random"          # random | shards
+    path: Optional[str] = None      # shards: MDS directory whose samples hold feats_dino (768, 16, 16)
+    eval_path: Optional[str] = None  # shards: held-out MDS directory; null = the last eval_size training samples
+    eval_size: int = 64             # samples in the fixed evaluation batch
+    hflip: bool = True              # shards: take feats_dino_flip (when stored) for a random half of the samples
+    num_workers: int = 2            # shards: DataLoader workers
+    grid_size: int = 16             # random: token grid side
+    random_rank: int = 8            # random: rank of the Gaussian's covariance (plus isotropic noise)
+    random_noise: float = 0.05      # random: std of the isotropic noise
+    random_seed: int = 0            # random: seed of the fixed distribution (independent of train.seed)
+
+
+@dataclass
+class SemVAEOptimConfig:
+    lr: float = 5e-5
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    warmup_steps: int = 500         # linear warm-up to lr
+    constant_until: int = 800_000   # constant lr until this step, then cosine decay
+    final_lr: float = 5e-6          # lr reached at total_steps
+    total_steps: int = 1_000_000
+    kl_weight: float = 1e-7
+    grad_clip: float = 0.0          # max global grad norm; 0 disables clipping
+    fused: Optional[bool] = None    # fused AdamW; None = on CUDA
+
+
+@dataclass
+class SemVAETrainSection:
+    batch_size: int = 64
+    max_steps: Optional[int] = None  # stop after this many steps; null = optim.total_steps
+    seed: int = 0
+    log_every: int = 100
+    eval_every: int = 5000          # held-out feature cosine similarity; 0 = only at the end
+    save_every: int = 50_000        # semvae_step_XXXXXXX.safetensors + semvae_state.pt; 0 = only at the end
+    output_dir: str = "runs/semvae"
+    device: str = "auto"            # auto | cpu | cuda
+    precision: str = "fp32"         # fp32 | bf16 (autocast forward; fp32 weights and loss)
+    resume: bool = True             # continue from <output_dir>/semvae_state.pt when present
+
+
+@dataclass
+class SemVAELoggingConfig:
+    wandb_mode: str = "offline"     # offline | online | disabled
+    project: str = "sfd_scale_semvae"
+    run_name: Optional[str] = None
+    progress: bool = True
+
+
+@dataclass
+class SemVAETrainConfig:
+    model: SemVAEArgs = field(default_factory=SemVAEArgs)
+    data: SemVAEDataConfig = field(default_factory=SemVAEDataConfig)
+    optim: SemVAEOptimConfig = field(default_factory=SemVAEOptimConfig)
+    train: SemVAETrainSection = field(default_factory=SemVAETrainSection)
+    logging: SemVAELoggingConfig = field(default_factory=SemVAELoggingConfig)
+
+
+def load_semvae_config(files: Sequence[str] = (), overrides: Sequence[str] = ()) -> SemVAETrainConfig:
+    """Schema defaults <- each YAML file (after its ``includes``) <- dotlist overrides; then validation."""
+    merged = OmegaConf.structured(SemVAETrainConfig)
+    layers: List = []
+    for f in files:
+        layers += _read_yaml(Path(f))
+    try:
+        layers.append(("command line", OmegaConf.from_dotlist(list(overrides))))
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"command line: {_describe(err)}") from None
+    for name, layer in layers:
+        try:
+            merged = OmegaConf.merge(merged, layer)
+        except OmegaConfBaseException as err:
+            raise ConfigError(f"{name}: {_describe(err)}") from None
+    try:
+        cfg: SemVAETrainConfig = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:
+        raise ConfigError(_describe(err)) from None
+    validate_semvae(cfg)
+    return cfg
+
+
+def validate_semvae(cfg: SemVAETrainConfig) -> None:
+    m, d, o, t = cfg.model, cfg.data, cfg.optim, cfg.train
+    checks = [
+        (m.width % m.num_heads == 0, f"model.width ({m.width}) must be divisible by model.num_heads ({m.num_heads})"),
+        (min(m.feature_dim, m.latent_channels, m.depth) > 0, "model.feature_dim, latent_channels, depth must be > 0"),
+        (d.source in ("random", "shards"), f"data.source must be 'random' or 'shards', got {d.source!r}"),
+        (d.source != "shards" or bool(d.path), "data.path is required when data.source is 'shards' (an MDS directory)"),
+        (d.eval_size > 0, f"data.eval_size must be > 0, got {d.eval_size}"),
+        (o.lr > 0 and o.final_lr >= 0, f"optim.lr must be > 0 and optim.final_lr >= 0, got {o.lr}, {o.final_lr}"),
+        (0 <= o.warmup_steps <= o.constant_until <= o.total_steps,
+         f"need 0 <= optim.warmup_steps ({o.warmup_steps}) <= optim.constant_until ({o.constant_until}) "
+         f"<= optim.total_steps ({o.total_steps})"),
+        (o.grad_clip >= 0, f"optim.grad_clip must be >= 0 (0 = off), got {o.grad_clip}"),
+        (t.batch_size > 0, f"train.batch_size must be > 0, got {t.batch_size}"),
+        (t.max_steps is None or t.max_steps >= 0, f"train.max_steps must be >= 0, got {t.max_steps}"),
+        (min(t.log_every, t.eval_every, t.save_every) >= 0, "train.log_every / eval_every / save_every must be >= 0"),
+        (t.device in ("auto", "cpu", "cuda"), f"train.device must be auto, cpu or cuda, got {t.device!r}"),
+        (t.precision in ("fp32", "bf16"), f"train.precision must be 'fp32' or 'bf16', got {t.precision!r}"),
+        (cfg.logging.wandb_mode in ("offline", "online", "disabled"),
+         f"logging.wandb_mode must be offline, online or disabled, got {cfg.logging.wandb_mode!r}"),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            raise ConfigError(msg)
+
+
+def semvae_lr(step: int, cfg: SemVAETrainConfig) -> float:
+    """LR of optimizer step ``step`` (0-based): linear warm-up, constant, then cosine down to final_lr."""
+    o = cfg.optim
+    if step < o.warmup_steps:
+        return o.lr * (step + 1) / o.warmup_steps
+    if step < o.constant_until:
+        return o.lr
+    progress = min(1.0, (step - o.constant_until) / max(1, o.total_steps - o.constant_until))
+    return o.final_lr + (o.lr - o.final_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def _generator(*key: int, device="cpu") -> torch.Generator:
+    """A generator seeded from an integer key tuple (e.g. (seed, stream, step)) through numpy's SeedSequence."""
+    seed = int(np.random.SeedSequence([int(k) for k in key]).generate_state(1, np.uint64)[0]) >> 1
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+class _Source:
+    """A feature source: ``batch(step)``, ``eval_batch()`` and the resumable position (none by default)."""
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class RandomFeatures(_Source):
+    """Per token f = mean + basis @ z + noise * eps, z ~ N(0, I_rank): a fixed low-rank Gaussian.
+
+    Batch k comes from a generator seeded by (train.seed, k), so a resumed run sees the same batches.
+    """
+
+    def __init__(self, cfg: SemVAETrainConfig):
+        d, dim = cfg.data, cfg.model.feature_dim
+        g = _generator(d.random_seed, 0)
+        self.basis = torch.randn(dim, d.random_rank, generator=g) / math.sqrt(d.random_rank)
+        self.mean = 0.5 * torch.randn(dim, generator=g)
+        self.cfg = cfg
+
+    def _draw(self, g: torch.Generator, n: int) -> torch.Tensor:
+        d, side = self.cfg.data, self.cfg.data.grid_size
+        z = torch.randn(n, d.random_rank, side, side, generator=g)
+        noise = torch.randn(n, self.basis.shape[0], side, side, generator=g)
+        return torch.einsum("dr,brhw->bdhw", self.basis, z) + self.mean[:, None, None] + d.random_noise * noise
+
+    def batch(self, step: int) -> torch.Tensor:
+        return self._draw(_generator(self.cfg.train.seed, 1, step), self.cfg.train.batch_size)
+
+    def eval_batch(self) -> torch.Tensor:
+        return self._draw(_generator(self.cfg.data.random_seed, 2), self.cfg.data.eval_size)
+
+
+def _collate(samples: list) -> dict:
+    """Stack the feature columns into float32 tensors (np.stack copies: streaming's arrays are read-only)."""
+    cols = [c for c in ("feats_dino", "feats_dino_flip") if c in samples[0]]
+    return {c: torch.from_numpy(np.stack([s[c] for s in samples]).astype(np.float32)) for c in cols}
+
+
+class ShardFeatures(_Source):
+    """Precomputed DINOv2 features from MDS shards, shuffled by streaming with shuffle_seed = train.seed."""
+
+    def __init__(self, cfg: SemVAETrainConfig):
+        from streaming import StreamingDataLoader, StreamingDataset
+
+        from .streaming_cleanup import StreamingLease
+
+        d, bs = cfg.data, cfg.train.batch_size
+        for p in filter(None, (d.path, d.eval_path)):
+            if not (Path(p) / "index.json").is_file():
+                raise ConfigError(f"data.path / data.eval_path: no MDS index.json in {p}")
+        self.cfg, self.iterator = cfg, None
+        self.lease = StreamingLease.acquire()  # reclaims what a killed run left in /dev/shm
+        self.dataset = StreamingDataset(local=d.path, shuffle=True, shuffle_seed=cfg.train.seed, batch_size=bs)
+        self.lease.record(self.dataset)
+        self.loader = StreamingDataLoader(self.dataset, batch_size=bs, num_workers=d.num_workers,
+                                          collate_fn=_collate, drop_last=True)
+        self.eval_dataset = StreamingDataset(local=d.eval_path, shuffle=False) if d.eval_path else self.dataset
+
+    def _check(self, feats: torch.Tensor, where: str) -> torch.Tensor:
+        want = (self.cfg.model.feature_dim, self.cfg.data.grid_size, self.cfg.data.grid_size)
+        if tuple(feats.shape[1:]) != want:
+            raise ValueError(f"{where}: column 'feats_dino' holds {tuple(feats.shape[1:])}, expected {want}")
+        return feats
+
+    def batch(self, step: int) -> torch.Tensor:
+        for _ in range(2):  # a fresh epoch when the previous one is exhausted
+            if self.iterator is None:
+                self.iterator = iter(self.loader)
+            try:
+                b = next(self.iterator)
+                break
+            except StopIteration:
+                self.iterator = None
+        else:
+            raise ValueError(f"data.path {self.cfg.data.path}: fewer samples than train.batch_size")
+        feats = self._check(b["feats_dino"], str(self.cfg.data.path))
+        if self.cfg.data.hflip and "feats_dino_flip" in b:
+            flip = torch.rand(len(feats), generator=_generator(self.cfg.train.seed, 3, step)) < 0.5
+            feats = torch.where(flip[:, None, None, None], b["feats_dino_flip"], feats)
+        return feats
+
+    def eval_batch(self) -> torch.Tensor:
+        ds = self.eval_dataset
+        n = min(self.cfg.data.eval_size, ds.num_samples)
+        idx = range(n) if ds is not self.dataset else range(ds.num_samples - n, ds.num_samples)
+        return self._check(_collate([ds[i] for i in idx])["feats_dino"], "evaluation shards")
+
+    def state_dict(self) -> dict:
+        return {"loader": self.loader.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:  # streaming's own resumption (continues the sample stream)
+        if state.get("loader"):
+            self.loader.load_state_dict(state["loader"])
+
+    def close(self) -> None:
+        self.iterator = None
+        self.lease.release(self.dataset)
+        del self.loader, self.dataset, self.eval_dataset
+
+
+def _evaluate(model: SemanticVAE, feats: torch.Tensor, autocast) -> dict:
+    """Reconstruction of the fixed evaluation batch through the posterior mean."""
+    model.eval()
+    with torch.no_grad(), autocast():
+        rec = model.decode(model.encode(feats).mean)
+    model.train()
+    return {"eval/feature_cos": feature_cosine(feats, rec).item(),
+            "eval/mse": (rec.float() - feats.float()).pow(2).mean().item()}
+
+
+def _atomic_torch_save(obj, path: Path) -> None:
+    tmp = path.with_name(f".tmp_{path.name}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def train_semvae(cfg: SemVAETrainConfig) -> dict:
+    """Train (or continue training) a SemVAE; returns the run summary (see ``semvae_summary_text``)."""
+    validate_semvae(cfg)
+    o, t, args = cfg.optim, cfg.train, cfg.model
+    device = torch.device("cuda" if t.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if t.device == "auto" else t.device)
+    out = Path(t.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "semvae_config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+    with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's RNG
+        torch.manual_seed(t.seed)
+        model = SemanticVAE(args).to(device)
+    fused = o.fused if o.fused is not None else device.type == "cuda"
+    opt = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
+                            weight_decay=o.weight_decay, fused=fused)
+    sched = LambdaLR(opt, lambda s: semvae_lr(s, cfg) / o.lr)
+    max_steps = o.total_steps if t.max_steps is None else t.max_steps
+    step, start_step, first_loss, state_path, state = 0, 0, None, out / STATE_FILE, None
+    if t.resume and state_path.is_file():
+        state = torch.load(state_path, map_location=device, weights_only=True)
+        if state["model_args"] != asdict(args):
+            raise ConfigError(f"{state_path} was saved for model {state['model_args']}, the config has "
+                              f"{asdict(args)}: set train.output_dir elsewhere or train.resume=false")
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        step = start_step = state["step"]
+    source = ShardFeatures(cfg) if cfg.data.source == "shards" else RandomFeatures(cfg)
+    amp = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=t.precision == "bf16")  # noqa: E731
+    params_m = sum(p.numel() for p in model.parameters()) / 1e6
+    history, metrics, last_loss, ckpt, logger = [], {}, None, None, None
+    loss_sum, window, t_start, t_window = torch.zeros((), device=device), 0, time.time(), time.time()
+
+    def save_state():
+        _atomic_torch_save({"step": step, "model_args": asdict(args), "model": model.state_dict(),
+                            "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                            "data": source.state_dict()}, state_path)
+
+    try:
+        source.load_state_dict(state["data"] if state else {})
+        eval_feats = source.eval_batch().to(device)
+        logger = RunLogger(str(out), cfg.logging.wandb_mode, cfg.logging.project, cfg.logging.run_name,
+                           OmegaConf.to_container(OmegaConf.structured(cfg)), max_steps, step, cfg.logging.progress)
+        model.train()
+        while step < max_steps:
+            feats = source.batch(step).to(device, non_blocking=True)
+            with amp():
+                rec, posterior = model(feats, generator=_generator(t.seed, 2, step, device=device))
+            terms = semvae_loss(feats, rec, posterior, o.kl_weight)
+            opt.zero_grad(set_to_none=True)
+            terms["total"].backward()
+            if o.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
+            lr = opt.param_groups[0]["lr"]
+            opt.step()
+            sched.step()
+            step += 1
+            loss_sum += terms["total"].detach()
+            window += 1
+            evaluated = step == max_steps or (t.eval_every and step % t.eval_every == 0)
+            metrics = _evaluate(model, eval_feats, amp) if evaluated else metrics
+            if evaluated or step == start_step + 1 or (t.log_every and step % t.log_every == 0):
+                last_loss = terms["total"].item()
+                first_loss = last_loss if first_loss is None else first_loss
+                history.append((step, last_loss))
+                now = time.time()
+                logger.log(step, {"loss": last_loss, "loss_avg": loss_sum.item() / window, "lr": lr,
+                                  "steps/s": window / max(now - t_window, 1e-9),
+                                  **{f"loss/{k}": v.item() for k, v in terms.items() if k != "total"},
+                                  **(metrics if evaluated else {})})
+                loss_sum.zero_()
+                window, t_window = 0, now
+            if evaluated:
+                logger.write(f"step {step}: held-out feature cosine similarity {metrics['eval/feature_cos']:.4f}, "
+                             f"mse {metrics['eval/mse']:.4g}")
+            if t.save_every and step % t.save_every == 0 and step < max_steps:
+                save_semvae(out / f"semvae_step_{step:07d}.safetensors", model, args,
+                            {"step": step, "loss": last_loss, **metrics})
+                save_state()
+            logger.advance()
+        if step > start_step or not (out / FINAL_FILE).is_file():
+            metrics = metrics or _evaluate(model, eval_feats, amp)
+            extra = {"step": step, "loss": last_loss, **metrics}
+            save_semvae(out / f"semvae_step_{step:07d}.safetensors", model, args, extra)
+            ckpt = save_semvae(out / FINAL_FILE, model, args, extra)
+            save_state()
+    finally:
+        if logger is not None:
+            logger.close()
+        source.close()
+    return {"steps": step, "steps_this_run": step - start_step, "seconds": time.time() - t_start,
+            "first_loss": first_loss, "last_loss": last_loss, "feature_cos": metrics.get("eval/feature_cos"),
+            "params_M": params_m, "checkpoint": str(ckpt or out / FINAL_FILE), "loss_history": history}
+
+
+def semvae_summary_text(summary: dict, cfg: SemVAETrainConfig) -> str:
+    """One paragraph for the end of a run."""
+    m = cfg.model
+    loss = (f"loss {summary['first_loss']:.4f} -> {summary['last_loss']:.4f}"
+            if summary["first_loss"] is not None else "no new steps")
+    cos = "n/a" if summary["feature_cos"] is None else f"{summary['feature_cos']:.4f}"
+    return (f"Trained the SemVAE ({summary['params_M']:.2f}M params: width {m.width}, depth {m.depth}, "
+            f"{m.feature_dim} -> {m.latent_channels} channels) on {cfg.data.source} features for "
+            f"{summary['steps_this_run']} steps (total {summary['steps']}) in {summary['seconds']:.1f}s; {loss}; "
+            f"held-out feature cosine similarity {cos}. Checkpoint: {summary['checkpoint']}.")

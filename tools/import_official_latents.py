@@ -1,0 +1,32 @@
+"""Convert an official SFD latent folder (``*.safetensors`` shards + ``*_stats.pt``) into sfd_scale latent
+shards, value-exact: ``python tools/import_official_latents.py OFFICIAL_DIR OUT_DIR``.
+
+Train on the result with ``data.source=shards data.path=OUT_DIR``. Rerunning after an interruption
+continues where it stopped.
+"""
+import argparse
+import sys
+import time
+
+from sfd_scale.data.official import import_official
+from sfd_scale.data.shards import ShardFormatError
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("src", help="official latent folder")
+    parser.add_argument("dst", help="output folder for the sfd_scale shards")
+    args = parser.parse_args(argv)
+    t0 = time.time()
+    try:
+        info = import_official(args.src, args.dst)
+    except (FileNotFoundError, KeyError, ValueError, ShardFormatError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"Imported {info['num_samples']} samples from {args.src} into {info['parts']} parts at {args.dst} in "
+          f"{time.time() - t0:.1f}s; columns {', '.join(sorted(info['columns']))}; statistics {info['stats']}.")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
