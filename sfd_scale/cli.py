@@ -5,7 +5,7 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from .config import Config, ConfigError, load_config
+from .config import ConfigError, load_config
 
 
 def config_parser(description: str) -> argparse.ArgumentParser:

@@ -177,9 +177,10 @@ def _read_yaml(path: Path, seen: tuple = ()) -> list:
     return layers + [(str(path), layer)]
 
 
-def load_config(files: Sequence[str] = (), overrides: Sequence[str] = ()) -> Config:
-    """Schema defaults <- each YAML file (after its ``includes``) <- dotlist overrides; then ``validate``."""
-    merged = OmegaConf.structured(Config)
+def load_structured(schema, files: Sequence[str] = (), overrides: Sequence[str] = ()):
+    """A ``schema`` dataclass instance: its defaults <- each YAML file (after its ``includes``) <- dotlist
+    overrides. Errors name the file and the key. Shared by every typed config (run, extraction, SemVAE)."""
+    merged = OmegaConf.structured(schema)
     layers: List = []
     for f in files:
         layers += _read_yaml(Path(f))
@@ -193,9 +194,14 @@ def load_config(files: Sequence[str] = (), overrides: Sequence[str] = ()) -> Con
         except OmegaConfBaseException as err:
             raise ConfigError(f"{name}: {_describe(err)}") from None
     try:
-        cfg: Config = OmegaConf.to_object(merged)
+        return OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
         raise ConfigError(_describe(err)) from None
+
+
+def load_config(files: Sequence[str] = (), overrides: Sequence[str] = ()) -> Config:
+    """Schema defaults <- each YAML file (after its ``includes``) <- dotlist overrides; then ``validate``."""
+    cfg: Config = load_structured(Config, files, overrides)
     validate(cfg)
     return cfg
 

@@ -12,15 +12,14 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
 from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 from torch.optim.lr_scheduler import LambdaLR
 
-from ..config import ConfigError, _describe, _read_yaml
+from ..config import ConfigError, LoggingConfig, load_structured
 from ..logging import RunLogger
 from .semvae import SemanticVAE, SemVAEArgs, feature_cosine, save_semvae, semvae_loss
 
@@ -73,41 +72,17 @@ class SemVAETrainSection:
 
 
 @dataclass
-class SemVAELoggingConfig:
-    wandb_mode: str = "offline"     # offline | online | disabled
-    project: str = "sfd_scale_semvae"
-    run_name: Optional[str] = None
-    progress: bool = True
-
-
-@dataclass
 class SemVAETrainConfig:
     model: SemVAEArgs = field(default_factory=SemVAEArgs)
     data: SemVAEDataConfig = field(default_factory=SemVAEDataConfig)
     optim: SemVAEOptimConfig = field(default_factory=SemVAEOptimConfig)
     train: SemVAETrainSection = field(default_factory=SemVAETrainSection)
-    logging: SemVAELoggingConfig = field(default_factory=SemVAELoggingConfig)
+    logging: LoggingConfig = field(default_factory=lambda: LoggingConfig(project="sfd_scale_semvae"))
 
 
 def load_semvae_config(files: Sequence[str] = (), overrides: Sequence[str] = ()) -> SemVAETrainConfig:
     """Schema defaults <- each YAML file (after its ``includes``) <- dotlist overrides; then validation."""
-    merged = OmegaConf.structured(SemVAETrainConfig)
-    layers: List = []
-    for f in files:
-        layers += _read_yaml(Path(f))
-    try:
-        layers.append(("command line", OmegaConf.from_dotlist(list(overrides))))
-    except OmegaConfBaseException as err:
-        raise ConfigError(f"command line: {_describe(err)}") from None
-    for name, layer in layers:
-        try:
-            merged = OmegaConf.merge(merged, layer)
-        except OmegaConfBaseException as err:
-            raise ConfigError(f"{name}: {_describe(err)}") from None
-    try:
-        cfg: SemVAETrainConfig = OmegaConf.to_object(merged)
-    except OmegaConfBaseException as err:
-        raise ConfigError(_describe(err)) from None
+    cfg: SemVAETrainConfig = load_structured(SemVAETrainConfig, files, overrides)
     validate_semvae(cfg)
     return cfg
 

@@ -1,7 +1,6 @@
 """Semantic VAE: model shapes and size, loss, checkpoint file, config, training loop, resume, MDS shards."""
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -158,19 +157,6 @@ def test_resume_is_bit_identical(tmp_path):
     assert straight["last_loss"] == resumed["last_loss"]
     with pytest.raises(ConfigError, match="semvae_state.pt"):  # same directory, different model
         train_semvae(tiny_cfg(tmp_path / "b", "train.max_steps=13", "model.depth=2", *common))
-
-
-@pytest.fixture
-def streaming_tmp(tmp_path, monkeypatch):
-    """Streaming keeps per-process state under TMPDIR and in shared memory: isolate it, clean up after."""
-    from streaming.base.util import clean_stale_shared_memory
-
-    tmp = tmp_path / "streaming_tmp"
-    tmp.mkdir()
-    monkeypatch.setenv("TMPDIR", str(tmp))
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
-    yield tmp
-    clean_stale_shared_memory()
 
 
 def test_shards_source(tmp_path, streaming_tmp):

@@ -20,21 +20,12 @@ from safetensors.torch import load_file
 from sfd_scale.data import shards
 from sfd_scale.data.official import OfficialLatentDataset, import_official
 from sfd_scale.data.shards import LatentShardDataset, Normalization, PartWriter, ShardFormatError, finalize
-from sfd_scale.data.streaming_cleanup import StreamingLease, reclaim_stale
+from sfd_scale.data.streaming_cleanup import reclaim_stale
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(autouse=True)
-def private_tmp(tmp_path, monkeypatch):
-    """streaming puts file locks in the temp dir: give each test its own."""
-    import tempfile
-
-    tmp = tmp_path / "tmp"
-    tmp.mkdir()
-    monkeypatch.setenv("TMPDIR", str(tmp))
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
-    yield tmp
+pytestmark = pytest.mark.usefixtures("streaming_tmp")
 
 
 def _open(root, **kw) -> LatentShardDataset:
@@ -122,7 +113,7 @@ def test_flip_is_seeded_per_epoch_and_sample(tmp_path):
         ds._epoch = epoch
         for i in (0, 7, 39):
             flip = shards.flip_choice(3, epoch, i)
-            assert float(ds[i]["latent"][0, 0, 0]) == (-i if flip else i)
+            assert float(ds[i]["latents"][0, 0, 0]) == (-i if flip else i)  # raw; collate normalises
     flips = [shards.flip_choice(3, 0, i) for i in range(400)]
     assert 150 < sum(flips) < 250 and flips != [shards.flip_choice(4, 0, i) for i in range(400)]
 
@@ -178,23 +169,23 @@ def _start(root, mode):
     return proc, int(proc.stdout.readline())
 
 
-def test_no_leftovers_after_normal_exit(tmp_path, private_tmp):
+def test_no_leftovers_after_normal_exit(tmp_path, streaming_tmp):
     write_toy_shards(tmp_path / "s")
     proc, prefix = _start(tmp_path / "s", "normal")
     assert proc.wait(timeout=60) == 0
-    assert _leftovers(private_tmp, prefix) == []
+    assert _leftovers(streaming_tmp, prefix) == []
 
 
-def test_killed_process_group_is_reclaimed(tmp_path, private_tmp):
+def test_killed_process_group_is_reclaimed(tmp_path, streaming_tmp):
     write_toy_shards(tmp_path / "s")
     proc, prefix = _start(tmp_path / "s", "crash")
     os.killpg(proc.pid, signal.SIGKILL)  # the whole group: loader worker and resource tracker too
     proc.wait()
     time.sleep(0.5)
-    assert _leftovers(private_tmp, prefix), "expected the killed run to leak (else this test proves nothing)"
+    assert _leftovers(streaming_tmp, prefix), "expected the killed run to leak (else this test proves nothing)"
     # the next run on this node reclaims them before opening its dataset ...
     removed = reclaim_stale()
-    assert _leftovers(private_tmp, prefix) == [] and removed
+    assert _leftovers(streaming_tmp, prefix) == [] and removed
     # ... and can open the same local directory again (a leaked 'locals' segment would refuse it)
     ds = _open(tmp_path / "s", norm=Normalization(False, False, 1.0))
     assert len(list(torch.utils.data.DataLoader(ds, batch_size=4))) == 10

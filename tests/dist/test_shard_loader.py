@@ -3,10 +3,7 @@ the same global batches on 1 or 2 data-parallel ranks, equal batches inside a mo
 mid-epoch resume — and the trainer on shards gives the same model on DP = 2 as on one process."""
 from __future__ import annotations
 
-import os
-from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 

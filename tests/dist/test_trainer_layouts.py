@@ -1,5 +1,4 @@
 """The one trainer loop under other layouts: DP = 2 and TP = 2 train what one process trains."""
-import torch
 
 from tests.dist.harness import run_ranks
 from tests.train.test_trainer import tiny_config

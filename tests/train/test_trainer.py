@@ -1,5 +1,4 @@
 """Single-process trainer: it trains, checkpoints, samples, and resumes exactly."""
-import json
 
 import pytest
 import torch

@@ -1,0 +1,381 @@
+"""Latent extraction: images -> DALI decode + ADM center crop -> composite encoders -> MDS latent shards.
+
+The sorted input list (ImageFolder order, or a list file's order) is cut into chunks of ``chunk_size`` items;
+chunk ``k`` becomes part ``k`` (``shards.PartWriter``: a part appears only when complete). Rank ``r`` of
+``WORLD_SIZE`` (env ``RANK``/``WORLD_SIZE``; no process group) takes the chunks with ``k % world == r`` whose part
+is not finished yet, so a restart redoes only unfinished chunks. Posterior noise comes from one generator per
+(seed, source index, flip): the dataset does not depend on batch size, rank count or restarts.
+
+Finalizing (merged index, statistics, ``sfd_dataset.json``) needs no coordination: every rank checks after its
+own chunks whether all parts exist, and the one that sees them all takes ``.finalize.lock`` (``O_CREAT|O_EXCL``;
+removed afterwards, ignored after ``LOCK_STALE_S``). Since each rank checks after writing its last part, the
+last rank to finish always sees every part. ``--finalize-only`` runs just that step (taking over a lock left
+by a finalizer that died). Temporary part directories of killed writers are removed before their chunk is
+redone and when finalizing.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from ..config import ConfigError, load_structured
+from . import shards
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+CONFIG_FILE, LOCK_FILE, LOCK_STALE_S = "extract_config.json", ".finalize.lock", 600.0
+PAUSE_ENV = "SFD_EXTRACT_PAUSE_AFTER_PART"  # tests: seconds to sleep after each finished part
+
+
+@dataclass
+class ExtractConfig:
+    input: Optional[str] = None         # class-folder tree, or the root that input_list paths are relative to
+    input_list: Optional[str] = None    # text file: "relative/path.jpg label" per line (file order is kept)
+    output: Optional[str] = None        # dataset root (part_*/, index.json, stats, sfd_dataset.json)
+    resolution: int = 256               # ADM center-crop size; latents are resolution/16 square
+    chunk_size: int = 1000              # input items per part
+    batch_size: int = 64                # images per encoder call (each also encoded flipped)
+    num_threads: int = 4                # DALI decode threads
+    device: str = "auto"                # auto | cpu | cuda (cuda: GPU JPEG decode + encoders)
+    seed: int = 0                       # posterior noise: generator per (seed, source_index, flip)
+    features: bool = True               # also store DINOv2 features (REPA targets), float16
+    texture_vae: Optional[str] = None   # LDM .ckpt/.pt/.safetensors or diffusers directory
+    texture_mode: str = "sample"        # sample | mean (texture posterior)
+    dino: Optional[str] = None          # DINOv2 ViT-B/14-reg4 weights (timm or torch-hub layout)
+    semvae: Optional[str] = None        # Semantic VAE checkpoint (save_semvae)
+    random_init: bool = False           # tiny random encoders (demos/tests); weight paths ignored
+    bf16: bool = False                  # bf16 autocast for the encoders (GPU only)
+    dino_antialias: bool = True         # antialiased bicubic resize of the crop to the DINOv2 input size
+    progress: bool = True
+
+
+def load_extract_config(files: Sequence[str] = (), overrides: Sequence[str] = ()) -> ExtractConfig:
+    """Schema defaults <- YAML files (with ``includes``) <- ``key=value`` overrides; errors name the key."""
+    cfg: ExtractConfig = load_structured(ExtractConfig, files, overrides)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: ExtractConfig) -> None:
+    """Values and the existence of every input, before anything is written."""
+    def need(ok, msg):
+        if not ok:
+            raise ConfigError(msg)
+    need(cfg.input is not None, "input is required (image folder, or the root of input_list paths)")
+    need(cfg.output is not None, "output is required (dataset directory)")
+    need(cfg.resolution > 0 and cfg.resolution % 16 == 0, f"resolution must be a multiple of 16, got {cfg.resolution}")
+    for key in ("chunk_size", "batch_size", "num_threads"):
+        need(getattr(cfg, key) > 0, f"{key} must be > 0, got {getattr(cfg, key)}")
+    need(cfg.device in ("auto", "cpu", "cuda"), f"device must be auto, cpu or cuda, got {cfg.device!r}")
+    need(cfg.texture_mode in ("sample", "mean"), f"texture_mode must be sample or mean, got {cfg.texture_mode!r}")
+    need(cfg.device != "cuda" or torch.cuda.is_available(), "device is 'cuda' but no CUDA device is available")
+    need(Path(cfg.input).is_dir(), f"input folder not found: {cfg.input}")
+    need(cfg.input_list is None or Path(cfg.input_list).is_file(), f"input_list file not found: {cfg.input_list}")
+    if not cfg.random_init:
+        for key in ("texture_vae", "dino", "semvae"):
+            if key == "semvae" and cfg.semvae is None:  # first pass: features to train the Semantic VAE on
+                need(cfg.features, "semvae weights path is required (or features=true for a first pass without "
+                                   "semantic latents, whose DINOv2 features train the Semantic VAE)")
+                continue
+            need(getattr(cfg, key) is not None, f"{key} weights path is required (or set random_init=true)")
+            need(Path(getattr(cfg, key)).exists(), f"{key} weights not found: {getattr(cfg, key)}")
+
+
+# ----------------------------------------------------------------------------------------------- inputs
+@dataclass
+class Inputs:
+    files: List[str]     # absolute paths, in dataset order (position = source_index)
+    labels: List[int]
+    classes: List[str]
+
+    def digest(self) -> str:
+        h = hashlib.sha256()
+        for f, y in zip(self.files, self.labels):
+            h.update(f"{f}\t{y}\n".encode())
+        return h.hexdigest()
+
+
+def list_inputs(root, input_list: Optional[str] = None) -> Inputs:
+    """ImageFolder order (classes sorted, label = class index, files sorted within a class) or a list file's
+    lines ``relative/path label`` in file order. Raises ConfigError for empty inputs and bad lines."""
+    root = Path(root).resolve()
+    files, labels = [], []
+    if input_list is not None:
+        for n, line in enumerate(Path(input_list).read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            parts = line.rsplit(None, 1)
+            if len(parts) != 2 or not parts[1].isdigit():
+                raise ConfigError(f"{input_list}:{n}: expected 'relative/path label', got {line!r}")
+            path = root / parts[0].strip()
+            if not path.is_file():
+                raise ConfigError(f"{input_list}:{n}: image not found: {path}")
+            files.append(str(path))
+            labels.append(int(parts[1]))
+        classes = [str(c) for c in sorted(set(labels))]
+    else:
+        classes = sorted(d.name for d in root.iterdir() if d.is_dir())
+        for label, name in enumerate(classes):
+            for dirpath, _, fnames in sorted(os.walk(root / name, followlinks=True)):
+                for fname in sorted(fnames):
+                    if fname.lower().endswith(IMAGE_EXTENSIONS):
+                        files.append(os.path.join(dirpath, fname))
+                        labels.append(label)
+    if not files:
+        raise ConfigError(f"no images found under {root}" + (f" (list {input_list})" if input_list else
+                          " (expected one sub-folder per class)"))
+    return Inputs(files, labels, classes)
+
+
+# ----------------------------------------------------------------------------------------------- decode + crop
+def crop_batches(files: Sequence[str], resolution: int, batch_size: int, num_threads: int = 2,
+                 device: str = "cpu") -> Iterator[Tuple[torch.Tensor, List[int]]]:
+    """(uint8 crops (B, resolution, resolution, 3) on ``device``, positions in ``files``) in file order.
+
+    DALI decodes (GPU ``mixed`` decoding when ``device`` is CUDA), resizes the short side to ``resolution``
+    with antialiased cubic interpolation and center-crops (offset floor((size - resolution) / 2)). This is the
+    DALI equivalent of ADM's PIL ``center_crop_arr`` (box halvings + bicubic + center crop), not bit-identical."""
+    import nvidia.dali.fn as fn
+    import nvidia.dali.types as types
+    from nvidia.dali import pipeline_def
+    from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+
+    gpu = torch.device(device).type == "cuda"
+
+    @pipeline_def
+    def pipe():
+        data, pos = fn.readers.file(files=list(files), labels=list(range(len(files))), random_shuffle=False,
+                                    name="Reader")
+        img = fn.decoders.image(data, device="mixed" if gpu else "cpu", output_type=types.RGB)
+        img = fn.resize(img, resize_shorter=resolution, interp_type=types.INTERP_CUBIC, antialias=True)
+        return fn.crop(img, crop=(resolution, resolution), crop_pos_x=0.5, crop_pos_y=0.5, rounding="truncate"), pos
+
+    device_id = (torch.device(device).index or 0) if gpu else None
+    it = DALIGenericIterator(pipe(batch_size=batch_size, num_threads=num_threads, device_id=device_id,
+                                  seed=0), ["images", "pos"], reader_name="Reader",
+                             last_batch_policy=LastBatchPolicy.PARTIAL)
+    expected = 0
+    for out in it:
+        pos = out[0]["pos"].view(-1).tolist()
+        if pos != list(range(expected, expected + len(pos))):
+            raise RuntimeError(f"DALI returned files out of order: {pos}")
+        expected += len(pos)
+        yield out[0]["images"], pos
+    if expected != len(files):
+        raise RuntimeError(f"DALI returned {expected} of {len(files)} images")
+
+
+def load_crops(files: Sequence[str], resolution: int, batch_size: int = 16, device: str = "cpu") -> torch.Tensor:
+    """All crops of ``files`` as one uint8 (N, resolution, resolution, 3) tensor (what extraction encodes)."""
+    return torch.cat([b.clone() for b, _ in crop_batches(files, resolution, batch_size, device=device)])
+
+
+# ----------------------------------------------------------------------------------------------- encoding
+def encode_samples(encoder, crops: torch.Tensor, indices: Sequence[int], labels: Sequence[int], seed: int,
+                   features: bool, bf16: bool = False) -> List[dict]:
+    """Shard samples for a batch of crops: the crops and their mirror images go through the encoders in one
+    batch of 2B (the image first, then the flips), each with its own (seed, index, flip) generator."""
+    from .encoders import image_generators
+    x = torch.cat([crops, crops.flip(2)])  # NHWC: dim 2 is the width
+    gens = image_generators(seed, indices, False) + image_generators(seed, indices, True)
+    device = next(encoder.parameters()).device
+    with torch.no_grad(), torch.autocast(device.type, torch.bfloat16, enabled=bf16 and device.type == "cuda"):
+        out = encoder.encode(x, with_features=features, generator=gens)
+    out = {k: v.float().cpu() for k, v in out.items()}
+    b, samples = len(indices), []
+    for i, (src, label) in enumerate(zip(indices, labels)):
+        s = {"latents": out["latents"][i].numpy(), "latents_flip": out["latents"][b + i].numpy()}
+        if "latents_sv" in out:
+            s["latents_sv"], s["latents_sv_flip"] = out["latents_sv"][i].numpy(), out["latents_sv"][b + i].numpy()
+        if features:
+            s["feats_dino"] = out["feats_dino"][i].half().numpy()
+            s["feats_dino_flip"] = out["feats_dino"][b + i].half().numpy()
+        s["label"] = int(label)
+        s["source_index"] = np.array([src], dtype=np.int64)
+        samples.append(s)
+    return samples
+
+
+def build_encoder(cfg: ExtractConfig, device: str):
+    from .encoders import CompositeEncoder
+    if cfg.random_init:  # fixed weights (seed 0): ``seed`` only drives the posterior noise
+        enc = CompositeEncoder.random_init(0, device=device, texture_mode=cfg.texture_mode)
+    else:
+        enc = CompositeEncoder.from_paths(cfg.texture_vae, cfg.dino, cfg.semvae, device=device,
+                                          texture_mode=cfg.texture_mode)
+    enc.dino.antialias = cfg.dino_antialias
+    return enc
+
+
+def resolve_device(cfg: ExtractConfig) -> str:
+    if cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available()):
+        return "cpu"
+    return f"cuda:{int(os.environ.get('LOCAL_RANK', 0)) % torch.cuda.device_count()}"
+
+
+def rank_world() -> Tuple[int, int]:
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if world < 1 or not 0 <= rank < world:
+        raise ConfigError(f"need 0 <= RANK < WORLD_SIZE, got RANK={rank} WORLD_SIZE={world}")
+    return rank, world
+
+
+# ----------------------------------------------------------------------------------------------- bookkeeping
+def provenance(cfg: ExtractConfig, inputs: Inputs) -> dict:
+    """What determines the dataset's contents; a resumed or concurrent rank must agree on all of it."""
+    weights = {k: None if cfg.random_init or getattr(cfg, k) is None else str(Path(getattr(cfg, k)).resolve())
+               for k in ("texture_vae", "dino", "semvae")}
+    return {"num_items": len(inputs.files), "inputs_sha256": inputs.digest(), "resolution": cfg.resolution,
+            "chunk_size": cfg.chunk_size, "seed": cfg.seed, "features": cfg.features, "bf16": cfg.bf16,
+            "texture_mode": cfg.texture_mode, "dino_antialias": cfg.dino_antialias, "random_init": cfg.random_init,
+            "weights": weights}
+
+
+def claim_output(root: Path, prov: dict) -> None:
+    """Write ``extract_config.json`` once (atomically, first writer wins) or check that it matches."""
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / CONFIG_FILE
+    if not path.exists():
+        tmp = root / f".tmp_{CONFIG_FILE}_{os.getpid()}"
+        tmp.write_text(json.dumps(prov, indent=2, sort_keys=True))
+        try:
+            os.link(tmp, path)  # fails if another rank was first
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink()
+    old = json.loads(path.read_text())
+    diff = sorted(k for k in set(old) | set(prov) if old.get(k) != prov.get(k))
+    if diff:
+        raise ConfigError(f"{path}: this output was started with different settings ({', '.join(diff)}: "
+                          f"{[old.get(k) for k in diff]} != {[prov.get(k) for k in diff]}); use a new output")
+
+
+def chunk_range(k: int, chunk: int, n: int) -> range:
+    return range(k * chunk, min((k + 1) * chunk, n))
+
+
+def remove_stale_tmp(root: Path, chunk: Optional[int] = None) -> None:
+    """Temporary part directories left by killed writers (all of them, or those of one chunk)."""
+    d = shards.parts_dir(root)
+    prefix = f".tmp_{shards.part_name(chunk)}_" if chunk is not None else ".tmp_part_"
+    if d.is_dir():
+        for p in d.iterdir():
+            if p.name.startswith(prefix):
+                shutil.rmtree(p, ignore_errors=True)
+
+
+def try_finalize(cfg: ExtractConfig, inputs: Inputs, n_chunks: int, force: bool = False,
+                 refresh: bool = False) -> Optional[dict]:
+    """Finalize when every part exists and no other rank holds the lock; returns the dataset info or None.
+    An already finalized dataset is finalized again only with ``refresh`` (parts were rewritten) or ``force``
+    (``--finalize-only``, which also takes over a leftover lock)."""
+    root = Path(cfg.output)
+    done = set(shards.finished_parts(root))
+    missing = [k for k in range(n_chunks) if shards.part_name(k) not in done]
+    if missing:
+        if force:
+            raise ConfigError(f"cannot finalize {root}: {len(missing)} of {n_chunks} parts missing "
+                              f"(first: {shards.part_name(missing[0])})")
+        return None
+    if (root / shards.META_FILE).is_file() and not (force or refresh):
+        return json.loads((root / shards.META_FILE).read_text())
+    lock = root / LOCK_FILE
+    if lock.exists() and (force or time.time() - lock.stat().st_mtime > LOCK_STALE_S):
+        lock.unlink(missing_ok=True)  # a finalizer that died; finalizing takes seconds
+    try:
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return None  # another rank is finalizing
+    try:
+        os.write(fd, f"{os.uname().nodename} {os.getpid()}\n".encode())
+        os.close(fd)
+        remove_stale_tmp(root)
+        meta = {"source": "sfd_scale.data.extract", "classes": inputs.classes, "num_classes": len(inputs.classes),
+                "input": str(Path(cfg.input).resolve()), "input_list": cfg.input_list,
+                "extraction": json.loads((root / CONFIG_FILE).read_text())}
+        return shards.finalize(root, meta)
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+# ----------------------------------------------------------------------------------------------- the run
+def extract(cfg: ExtractConfig, rank: int = 0, world: int = 1, finalize_only: bool = False) -> dict:
+    """Run this rank's unfinished chunks, then finalize if all parts exist. Returns a summary dict."""
+    from tqdm.auto import tqdm
+    validate(cfg)
+    inputs = list_inputs(cfg.input, cfg.input_list)
+    n, root = len(inputs.files), Path(cfg.output)
+    n_chunks = math.ceil(n / cfg.chunk_size)
+    start = time.time()
+    todo: List[int] = []
+    if not finalize_only:
+        done = set(shards.finished_parts(root))
+        todo = [k for k in range(rank, n_chunks, world) if shards.part_name(k) not in done]
+    images = sum(len(chunk_range(k, cfg.chunk_size, n)) for k in todo)
+    device = resolve_device(cfg)
+    encoder = build_encoder(cfg, device) if todo else None  # weight errors surface before anything is written
+    claim_output(root, provenance(cfg, inputs))
+    if todo:
+        pause = float(os.environ.get(PAUSE_ENV, 0))
+        bar = tqdm(total=images, unit="img", desc=f"extract r{rank}/{world}", disable=not cfg.progress,
+                   dynamic_ncols=True)
+        for k in todo:
+            items = chunk_range(k, cfg.chunk_size, n)
+            remove_stale_tmp(root, k)
+            with shards.PartWriter(root, k) as writer:
+                for crops, pos in crop_batches([inputs.files[i] for i in items], cfg.resolution, cfg.batch_size,
+                                               cfg.num_threads, device):
+                    idx = [items[p] for p in pos]
+                    for s in encode_samples(encoder, crops, idx, [inputs.labels[i] for i in idx], cfg.seed,
+                                            cfg.features, cfg.bf16):
+                        writer.write(s)
+                    bar.update(len(idx))
+            if pause:
+                time.sleep(pause)
+        bar.close()
+    seconds = time.time() - start
+    info = try_finalize(cfg, inputs, n_chunks, force=finalize_only, refresh=bool(todo))
+    return {"rank": rank, "world": world, "images": images, "parts": len(todo), "seconds": seconds,
+            "images_per_s": images / seconds if images and seconds > 0 else 0.0, "output": str(root),
+            "total_parts": n_chunks, "finalized": info is not None,
+            "num_samples": info["num_samples"] if info else None}
+
+
+def summary_text(s: dict) -> str:
+    done = (f"dataset finalized: {s['num_samples']} samples in {s['total_parts']} parts, statistics in "
+            f"{Path(s['output']) / shards.STATS_FILE}" if s["finalized"] else
+            "not finalized yet: the rank that writes the last part finalizes (or run --finalize-only)")
+    return (f"Rank {s['rank']}/{s['world']} encoded {s['images']} images (each also flipped) into {s['parts']} "
+            f"new parts in {s['seconds']:.1f} s ({s['images_per_s']:.2f} images/s) -> {s['output']}; {done}.")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict:
+    import argparse
+    from .encoders import WeightsError
+    from .semvae import SemVAECheckpointError
+    p = argparse.ArgumentParser(description="Extract SFD latent shards (texture + semantic latents, DINOv2 "
+                                            "features) from an image folder.")
+    p.add_argument("--config", action="append", default=[], metavar="YAML")
+    p.add_argument("--finalize-only", action="store_true", help="only merge finished parts and write statistics")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    args = p.parse_intermixed_args(argv)
+    try:
+        cfg = load_extract_config(args.config, args.overrides)
+        rank, world = rank_world()
+        summary = extract(cfg, rank, world, finalize_only=args.finalize_only)
+    except (ConfigError, FileNotFoundError, WeightsError, SemVAECheckpointError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2)
+    print(summary_text(summary), flush=True)
+    return summary
