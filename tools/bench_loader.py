@@ -1,48 +1,57 @@
 """Loader throughput: sfd_scale's streaming latent shards vs. a one-file-per-sample reader of the same data.
 
-    python tools/bench_loader.py --work /tmp/loader_bench --out benchmarks/loader_cpu.md
+    python tools/bench_loader.py --work /tmp/loader_bench --out benchmarks/loader_cpu.md [--cold]
 """
 import argparse
+import os
 import platform
+import statistics
+import sys
 import tempfile
 
 from sfd_scale.data.loader_bench import benchmark
 
-# what the training step consumes, for scale: the issue #7 target for SFD-XXL is 500 images/s per H100
+# for scale: what one training GPU consumes at the issue #7 target for SFD-XXL (500 images/s per H100)
 CONSUMED = 500
 
 
 def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--work", default=None, help="folder for the synthetic data (default: a temp dir)")
     parser.add_argument("--samples", type=int, default=4096)
     parser.add_argument("--feature-samples", type=int, default=1024, help="samples of the run with DINOv2 features")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 2])
-    parser.add_argument("--batches", type=int, default=40)
+    parser.add_argument("--batches", type=int, default=60, help="timed batches per measurement")
+    parser.add_argument("--repeats", type=int, default=3, help="measurements per row (the median is shown)")
+    parser.add_argument("--cold", action="store_true", help="also time with the page cache dropped (root, Linux)")
     parser.add_argument("--out", default=None, help="markdown file to write (default: print only)")
     args = parser.parse_args(argv)
     work = args.work or tempfile.mkdtemp(prefix="sfd_loader_bench_")
-    lines = [f"# Loader throughput ({platform.node() or 'this machine'}: CPU, local disk, warm page cache)", "",
-             f"Command: `python tools/bench_loader.py {' '.join(argv) if argv else ''}`".replace(" `", "`"), "",
-             f"Per-rank batch {args.batch}, {args.batches} timed batches after 2 warm-up batches. Both loaders "
-             "return identical normalised batches (flip, SFD normalisation, labels, indices).", "",
-             "| data | workers | loader | samples/s | ours / per-file | x what one H100 consumes (500/s) |",
-             "|---|---|---|---|---|---|"]
+    lines = [f"# Loader throughput (CPU: {os.cpu_count()} cores, {platform.machine()}, local disk)", "",
+             f"Command: `python tools/bench_loader.py {' '.join(argv)}`", "",
+             f"Per-rank batch {args.batch}; median of {args.repeats} measurements of {args.batches} batches, each "
+             "after 2 warm-up batches. Both loaders return identical normalised batches (flip, SFD normalisation, "
+             "labels, indices).", "",
+             "| data | page cache | workers | loader | samples/s | ours / per-file | x one H100's need (500/s) |",
+             "|---|---|---|---|---|---|---|"]
     for feats, n in ((False, args.samples), (True, args.feature_samples)):
-        for workers in args.workers:
-            rows = benchmark(f"{work}/{'feats' if feats else 'latents'}", n, args.batch, workers, feats, args.batches)
-            base = rows[0].samples_per_s
-            for r in rows:
-                ratio = r.samples_per_s / base
-                lines.append(f"| {n} samples, {'latents + DINOv2 features' if feats else 'latents'} | {workers} | "
-                             f"{r.loader} | {r.samples_per_s:,.0f} | {ratio:.2f} | {r.samples_per_s / CONSUMED:.1f} |")
+        for cold in (False, True) if args.cold else (False,):
+            for workers in args.workers:
+                runs = [benchmark(f"{work}/{'feats' if feats else 'latents'}", n, args.batch, workers, feats,
+                                  args.batches, cold) for _ in range(args.repeats)]
+                speeds = [statistics.median(run[i].samples_per_s for run in runs) for i in range(2)]
+                for name, speed in zip((runs[0][0].loader, runs[0][1].loader), speeds):
+                    lines.append(f"| {n} samples, {'latents + DINOv2 features' if feats else 'latents'} | "
+                                 f"{'cold' if cold else 'warm'} | {workers} | {name} | {speed:,.0f} | "
+                                 f"{speed / speeds[0]:.2f} | {speed / CONSUMED:.1f} |")
+                print(lines[-2] + "\n" + lines[-1], flush=True)
     text = "\n".join(lines) + "\n"
-    print(text)
     if args.out:
         with open(args.out, "w") as f:
             f.write(text)
-
+    print(text)
 
 if __name__ == "__main__":
     main()

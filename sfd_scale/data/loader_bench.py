@@ -4,7 +4,9 @@ Both read the same synthetic samples (official layout: 32x16x16 texture + 16x16x
 their flips, float32, optionally 768x16x16 float16 DINOv2 features) and return the same normalised
 batches. The baseline stores one ``.safetensors`` file per sample and normalises per sample, as the
 official ``ImgLatentDataset`` does; ours reads MDS shards through ``ShardBatches`` and normalises per
-batch. Timed after two warm-up batches, page cache warm (a local-disk figure, not a cold-storage one).
+batch. Timed after two warm-up batches, with the page cache warm, or cold (``cold=True`` drops the
+kernel's page cache before each loader starts: Linux, root only), which is what a first epoch over a dataset
+larger than RAM sees.
 """
 from __future__ import annotations
 
@@ -66,7 +68,7 @@ class PerFileDataset(Dataset):
         latent = composite_latent(t["latents" + sfx][None], t["latents_sv" + sfx][None], self.stats, True, True, 1.0)[0]
         item = {"latent": latent, "label": t["label"][0], "index": torch.tensor(i)}
         if self.feats:
-            item["repa"] = t["feats_dino" + sfx].float()
+            item["repa"] = t["feats_dino" + sfx]  # stored float16, cast on the device (as ours)
         return item
 
 
@@ -87,7 +89,21 @@ def _time(batches, count: int, batch_size: int) -> float:
     return count * batch_size / (time.perf_counter() - t0)
 
 
-def benchmark(root, n: int, batch_size: int, workers: int, feats: bool, batches: int) -> List[LoaderTiming]:
+def drop_page_cache() -> None:
+    """Make the next reads come from the disk (needs root on Linux)."""
+    import os
+
+    os.sync()
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("1\n")
+    except OSError as err:
+        raise PermissionError(f"cannot drop the page cache through /proc/sys/vm/drop_caches ({err}); "
+                              f"cold-cache timings need root on Linux") from None
+
+
+def benchmark(root, n: int, batch_size: int, workers: int, feats: bool, batches: int,
+              cold: bool = False) -> List[LoaderTiming]:
     root = Path(root)
     if not (root / "shards" / "sfd_dataset.json").is_file():
         write_both(root, n, feats)
@@ -98,12 +114,16 @@ def benchmark(root, n: int, batch_size: int, workers: int, feats: bool, batches:
         while True:
             yield from per_file
 
+    if cold:
+        drop_page_cache()
     rows = [LoaderTiming("one file per sample (official-style, per-sample normalisation)",
                          _time(endless(), batches, batch_size), batches)]
     lease = StreamingLease.acquire()
     ds = LatentShardDataset(root / "shards", batch_size=batch_size, norm=Normalization(), repa=feats)
     lease.record(ds)
     ours = ShardBatches(ds, 0, Placement(batch_size, num_workers=workers))
+    if cold:
+        drop_page_cache()
     rows.append(LoaderTiming("sfd_scale latent shards (streaming MDS)", _time(ours, batches, batch_size), batches))
     lease.release(ds)
     return rows

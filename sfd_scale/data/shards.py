@@ -235,7 +235,8 @@ class Normalization:
 
 
 class LatentShardDataset(StreamingDataset):
-    """Items: ``{"latent": (C,H,W) f32, "label": i64, "index": i64[, "repa": (D,h,w) f32]}``.
+    """Batches (``collate``): ``{"latent": (B,C,H,W) f32, "label": i64, "index": i64[, "repa": (B,D,h,w) in
+    the stored dtype]}``; ``read`` gives one such item with ``repa`` as float32, as the official reader.
 
     ``batch_size`` is the per-rank batch (streaming partitions with it); ``replication`` gives that many
     consecutive ranks the same samples (a model-parallel group). The order depends on
@@ -292,7 +293,10 @@ class LatentShardDataset(StreamingDataset):
 
     def read(self, index: int, flip: bool) -> dict:
         """Sample ``index`` with the flip chosen by the caller, normalised like a training batch."""
-        return {k: v[0] for k, v in self.collate([self.raw(index, flip)]).items()}
+        item = {k: v[0] for k, v in self.collate([self.raw(index, flip)]).items()}
+        if "repa" in item:
+            item["repa"] = item["repa"].float()  # as the official reader returns it
+        return item
 
 
 class ShardCollate:
@@ -311,6 +315,6 @@ class ShardCollate:
                                   stacked("latents_dino"))
         batch = {"latent": latent, "label": torch.tensor([s["label"] for s in samples], dtype=torch.int64),
                  "index": torch.tensor([s["index"] for s in samples], dtype=torch.int64)}
-        if "repa" in samples[0]:
-            batch["repa"] = stacked("repa")
+        if "repa" in samples[0]:  # kept in the stored dtype (float16 halves what workers pass on); the
+            batch["repa"] = torch.from_numpy(np.stack([s["repa"] for s in samples]))  # trainer casts it on device
         return batch

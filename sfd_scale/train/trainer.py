@@ -167,7 +167,10 @@ class Trainer:
                                         self.objective.config.use_lognorm, self.label_dropout)
         y = torch.where(drop, torch.full_like(batch["label"], self.cfg.model.num_classes), batch["label"])
         parts = [x1, y, t_base, x0.to(x1.dtype)] + ([batch["repa"]] if self.cfg.model.use_repa else [])
-        return tuple(p.to(self.device, non_blocking=True) for p in parts)
+        parts = [p.to(self.device, non_blocking=True) for p in parts]
+        if self.cfg.model.use_repa:  # shards keep REPA features in their stored dtype (float16) until here
+            parts[4] = parts[4].float()
+        return tuple(parts)
 
     def loss_fn(self, model, mb) -> torch.Tensor:
         x1, y, t_base, x0 = mb[:4]

@@ -76,11 +76,11 @@ def test_mid_epoch_resume_gives_exactly_the_remaining_samples(root):
 
 
 # ------------------------------------------------------------------------------------------ trainer
-def _train(rank, world, root, out, tp, steps):
+def _train(rank, world, root, out, tp, steps, extra=()):
     from sfd_scale.config import load_config
     from sfd_scale.train.trainer import Trainer
 
-    cfg = load_config([], ["data.source=shards", f"data.path={root}", "data.canonical_nodes=2", "data.num_workers=0",
+    cfg = load_config([], [*extra, "data.source=shards", f"data.path={root}", "data.canonical_nodes=2", "data.num_workers=0",
                            "sfd.texture_chans=4", "sfd.semantic_chans=2", "model.name=LightningDiT-S/1",
                            "model.depth=2", "model.hidden_size=64", "model.num_heads=4", "model.input_size=2",
                            "model.num_classes=10", f"train.global_batch_size={GLOBAL}", f"train.max_steps={steps}",
@@ -100,3 +100,13 @@ def test_trainer_on_shards_equal_on_one_and_two_ranks(root, tmp_path):
     for key in one:
         torch.testing.assert_close(dp2[key], one[key], rtol=1e-5, atol=1e-6, msg=key)
         torch.testing.assert_close(tp2[key], one[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_trainer_with_repa_targets_from_shards(tmp_path):
+    """REPA targets travel from the shards (float16) to the loss; the run trains and its loss is finite."""
+    root = tmp_path / "shards"
+    write_toy_shards(root, n=16, chunk=16, repa=True)
+    repa = ["model.use_repa=true", "model.repa_depth=1", "model.repa_projector_dim=8", "model.repa_feature_dim=3"]
+    state = run_ranks(_train, 1, args=(str(root), str(tmp_path / "run"), 1, 2, repa))[0]
+    assert any(k.startswith("repa_projector.") for k in state)
+    assert all(torch.isfinite(v).all() for v in state.values())
