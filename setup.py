@@ -34,7 +34,7 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "test": ["pytest>=7"],
+        "test": ["pytest>=7", "scikit-image"],  # scikit-image: real photos for the extraction tests
         # GPU-only extras, used when importable (need CUDA to build): pip install flash-attn apex
         "gpu": ["flash-attn"],
     },

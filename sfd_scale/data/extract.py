@@ -10,8 +10,8 @@ Finalizing (merged index, statistics, ``sfd_dataset.json``) needs no coordinatio
 own chunks whether all parts exist, and the one that sees them all takes ``.finalize.lock`` (``O_CREAT|O_EXCL``;
 removed afterwards, ignored after ``LOCK_STALE_S``). Since each rank checks after writing its last part, the
 last rank to finish always sees every part. ``--finalize-only`` runs just that step (taking over a lock left
-by a finalizer that died). Temporary part directories of killed writers are removed before their chunk is
-redone and when finalizing.
+by a finalizer that died). Temporary part directories of killed writers are removed
+(``shards.remove_unfinished``) before their chunk is redone and when finalizing.
 """
 from __future__ import annotations
 
@@ -19,7 +19,6 @@ import hashlib
 import json
 import math
 import os
-import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -265,16 +264,6 @@ def chunk_range(k: int, chunk: int, n: int) -> range:
     return range(k * chunk, min((k + 1) * chunk, n))
 
 
-def remove_stale_tmp(root: Path, chunk: Optional[int] = None) -> None:
-    """Temporary part directories left by killed writers (all of them, or those of one chunk)."""
-    d = shards.parts_dir(root)
-    prefix = f".tmp_{shards.part_name(chunk)}_" if chunk is not None else ".tmp_part_"
-    if d.is_dir():
-        for p in d.iterdir():
-            if p.name.startswith(prefix):
-                shutil.rmtree(p, ignore_errors=True)
-
-
 def try_finalize(cfg: ExtractConfig, inputs: Inputs, n_chunks: int, force: bool = False,
                  refresh: bool = False) -> Optional[dict]:
     """Finalize when every part exists and no other rank holds the lock; returns the dataset info or None.
@@ -300,7 +289,6 @@ def try_finalize(cfg: ExtractConfig, inputs: Inputs, n_chunks: int, force: bool 
     try:
         os.write(fd, f"{os.uname().nodename} {os.getpid()}\n".encode())
         os.close(fd)
-        remove_stale_tmp(root)
         meta = {"source": "sfd_scale.data.extract", "classes": inputs.classes, "num_classes": len(inputs.classes),
                 "input": str(Path(cfg.input).resolve()), "input_list": cfg.input_list,
                 "extraction": json.loads((root / CONFIG_FILE).read_text())}
@@ -332,7 +320,6 @@ def extract(cfg: ExtractConfig, rank: int = 0, world: int = 1, finalize_only: bo
                    dynamic_ncols=True)
         for k in todo:
             items = chunk_range(k, cfg.chunk_size, n)
-            remove_stale_tmp(root, k)
             with shards.PartWriter(root, k) as writer:
                 for crops, pos in crop_batches([inputs.files[i] for i in items], cfg.resolution, cfg.batch_size,
                                                cfg.num_threads, device):

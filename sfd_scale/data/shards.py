@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -135,17 +136,27 @@ def finished_parts(root) -> List[str]:
         if d.is_dir() else []
 
 
+def remove_unfinished(root, chunk: Optional[int] = None) -> None:
+    """Temporary part directories left by killed writers (all of them, or those of one chunk)."""
+    prefix = f".tmp_{part_name(chunk)}_" if chunk is not None else ".tmp_part_"
+    if parts_dir(root).is_dir():
+        for p in parts_dir(root).iterdir():
+            if p.name.startswith(prefix):
+                shutil.rmtree(p, ignore_errors=True)
+
+
 class PartWriter:
     """Writes one part: ``with PartWriter(root, chunk) as w: w.write(sample)``. It appears
     only when the block exits without an error; otherwise its temporary directory is removed."""
 
     def __init__(self, root, chunk: int, size_limit: int = 1 << 27):
         self.final = parts_dir(root) / part_name(chunk)
-        self.tmp = parts_dir(root) / f".tmp_{part_name(chunk)}_{os.getpid()}"
+        self.tmp = parts_dir(root) / f".tmp_{part_name(chunk)}_{socket.gethostname()}_{os.getpid()}"
+        self.root, self.chunk = root, chunk
         self.size_limit, self.writer, self.moments, self.count = size_limit, None, Moments(), 0
 
     def __enter__(self) -> "PartWriter":
-        shutil.rmtree(self.tmp, ignore_errors=True)
+        remove_unfinished(self.root, self.chunk)  # a killed earlier attempt at this chunk
         self.tmp.parent.mkdir(parents=True, exist_ok=True)
         return self
 
@@ -179,6 +190,7 @@ def finalize(root, meta: dict, stats: Optional[Dict[str, torch.Tensor]] = None) 
     names = finished_parts(root)
     if not names:
         raise ShardFormatError(f"no finished part under {parts_dir(root)}")
+    remove_unfinished(root)  # every writer is done when finalizing
     for stale in (META_FILE, INDEX_FILE):  # a re-finalize: the dataset is incomplete until META is back
         (root / stale).unlink(missing_ok=True)
     logging.disable(logging.WARNING)  # merge_index chats on the root logger about its temporary folder
