@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import mmap
 import os
 import shutil
 import socket
@@ -246,6 +247,37 @@ class Normalization:
     multiplier: float = 1.0
 
 
+def _fixed_layout(reader) -> Optional[tuple]:
+    """(read-only mmap view of a local raw MDS shard, [(column, dtype, count, shape, byte offset)]) when every
+    column is a fixed-size ``ndarray:<dtype>:<shape>`` or a fixed-width number and the shard is neither
+    compressed nor missing; None otherwise (then streaming reads it). The MDS sample layout: a uint32 sample
+    count, uint32 offsets of every sample, then each sample's columns back to back."""
+    if reader.compression or not hasattr(reader, "column_encodings"):
+        return None
+    columns, offset = [], 0
+    for name, encoding, size in zip(reader.column_names, reader.column_encodings, reader.column_sizes):
+        parts = encoding.split(":")
+        if parts[0] == "ndarray" and len(parts) == 3 and size:
+            shape = tuple(int(d) for d in parts[2].split(","))
+            dtype = np.dtype(parts[1])
+        elif len(parts) == 1 and size and encoding in ("int64", "int32", "float32", "float64", "uint8"):
+            shape, dtype = (), np.dtype(encoding)
+        else:
+            return None
+        count = int(np.prod(shape)) if shape else 1
+        if count * dtype.itemsize != size:
+            return None
+        columns.append((name, dtype, count, shape, offset))
+        offset += size
+    path = os.path.join(reader.dirname, reader.split or "", reader.raw_data.basename)
+    try:
+        with open(path, "rb") as f:
+            view = memoryview(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
+    except (OSError, ValueError):
+        return None
+    return view, columns
+
+
 class LatentShardDataset(StreamingDataset):
     """Batches (``collate``): ``{"latent": (B,C,H,W) f32, "label": i64, "index": i64[, "repa": (B,D,h,w) in
     the stored dtype]}``; ``read`` gives one such item with ``repa`` as float32, as the official reader.
@@ -257,7 +289,7 @@ class LatentShardDataset(StreamingDataset):
 
     def __init__(self, root, *, batch_size: int, seed: int = 0, shuffle: bool = True, hflip: bool = True,
                  norm: Normalization = Normalization(), repa: bool = False, replication: Optional[int] = None,
-                 canonical_nodes: int = 8, remote: Optional[str] = None, **kwargs):
+                 canonical_nodes: int = 8, remote: Optional[str] = None, fast_local_reads: bool = True, **kwargs):
         self.meta = read_meta(root)
         cols = self.meta["columns"]
         if repa and "feats_dino" not in cols:
@@ -271,12 +303,40 @@ class LatentShardDataset(StreamingDataset):
                          replication=replication, num_canonical_nodes=canonical_nodes, **kwargs)
         self.stats = read_stats(root)
         self.seed, self.hflip, self.norm, self.repa = seed, hflip, norm, repa
+        self._fast = remote is None and fast_local_reads
+        self._layouts: Dict[int, Optional[tuple]] = {}  # shard -> (mmap view, column layout); per process
         self.has_sv, self.has_dino_block = "latents_sv" in cols, "latents_dino" in cols
         self._epoch = 0
 
     @property
     def channels(self) -> int:
         return latent_channels(self.meta["columns"])
+
+    def get_item(self, sample_id: int, retry: int = 7) -> dict:
+        """Local, uncompressed shards whose columns all have a fixed size (everything sfd_scale writes) are read
+        as zero-copy views of one read-only mmap per shard file and process; anything else goes through
+        streaming. Why: streaming opens the shard file for every sample and re-parses every column's encoding
+        string on every read (about half of a read's cost), and decodes both flips of every column; the views
+        let the batch collate copy only what it uses. ``benchmarks/loader_cpu.md`` has the measurements;
+        ``tests/data/test_shards.py`` checks both paths give the same samples."""
+        shard_id, row = self.spanner[sample_id]
+        layout = self._layouts.get(shard_id) if self._fast else None
+        if layout is None:
+            if not self._fast or shard_id in self._layouts:
+                return super().get_item(sample_id, retry)
+            layout = self._layouts[shard_id] = _fixed_layout(self.shards[shard_id])
+            if layout is None:
+                return super().get_item(sample_id, retry)
+        view, columns = layout
+        begin = int(np.frombuffer(view, np.uint32, 1, (1 + row) * 4)[0])
+        return {name: np.frombuffer(view, dtype, count, begin + offset).reshape(shape) if shape else
+                np.frombuffer(view, dtype, 1, begin + offset)[0]
+                for name, dtype, count, shape, offset in columns}
+
+    def __getstate__(self) -> dict:  # loader workers started with spawn re-open their own maps
+        state = self.__dict__.copy()
+        state["_layouts"] = {}
+        return state
 
     def _resume_incr_epoch(self):
         # Each worker learns here which epoch it iterates; the flip choice is keyed by it.

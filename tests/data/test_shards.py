@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import shutil
 import signal
 import subprocess
@@ -166,6 +167,9 @@ def _start(root, mode):
     env = dict(os.environ, PYTHONPATH=str(REPO))
     proc = subprocess.Popen([sys.executable, "-c", RUN, str(root), mode], stdout=subprocess.PIPE, env=env,
                             start_new_session=True, text=True)
+    if not select.select([proc.stdout], [], [], 120)[0]:  # never hang the suite on a stuck child
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail("the loader subprocess printed nothing in 120 s")
     return proc, int(proc.stdout.readline())
 
 
@@ -189,3 +193,23 @@ def test_killed_process_group_is_reclaimed(tmp_path, streaming_tmp):
     # ... and can open the same local directory again (a leaked 'locals' segment would refuse it)
     ds = _open(tmp_path / "s", norm=Normalization(False, False, 1.0))
     assert len(list(torch.utils.data.DataLoader(ds, batch_size=4))) == 10
+
+
+def test_fast_local_reads_equal_streaming_reads(tmp_path):
+    """The mmap read path hands out exactly what streaming's own reader decodes, for every sample."""
+    import pickle
+    from streaming import StreamingDataset
+
+    write_toy_shards(tmp_path / "s", n=40, chunk=16, repa=True)
+    ds = _open(tmp_path / "s", repa=True)
+    slow = _open(tmp_path / "s", repa=True, fast_local_reads=False)
+    for i in range(40):
+        fast, ref = ds.get_item(i), StreamingDataset.get_item(ds, i)
+        assert sorted(fast) == sorted(ref) and sorted(slow.get_item(i)) == sorted(ref)
+        for key in ref:
+            assert np.array_equal(np.asarray(fast[key]), np.asarray(ref[key])), (i, key)
+            assert np.asarray(fast[key]).dtype == np.asarray(ref[key]).dtype, (i, key)
+        for flip in (False, True):
+            a, b = ds.read(i, flip), slow.read(i, flip)
+            assert all(torch.equal(a[k], b[k]) for k in a)
+    assert len(ds._layouts) == 3 and pickle.loads(pickle.dumps(ds))._layouts == {}
