@@ -19,7 +19,7 @@ import torch
 from omegaconf import OmegaConf
 from torch.optim.lr_scheduler import LambdaLR
 
-from ..config import ConfigError, LoggingConfig, load_structured
+from ..config import ConfigError, LoggingConfig, OptimConfig, load_structured
 from ..logging import RunLogger
 from .semvae import SemanticVAE, SemVAEArgs, feature_cosine, save_semvae, semvae_loss
 
@@ -42,19 +42,14 @@ class SemVAEDataConfig:
 
 
 @dataclass
-class SemVAEOptimConfig:
+class SemVAEOptimConfig(OptimConfig):
+    """The run's AdamW settings with the paper's SemVAE recipe as defaults, plus its schedule and KL weight."""
     lr: float = 5e-5
-    beta1: float = 0.9
-    beta2: float = 0.999
-    eps: float = 1e-8
-    weight_decay: float = 0.0
     warmup_steps: int = 500         # linear warm-up to lr
     constant_until: int = 800_000   # constant lr until this step, then cosine decay
     final_lr: float = 5e-6          # lr reached at total_steps
     total_steps: int = 1_000_000
     kl_weight: float = 1e-7
-    grad_clip: float = 0.0          # max global grad norm; 0 disables clipping
-    fused: Optional[bool] = None    # fused AdamW; None = on CUDA
 
 
 @dataclass
