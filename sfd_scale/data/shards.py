@@ -247,6 +247,9 @@ class Normalization:
     multiplier: float = 1.0
 
 
+MAX_OPEN_SHARDS = 64  # mmaps a loader process keeps open (each holds a file descriptor)
+
+
 def _fixed_layout(reader) -> Optional[tuple]:
     """(read-only mmap view of a local raw MDS shard, [(column, dtype, count, shape, byte offset)]) when every
     column is a fixed-size ``ndarray:<dtype>:<shape>`` or a fixed-width number and the shard is neither
@@ -304,7 +307,8 @@ class LatentShardDataset(StreamingDataset):
         self.stats = read_stats(root)
         self.seed, self.hflip, self.norm, self.repa = seed, hflip, norm, repa
         self._fast = remote is None and fast_local_reads
-        self._layouts: Dict[int, Optional[tuple]] = {}  # shard -> (mmap view, column layout); per process
+        self._layouts: Dict[int, tuple] = {}  # shard -> (mmap view, column layout), LRU order; per process
+        self._streaming_only: set = set()     # shards the fast path cannot read
         self.has_sv, self.has_dino_block = "latents_sv" in cols, "latents_dino" in cols
         self._epoch = 0
 
@@ -320,13 +324,17 @@ class LatentShardDataset(StreamingDataset):
         let the batch collate copy only what it uses. ``benchmarks/loader_cpu.md`` has the measurements;
         ``tests/data/test_shards.py`` checks both paths give the same samples."""
         shard_id, row = self.spanner[sample_id]
-        layout = self._layouts.get(shard_id) if self._fast else None
+        if not self._fast or shard_id in self._streaming_only:
+            return super().get_item(sample_id, retry)
+        layout = self._layouts.pop(shard_id, None)
         if layout is None:
-            if not self._fast or shard_id in self._layouts:
-                return super().get_item(sample_id, retry)
-            layout = self._layouts[shard_id] = _fixed_layout(self.shards[shard_id])
+            layout = _fixed_layout(self.shards[shard_id])
             if layout is None:
+                self._streaming_only.add(shard_id)
                 return super().get_item(sample_id, retry)
+            while len(self._layouts) >= MAX_OPEN_SHARDS:  # each map holds a file descriptor: keep the recent ones
+                self._layouts.pop(next(iter(self._layouts)))
+        self._layouts[shard_id] = layout  # most recently used last
         view, columns = layout
         begin = int(np.frombuffer(view, np.uint32, 1, (1 + row) * 4)[0])
         return {name: np.frombuffer(view, dtype, count, begin + offset).reshape(shape) if shape else
@@ -335,7 +343,7 @@ class LatentShardDataset(StreamingDataset):
 
     def __getstate__(self) -> dict:  # loader workers started with spawn re-open their own maps
         state = self.__dict__.copy()
-        state["_layouts"] = {}
+        state["_layouts"], state["_streaming_only"] = {}, set()
         return state
 
     def _resume_incr_epoch(self):

@@ -28,7 +28,7 @@ def _lease_dir() -> Path:
 
 
 def _start_time(pid: int) -> Optional[str]:
-    """The process's start time in clock ticks since boot (Linux), None if it does not exist."""
+    """The process's start time in clock ticks since boot (Linux), None if it does not exist or is a zombie."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
@@ -39,7 +39,10 @@ def _start_time(pid: int) -> Optional[str]:
             except OSError:
                 return None
         return None
-    return stat.rsplit(")", 1)[1].split()[19]
+    fields = stat.rsplit(")", 1)[1].split()
+    if fields[0] in ("Z", "X"):  # a zombie (killed, not yet reaped; common without an init that reaps) is dead
+        return None
+    return fields[19]
 
 
 def _alive(lease: dict) -> bool:

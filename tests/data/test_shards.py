@@ -167,7 +167,9 @@ def _start(root, mode):
     env = dict(os.environ, PYTHONPATH=str(REPO))
     proc = subprocess.Popen([sys.executable, "-c", RUN, str(root), mode], stdout=subprocess.PIPE, env=env,
                             start_new_session=True, text=True)
-    if not select.select([proc.stdout], [], [], 120)[0]:  # never hang the suite on a stuck child
+    poll = select.poll()  # (select() refuses fds >= 1024; streaming keeps many shared-memory fds open)
+    poll.register(proc.stdout, select.POLLIN)
+    if not poll.poll(120_000):  # never hang the suite on a stuck child
         os.killpg(proc.pid, signal.SIGKILL)
         pytest.fail("the loader subprocess printed nothing in 120 s")
     return proc, int(proc.stdout.readline())
@@ -213,3 +215,25 @@ def test_fast_local_reads_equal_streaming_reads(tmp_path):
             a, b = ds.read(i, flip), slow.read(i, flip)
             assert all(torch.equal(a[k], b[k]) for k in a)
     assert len(ds._layouts) == 3 and pickle.loads(pickle.dumps(ds))._layouts == {}
+    shards.MAX_OPEN_SHARDS = 2  # the least recently used map is dropped, reads stay right
+    ds._layouts.clear()
+    try:
+        for i in (0, 20, 39, 0):
+            assert np.array_equal(ds.get_item(i)["latents"], StreamingDataset.get_item(ds, i)["latents"])
+            assert len(ds._layouts) <= 2
+    finally:
+        shards.MAX_OPEN_SHARDS = 64
+
+
+def test_a_zombie_owner_counts_as_dead():
+    """A killed loader whose parent has not reaped it yet (or never will, without an init that reaps) must not
+    keep its leaked segments alive."""
+    from sfd_scale.data.streaming_cleanup import _start_time
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    deadline = time.time() + 30
+    while Path(f"/proc/{child.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+        assert time.time() < deadline
+        time.sleep(0.05)
+    assert _start_time(child.pid) is None and _start_time(os.getpid()) is not None
+    child.wait()
