@@ -16,7 +16,6 @@ unexpected or mis-shaped.
 """
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import replace
 from pathlib import Path
@@ -328,12 +327,6 @@ class CompositeEncoder(nn.Module):
         din = DinoEncoder.random_init(seed + 1, **(dino or {}))
         sem = SemanticEncoder.random_init(seed + 2, **{"feature_dim": din.feature_dim, **(semvae or {})})
         return cls(tex, din, sem).to(device=device, dtype=dtype)
-
-    def describe(self) -> dict:
-        return {"texture_vae": json.loads(json.dumps(dict(self.texture.vae.config), default=str)),
-                "texture_mode": self.texture.mode, "dino_dim": self.dino.feature_dim,
-                "dino_depth": len(self.dino.model.blocks),
-                "semvae": vars(self.semantic.model.args) if self.semantic is not None else None}
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor, with_features: bool = False, generator: Generators = None

@@ -312,10 +312,6 @@ class LatentShardDataset(StreamingDataset):
         self.has_sv, self.has_dino_block = "latents_sv" in cols, "latents_dino" in cols
         self._epoch = 0
 
-    @property
-    def channels(self) -> int:
-        return latent_channels(self.meta["columns"])
-
     def get_item(self, sample_id: int, retry: int = 7) -> dict:
         """Local, uncompressed shards whose columns all have a fixed size (everything sfd_scale writes) are read
         as zero-copy views of one read-only mmap per shard file and process; anything else goes through
