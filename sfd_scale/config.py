@@ -110,12 +110,21 @@ class TrainConfig:
     log_every: int = 100
     sample_every: int = 0           # 0: only at the end
     device: str = "auto"            # auto | cpu | cuda
+    # Preemption: on any of these signals every rank finishes its step, a checkpoint is written and the
+    # process exits with status 75 (``trainer.REQUEUE_EXIT``), which slurm/ launchers turn into a requeue.
+    requeue_signals: List[str] = field(default_factory=lambda: ["SIGUSR1", "SIGTERM"])
+    time_budget_s: float = 0.0      # wall-clock seconds for this process; then save and exit 75 (0 = off)
+    max_nonfinite_steps: int = 20   # steps with a NaN / Inf loss are skipped (no update) and counted; at
+                                    # this many the run saves a checkpoint and stops with an error
 
 
 @dataclass
 class CheckpointConfig:
     every: int = 0                  # 0: only at the end
     resume: bool = True             # continue from the newest checkpoint in output_dir
+    keep_last: int = 3              # newest checkpoints kept (older ones pruned after each save) ...
+    keep_every: int = 0             # ... plus every checkpoint whose step is a multiple of this (0: none)
+    asynchronous: bool = True       # write in the background; training waits only for the copy to CPU
     init_from: Optional[str] = None  # official or sfd_scale checkpoint to initialise the weights from
 
 
@@ -295,6 +304,15 @@ def validate(cfg: Config) -> None:
     need(cfg.parallel.zero_stage in (1, 2, 3), f"parallel.zero_stage must be 1, 2 or 3, got {cfg.parallel.zero_stage}")
     need(0.0 <= cfg.train.ema_decay < 1.0, f"train.ema_decay must lie in [0, 1), got {cfg.train.ema_decay}")
     need(cfg.optim.lr > 0, f"optim.lr must be > 0, got {cfg.optim.lr}")
+    import signal
+
+    bad = [name for name in cfg.train.requeue_signals if not isinstance(getattr(signal, name, None), signal.Signals)]
+    need(not bad, f"train.requeue_signals: unknown signal name(s) {bad} (e.g. SIGUSR1, SIGTERM)")
+    need(cfg.train.time_budget_s >= 0, f"train.time_budget_s must be >= 0 (0 = off), got {cfg.train.time_budget_s}")
+    need(cfg.train.max_nonfinite_steps >= 1, f"train.max_nonfinite_steps must be >= 1, got {cfg.train.max_nonfinite_steps}")
+    need(cfg.checkpoint.keep_last >= 1, f"checkpoint.keep_last must be >= 1, got {cfg.checkpoint.keep_last}")
+    need(cfg.checkpoint.keep_every >= 0, f"checkpoint.keep_every must be >= 0 (0 = off), got {cfg.checkpoint.keep_every}")
+    need(cfg.checkpoint.every >= 0, f"checkpoint.every must be >= 0 (0 = only at the end), got {cfg.checkpoint.every}")
     need(cfg.optim.grad_clip >= 0, f"optim.grad_clip must be >= 0 (0 = off), got {cfg.optim.grad_clip}")
     need(cfg.data.source in ("shards", "official", "demo"),
          f"data.source must be 'shards', 'official' or 'demo', got {cfg.data.source!r}")

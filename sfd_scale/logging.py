@@ -1,7 +1,13 @@
-"""Run logging: wandb (offline by default: no login, no network) plus a console progress bar."""
+"""Run logging: wandb (offline by default: no login, no network), a console progress bar, and two files
+in the run directory that survive restarts: ``log.txt`` (what happened: starts, restarts, resumes,
+checkpoints, signals) and ``metrics.jsonl`` (one line per logged step). A resumed run first cuts
+``metrics.jsonl`` back to the step it resumes from, so the file reads as if the run had never stopped."""
 from __future__ import annotations
 
+import json
 import os
+import time
+from pathlib import Path
 from typing import Optional
 
 from tqdm.auto import tqdm
@@ -10,18 +16,43 @@ from tqdm.auto import tqdm
 class RunLogger:
     def __init__(self, output_dir: str, mode: str, project: str, run_name: Optional[str], config: dict,
                  total_steps: int, initial_step: int, progress: bool, quiet: bool = False):
-        self.run, self.quiet = None, quiet  # quiet: ranks other than 0 print nothing
-        if mode != "disabled":
+        self.run, self.quiet = None, quiet  # quiet: ranks other than 0 print nothing and write no files
+        self.dir = Path(output_dir)
+        if not quiet:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            self._cut_metrics(initial_step)
+        if mode != "disabled" and not quiet:
             import wandb
 
-            os.makedirs(output_dir, exist_ok=True)
-            self.run = wandb.init(project=project, name=run_name, dir=output_dir, mode=mode, config=config)
+            id_file = self.dir / "wandb_run_id"  # one wandb run across restarts
+            run_id = id_file.read_text().strip() if id_file.is_file() else wandb.util.generate_id()
+            id_file.write_text(run_id)
+            self.run = wandb.init(project=project, name=run_name, dir=output_dir, mode=mode, config=config,
+                                  id=run_id, resume="allow")
         self.bar = tqdm(total=total_steps, initial=initial_step, disable=not progress, dynamic_ncols=True,
                         desc="train")
+
+    def _cut_metrics(self, step: int) -> None:
+        path = self.dir / "metrics.jsonl"
+        if not path.is_file():
+            return
+        keep = []
+        for line in path.read_text().splitlines():
+            try:
+                if json.loads(line)["step"] <= step:
+                    keep.append(line)
+            except (ValueError, KeyError, TypeError):  # the torn last line of a killed run
+                pass
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(line + "\n" for line in keep))
+        os.replace(tmp, path)
 
     def log(self, step: int, metrics: dict) -> None:
         if self.run is not None:
             self.run.log(metrics, step=step)
+        if not self.quiet:
+            with open(self.dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps({"step": step, **metrics}) + "\n")
         shown = {k: f"{v:.4g}" for k, v in metrics.items() if k in ("loss", "loss_avg", "lr", "steps/s")}
         if self.quiet:
             return
@@ -40,8 +71,11 @@ class RunLogger:
             self.run.log({key: wandb.Image(path)}, step=step)
 
     def write(self, line: str) -> None:
+        """A line for the console and the run's ``log.txt``."""
         if not self.quiet:
             self.bar.write(line)
+            with open(self.dir / "log.txt", "a") as f:
+                f.write(time.strftime("%Y-%m-%d %H:%M:%S ") + line + "\n")
 
     def close(self) -> None:
         self.bar.close()

@@ -35,9 +35,9 @@ def main(argv=None) -> int:
         if not path.exists():
             raise FileNotFoundError(f"checkpoint not found: {path}")
         if path.is_dir():
-            state = ckpt.load(path)
-            cfg = load_config(args.config, args.overrides) if args.config else config_from_dict(state["config"], args.overrides)
-            weights = state["ema"]
+            cfg = (load_config(args.config, args.overrides) if args.config
+                   else config_from_dict(ckpt.read_object(path, "config"), args.overrides))
+            weights = ckpt.read_weights(path, "ema")
         else:
             if not args.config:
                 raise ConfigError(f"{path} is not an sfd_scale checkpoint directory: give --config for its model")

@@ -67,6 +67,16 @@ class _IndexFlipView(Dataset):
         return item
 
 
+def ignore_stop_signals(worker_id: int) -> None:
+    """Loader workers ignore the signals a scheduler sends the whole job before preempting it (SIGUSR1,
+    SIGTERM): the training process handles them (save, then exit), and a worker killed by one would fail
+    the step in progress. Workers still end with their parent."""
+    import signal
+
+    for name in ("SIGUSR1", "SIGTERM"):
+        signal.signal(getattr(signal, name), signal.SIG_IGN)
+
+
 class ResumableBatchSampler:
     """Endless batches of (index, flip): a fresh permutation per epoch from (seed, epoch).
 
@@ -110,7 +120,7 @@ def _map_style_batches(view: Dataset, seed: int, hflip: bool):
         sampler = ResumableBatchSampler(len(view), where.global_batch, seed, hflip, start_batch=start_step,
                                         dp_rank=where.dp_rank, dp_size=where.dp_size)
         return DataLoader(view, batch_sampler=sampler, num_workers=where.num_workers, pin_memory=where.pin_memory,
-                          persistent_workers=where.num_workers > 0)
+                          persistent_workers=where.num_workers > 0, worker_init_fn=ignore_stop_signals)
     return batches
 
 
@@ -132,13 +142,17 @@ class ShardBatches:
 
     def __iter__(self) -> Iterator[dict]:
         step = self.start
+        # One loader for the whole run: its workers persist across epochs (restarting them every epoch cost
+        # more than the reads on short epochs). Streaming keeps the resume state set below in shared
+        # memory, where every worker reads it when the next epoch's iteration starts.
+        loader = DataLoader(self.ds, batch_size=self.where.per_rank, num_workers=self.where.num_workers,
+                            pin_memory=self.where.pin_memory, drop_last=True, collate_fn=self.ds.collate,
+                            persistent_workers=self.where.num_workers > 0, worker_init_fn=ignore_stop_signals)
         while True:
             epoch, b = divmod(step, self.steps_per_epoch)
             self.ds.load_state_dict({"epoch": epoch, "sample_in_epoch": b * self.where.global_batch,
                                      "num_canonical_nodes": self.ds.num_canonical_nodes,
                                      "shuffle_seed": self.ds.shuffle_seed, "initial_physical_nodes": None})
-            loader = DataLoader(self.ds, batch_size=self.where.per_rank, num_workers=self.where.num_workers,
-                                pin_memory=self.where.pin_memory, drop_last=True, collate_fn=self.ds.collate)
             for batch in loader:
                 yield batch
                 step += 1

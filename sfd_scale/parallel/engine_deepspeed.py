@@ -19,7 +19,6 @@
 from __future__ import annotations
 
 import contextlib
-import enum
 import os
 from pathlib import Path
 from typing import Sequence
@@ -28,35 +27,14 @@ import torch
 import torch.distributed as dist
 
 from ..config import Config, ConfigError
-from .engines import Engine, LossFn, fused_adamw, micro_batch_layout, snapshot, warmup_factor
+from .engines import (ADAM_KINDS, Engine, LossFn, adam_state, fused_adamw, lambda_lr_at, micro_batch_layout, set_lr,
+                      state_kinds, warmup_factor)
 
 _COUNTERS = ("global_steps", "global_samples", "micro_steps", "skipped_steps")
-_PLAIN = (int, float, bool, str, type(None))  # exact types: an IntEnum is an int but not weights_only-loadable
 
 
-def _weights_only_safe(obj) -> bool:
-    """Loadable by ``torch.load(weights_only=True)`` (what our checkpoints use)."""
-    if isinstance(obj, dict):
-        return all(_weights_only_safe(k) and _weights_only_safe(v) for k, v in obj.items())
-    if isinstance(obj, (list, tuple)):
-        return type(obj) in (list, tuple) and all(_weights_only_safe(v) for v in obj)
-    return isinstance(obj, (torch.Tensor, torch.dtype)) or type(obj) in _PLAIN
-
-
-def _split_objects(state: dict):
-    """(plain part, {key: attributes}) of a ZeRO optimizer state dict. DeepSpeed stores a few Python
-    objects in it (the ``loss_scaler``, the ``zero_stage`` enum, ``param_slice_mappings`` for universal
-    checkpoints) that ``weights_only`` loading refuses: we keep the plain attributes of each object (none
-    of an enum) and, on load, put them back onto the fresh engine's own objects (same ZeRO stage and DP
-    layout, checked)."""
-    plain, objects = {}, {}
-    for key, value in state.items():
-        if _weights_only_safe(value):
-            plain[key] = value
-        else:
-            attributes = {} if isinstance(value, enum.Enum) else getattr(value, "__dict__", {})
-            objects[key] = {k: v for k, v in attributes.items() if _weights_only_safe(v)}
-    return plain, objects
+def _trained(module: torch.nn.Module):
+    return [(name, p) for name, p in module.named_parameters() if p.requires_grad]
 
 
 def extensions_dir() -> str:
@@ -126,6 +104,7 @@ class DeepSpeedEngine(Engine):
 
     def train_step(self, micro_batches: Sequence, loss_fn: LossFn) -> dict:
         n = self._check_micro_batches(micro_batches)
+        self._counters_before = {k: getattr(self.model, k) for k in _COUNTERS}
         losses = []
         for i, mb in enumerate(micro_batches):
             loss = loss_fn(self.model, mb)
@@ -139,30 +118,64 @@ class DeepSpeedEngine(Engine):
         grad_norm = self.model.get_global_grad_norm()
         return {"loss": mean, "grad_norm": None if grad_norm is None else float(grad_norm), "lr": lr}
 
+    def discard_step(self) -> None:
+        """What DeepSpeed's own ZeRO-1/2 step does when it skips an overflowed fp16 step (clear the partitioned
+        gradients), plus its micro-step counters put back, so the next step's accumulation boundary holds."""
+        zero = self.model.optimizer
+        if self.zero_stage == 3:
+            raise NotImplementedError("skipping a non-finite step is implemented for ZeRO stages 1 and 2")
+        zero.zero_grad(set_to_none=True)
+        if hasattr(zero, "_release_preflattened_grad_buffers"):
+            zero._release_preflattened_grad_buffers()
+        for k in zero.averaged_gradients.keys():
+            zero.averaged_gradients[k] = None
+            zero.all_grad_tensors[k] = None
+        for k, v in self._counters_before.items():
+            setattr(self.model, k, v)
+
     def state_dict(self) -> dict:
-        optimizer, objects = _split_objects(snapshot(self.model.optimizer.state_dict()))
-        return {"optimizer": optimizer, "optimizer_objects": objects,
-                "scheduler": self.model.lr_scheduler.state_dict(),
-                "engine": {"dp_size": self.dp_size, "zero_stage": self.zero_stage,
-                           **{k: getattr(self.model, k) for k in _COUNTERS}}}
+        """Through DeepSpeed's documented per-parameter accessors (``deepspeed.utils.safe_get_full_*``), which
+        assemble each parameter's full fp32 state from the ZeRO partitions (a collective over DP)."""
+        from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+        counters = {"optimizer_steps": self.model.global_steps,
+                    "deepspeed": {k: getattr(self.model, k) for k in _COUNTERS}}
+        params = {}
+        if self.model.global_steps:
+            kinds = state_kinds(self.cfg)
+            for name, p in _trained(self.module):
+                full = {k: safe_get_full_optimizer_state(p, k) for k in ADAM_KINDS}
+                if "master" in kinds:
+                    full["master"] = safe_get_full_fp32_param(p)
+                params[name] = {k: v.detach().float().cpu().clone() for k, v in full.items()}
+        return {"params": [params], "counters": counters}
 
     def load_state_dict(self, state: dict) -> None:
-        saved = state["engine"]
-        if (saved["dp_size"], saved["zero_stage"]) != (self.dp_size, self.zero_stage):
-            raise ValueError(f"optimizer state was saved with data-parallel size {saved['dp_size']} and ZeRO stage "
-                             f"{saved['zero_stage']}; this run has {self.dp_size} and {self.zero_stage}")
-        optimizer = dict(state["optimizer"])
-        live = self.model.optimizer.state_dict()
-        for key, attributes in state.get("optimizer_objects", {}).items():
-            optimizer[key] = live[key]
-            for name, value in attributes.items():
-                setattr(optimizer[key], name, value)
-        per_rank = [None] * self.dp_size  # DeepSpeed indexes the list by DP rank; we hold this rank's part
-        per_rank[self.dp_rank] = optimizer
-        if self.zero_stage == 3:
-            self.model.optimizer.load_state_dict(per_rank, load_optimizer_states=True)
-        else:  # fp32 master partitions from the saved copy (exact), not re-derived from the module
-            self.model.optimizer.load_state_dict(per_rank, load_optimizer_states=True, load_from_fp32_weights=True)
-        self.model.lr_scheduler.load_state_dict(state["scheduler"])
-        for k in _COUNTERS:
-            setattr(self.model, k, saved[k])
+        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+        counters = state["counters"]
+        steps = counters["optimizer_steps"]
+        if steps:
+            zero = self.model.optimizer
+            flats = (zero.fp32_partitioned_groups_flat if self.zero_stage == 3  # the flat fp32 partitions
+                     else [p for g in zero.optimizer.param_groups for p in g["params"]])
+            for flat in flats:  # give them Adam state to load into
+                adam_state(zero.optimizer, flat, steps)
+            if hasattr(zero, "_lazy_init_hp_params_optimizer_state"):  # ZeRO-1/2 link it after a first step
+                zero._hp_optimizer_states_linked = False
+                zero._lazy_init_hp_params_optimizer_state()
+            saved = state["params"][0]
+            with self.full_parameters():  # ZeRO-3: gathered, so the fp32 master can come from the weights
+                masters = {name: saved[name].get("master", p.detach().float().clone())
+                           for name, p in _trained(self.module)}
+            for name, p in _trained(self.module):
+                safe_set_full_fp32_param(p, masters[name])
+                for k in ADAM_KINDS:
+                    safe_set_full_optimizer_state(p, saved[name][k].to(torch.float32), k)
+        set_lr(self.model.optimizer.param_groups, lambda_lr_at(self.model.lr_scheduler, steps))
+        # DeepSpeed's own counters; derived from the step when the checkpoint came from another engine
+        _, accumulation = micro_batch_layout(self.cfg, self.dp_size)
+        derived = {"global_steps": steps, "global_samples": steps * self.cfg.train.global_batch_size,
+                   "micro_steps": steps * accumulation, "skipped_steps": 0}
+        for k, v in counters.get("deepspeed", derived).items():
+            setattr(self.model, k, v)

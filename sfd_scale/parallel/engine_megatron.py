@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from typing import Callable, List, Sequence
+from typing import Callable, Dict, List, Sequence, Tuple
 
 import torch
 from megatron.core import parallel_state
@@ -35,7 +35,7 @@ from megatron.core.transformer import TransformerConfig
 
 from ..config import Config
 from .cpu_compat import megatron_on_cpu
-from .engines import Engine, LossFn, micro_batch_layout, snapshot, warmup_factor
+from .engines import ADAM_KINDS, Engine, LossFn, adam_state, micro_batch_layout, state_kinds, warmup_factor
 
 # Known noise from inside megatron-core: its optimizer reads ``.grad`` of shard views (non-leaf tensors)
 # to test for presence, and its DDP / distributed optimizer call the deprecated-in-torch-2.14 names of
@@ -96,56 +96,44 @@ def _transformer_config(module: torch.nn.Module) -> TransformerConfig:
                                  tensor_model_parallel_size=parallel_state.get_tensor_model_parallel_world_size())
 
 
-# ----------------------------------------------------------------------------------------------- reload fix
-# megatron-core's DistributedOptimizer state save / load on the torch-AdamW path (no Apex / TE: what CPU
-# and many GPU installs run) has three bugs (ENVIRONMENT.md):
-#   (1) ``state_dict()`` asserts (``len(steps) == 1``) on an optimizer that has not stepped yet;
-#   (2) ``load_state_dict`` puts a 'step' into every param state, so loading param states that lack
-#       'step' (e.g. the dp_zero format) raises KeyError 'step';
-#   (3) ``load_state_dict`` assigns ONE ``torch.tensor(step)`` object to every param's state; torch AdamW
-#       increments ``state['step']`` in place per parameter, so after a reload the shared step advances N
-#       times per optimizer step and bias correction is wrong from the first step on (silent divergence);
-#   (4) ``get_parameter_state_dp_reshardable()`` and its inverse ``load_parameter_state_from_dp_reshardable``
-#       disagree: the loader reads ``entry['padding']``, which only the dist-checkpointing path writes
-#       (KeyError 'padding' on an in-memory round trip).
-# Our wrapper: never call ``state_dict()`` on an un-stepped optimizer (save step 0 and no param state:
-# there is nothing to restore); save this rank's shards (dp_reshardable: no communication, same DP
-# layout on reload) with 'step' and 'padding' in every param entry; after megatron's load, give every
-# param state its own step tensor. The rest (param-group matching, shard allocation, copying into the shards) stays megatron's.
-def _step_of(dopt: DistributedOptimizer) -> int:
-    # Adam's own per-parameter counters only: a param group's "step" (restored from a saved state dict)
-    # belongs to megatron's LR scheduler, which we do not use, and is never advanced by the optimizer.
-    steps = {float(s["step"]) for s in dopt.optimizer.state.values() if "step" in s}
-    if len(steps) > 1:
-        raise RuntimeError(f"optimizer parameters disagree on the step count: {sorted(steps)}")
-    return int(steps.pop()) if steps else 0
+# ----------------------------------------------------------------------------------------------- state
+# Why not megatron's own optimizer state_dict / load_state_dict: on the torch-AdamW path (no Apex / TE:
+# what CPU and many GPU installs run) its DistributedOptimizer reload (1) asserts on an optimizer that has
+# not stepped, (2) raises KeyError 'step' on param states without one, (3) loads ONE shared step tensor
+# into every parameter, which torch AdamW then advances N times per step (silent divergence), and (4) its
+# dp_reshardable getter and loader disagree on a 'padding' key (ENVIRONMENT.md). Its formats are also tied
+# to the DP size. We read and write each parameter's fragment through the optimizer's own accessors
+# (``_get_main_param_and_optimizer_states``, ``_get_model_param_range_map``) instead: every parameter's
+# full state is the sum over DP ranks of their fragments (each element lives on exactly one rank).
+def _main_params(optimizer) -> Dict[torch.nn.Parameter, Tuple[torch.optim.Optimizer, torch.Tensor]]:
+    """model param -> (torch optimizer, its main param) for megatron's non-distributed optimizers."""
+    out = {}
+    for sub in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if isinstance(sub, DistributedOptimizer):
+            continue
+        if hasattr(sub, "float16_groups"):  # bf16 weights, fp32 main copies
+            pairs = [(m, f) for mg, fg in zip(sub.float16_groups, sub.fp32_from_float16_groups) for m, f in zip(mg, fg)]
+            pairs += [(p, p) for g in sub.fp32_from_fp32_groups for p in g]
+        else:  # FP32Optimizer: Adam runs on the model's own parameters
+            pairs = [(p, p) for g in sub.optimizer.param_groups for p in g["params"]]
+        out.update({m: (sub.optimizer, f) for m, f in pairs})
+    return out
 
 
-def save_distributed_optimizer(dopt: DistributedOptimizer) -> dict:
-    step = _step_of(dopt)
-    if not dopt.optimizer.state:  # fix (1): nothing has been stepped, nothing to save but the step
-        return {"step": 0}
-    param_state = snapshot(dopt.get_parameter_state_dp_reshardable())
-    for gbuf in (v for k, v in param_state.items() if isinstance(k, int)):
-        for buckets in gbuf.values():
-            for bucket in buckets:
-                for entry in bucket:
-                    entry["step"] = torch.tensor(float(step))  # fix (2): every entry carries its step
-                    entry["padding"] = False  # fix (4): the loader filters on a key the getter never sets
-    return {"step": step, "common": snapshot(dopt.state_dict()), "param_state": param_state}
+def _fragment(optimizer, param):
+    """(DistributedOptimizer, range of ``param``'s flat elements this rank updates), or None."""
+    for sub in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if isinstance(sub, DistributedOptimizer) and param in sub.model_param_group_index_map:
+            return sub, sub._get_model_param_range_map(param)["param"]
+    return None
 
 
-def load_distributed_optimizer(dopt: DistributedOptimizer, saved: dict) -> None:
-    if saved["step"] == 0:  # saved before the first step: a fresh optimizer is already in that state
-        return
-    with torch.no_grad():  # the shards copied into are views of parameters that require grad
-        dopt.load_state_dict({**saved["common"], "param_state": saved["param_state"],
-                              "param_state_sharding_type": "dp_reshardable"})
-    for state in dopt.optimizer.state.values():  # fix (3): one step tensor per parameter
-        if "step" in state:
-            state["step"] = torch.tensor(float(saved["step"]), dtype=state["step"].dtype,
-                                         device=state["step"].device)
-    assert _step_of(dopt) == saved["step"]
+def _fragment_tensors(sub: DistributedOptimizer, param, steps: int) -> dict:
+    """{'master', 'exp_avg', 'exp_avg_sq'}: live flat tensors of this rank's fragment of ``param``."""
+    gi, go = sub.model_param_group_index_map[param]
+    adam_state(sub.optimizer, sub.optimizer.param_groups[gi]["params"][go], steps)
+    t = sub._get_main_param_and_optimizer_states(param)
+    return {"master": t["param"], "exp_avg": t["exp_avg"], "exp_avg_sq": t["exp_avg_sq"]}
 
 
 # ----------------------------------------------------------------------------------------------- engine
@@ -178,6 +166,7 @@ class MegatronEngine(Engine):
                 ddp.broadcast_params()  # replicas start identical even if their init RNG did not
             self.optimizer = get_megatron_optimizer(opt_config, self.chunks, config_overrides={})
         self.model = self.chunks[0]
+        self.local_modules = chunks
         self.module = chunks if self.pipelined else chunks[0]
         self.scheduler = WarmupSchedule(lambda: self.optimizer.param_groups, o.lr, o.warmup_steps)
 
@@ -223,24 +212,59 @@ class MegatronEngine(Engine):
         torch.distributed.all_reduce(local, group=parallel_state.get_pipeline_model_parallel_group())
         return local[0]
 
+    def _named_parameters(self):
+        return [[(n, p) for n, p in chunk.named_parameters() if p.requires_grad] for chunk in self.local_modules]
+
     def state_dict(self) -> dict:
+        steps = self.scheduler.steps
+        counters = {"optimizer_steps": steps}
+        if not steps:
+            return {"params": [{} for _ in self.local_modules], "counters": counters}
+        kinds, main = state_kinds(self.cfg), _main_params(self.optimizer)
+        params = []
         with _megatron_call():
-            opts = [save_distributed_optimizer(sub) if isinstance(sub, DistributedOptimizer)
-                    else {"state": snapshot(sub.state_dict())} for sub in self._sub_optimizers()]
-        return {"optimizer": opts, "scheduler": self.scheduler.state_dict(),
-                "engine": {"dp_size": self.dp_size, "distributed_optimizer": self.cfg.parallel.distributed_optimizer}}
+            for named in self._named_parameters():
+                out = {}
+                for name, p in named:
+                    if p in main:
+                        opt, m = main[p]
+                        state = opt.state[m]
+                        out[name] = {k: (m if k == "master" else state[k]).detach().float().clone() for k in kinds}
+                        continue
+                    full = {k: torch.zeros(p.numel(), dtype=torch.float32, device=p.device) for k in kinds}
+                    frag = _fragment(self.optimizer, p)
+                    if frag is not None:
+                        sub, r = frag
+                        local = _fragment_tensors(sub, p, steps)
+                        for k in kinds:
+                            full[k][r.start:r.end] = local[k].detach().view(-1)
+                    for k in kinds:  # each element is held by exactly one DP rank: the sum is a gather
+                        torch.distributed.all_reduce(full[k], group=self.dp_group)
+                    out[name] = {k: v.view(p.shape) for k, v in full.items()}
+                params.append(out)
+        return {"params": params, "counters": counters}
 
     def load_state_dict(self, state: dict) -> None:
-        saved = state["engine"]
-        if (saved["dp_size"], saved["distributed_optimizer"]) != (self.dp_size, self.cfg.parallel.distributed_optimizer):
-            raise ValueError(f"optimizer state was saved with data-parallel size {saved['dp_size']} and "
-                             f"parallel.distributed_optimizer={saved['distributed_optimizer']}; this run has "
-                             f"{self.dp_size} and {self.cfg.parallel.distributed_optimizer}")
-        with _megatron_call():
-            for sub, sub_state in zip(self._sub_optimizers(), state["optimizer"], strict=True):
-                if isinstance(sub, DistributedOptimizer):
-                    load_distributed_optimizer(sub, sub_state)
-                else:
-                    sub.load_state_dict(sub_state["state"])
-        self.scheduler.load_state_dict(state["scheduler"])
-
+        counters = state["counters"]
+        steps = counters["optimizer_steps"]
+        if steps:
+            main = _main_params(self.optimizer)
+            with _megatron_call(), torch.no_grad():
+                for named, saved in zip(self._named_parameters(), state["params"], strict=True):
+                    for name, p in named:
+                        src = dict(saved[name])
+                        src.setdefault("master", p.detach().float())  # fp32 runs: the weights are the master
+                        if p in main:
+                            opt, m = main[p]
+                            own = adam_state(opt, m, steps)
+                            for k in ADAM_KINDS:
+                                own[k].copy_(src[k])
+                            if m is not p:
+                                m.copy_(src["master"])
+                            continue
+                        frag = _fragment(self.optimizer, p)
+                        if frag is not None:
+                            sub, r = frag
+                            for k, t in _fragment_tensors(sub, p, steps).items():
+                                t.view(-1).copy_(src[k].reshape(-1)[r.start:r.end])
+        self.scheduler.load_state_dict({"steps": steps})

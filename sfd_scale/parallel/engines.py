@@ -2,7 +2,7 @@
 
     engine = build_engine(model, cfg)           # picks cfg.parallel.engine: plain | megatron | deepspeed
     metrics = engine.train_step(micro_batches, loss_fn)   # loss_fn(engine.model, micro_batch) -> scalar
-    engine.state_dict() / engine.load_state_dict(state)   # optimizer + LR schedule (+ engine) of this rank
+    engine.state_dict() / engine.load_state_dict(state)   # optimizer + LR schedule, layout-free (below)
 
 * ``plain`` (this file): one process, torch AdamW (fused where supported), LambdaLR linear warmup,
   ``clip_grad_norm_`` - exactly the single-process trainer's arithmetic.
@@ -16,6 +16,14 @@ number of micro-batches per rank) and ``local_micro_batches`` cuts a global batc
 micro-batches, so a run at DP = 1 and one at DP = 2 process the same samples per optimizer step.
 Model *weights* are not part of ``state_dict()``: the trainer saves / loads them through ``module``
 (the unwrapped LightningDiT) before calling ``load_state_dict``.
+
+The optimizer state comes in one form for every engine, independent of how it is sharded over
+data-parallel ranks: per parameter of ``module`` (per pipeline chunk), Adam's ``exp_avg`` and
+``exp_avg_sq`` in the parameter's (TP-local) shape, plus the fp32 ``master`` copy when the weights are
+kept in bf16; and layout-free counters (optimizer steps, LR schedule). Engines that shard the optimizer
+over DP (megatron's distributed optimizer, ZeRO) assemble each parameter's full state on save and keep
+their own fragment on load, so a checkpoint continues on any DP size or engine, and the trainer
+reshards it over TP / PP like the weights (``train/checkpoint.py``).
 """
 from __future__ import annotations
 
@@ -86,10 +94,19 @@ class Engine:
         raise NotImplementedError
 
     def state_dict(self) -> dict:
+        """{'params': [per chunk: {param name: {kind: tensor}}] (empty before the first step), 'counters':
+        {'optimizer_steps': n, engine extras}}. Collective over DP for engines that shard the optimizer."""
         raise NotImplementedError
 
     def load_state_dict(self, state: dict) -> None:
+        """Load ``state_dict()`` output (from any DP size). The weights must already be in ``module``:
+        engines with fp32 master copies take them from there when the state has no 'master'."""
         raise NotImplementedError
+
+    def discard_step(self) -> None:
+        """Forget a step that raised before its optimizer step (a non-finite loss, ``_mean_loss``): nothing was
+        updated, and the next step must start from clean gradients. The plain and megatron engines clear
+        gradients at the start of every step already."""
 
     @contextlib.contextmanager
     def full_parameters(self):
@@ -117,15 +134,46 @@ class Engine:
         return mean
 
 
-def snapshot(obj):
-    """Deep copy with every tensor cloned to CPU (optimizer state dicts hold live references)."""
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().clone().cpu()
-    if isinstance(obj, dict):
-        return {k: snapshot(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(snapshot(v) for v in obj)
-    return obj
+# ----------------------------------------------------------------------------------------------- state
+ADAM_KINDS = ("exp_avg", "exp_avg_sq")
+
+
+def state_kinds(cfg: Config) -> Tuple[str, ...]:
+    """The per-parameter optimizer tensors a checkpoint holds: with bf16 weights also the fp32 master."""
+    return ADAM_KINDS + (("master",) if cfg.train.precision == "bf16" and cfg.parallel.engine != "plain" else ())
+
+
+def adam_state(optimizer: torch.optim.Optimizer, param: torch.Tensor, step: int) -> dict:
+    """``optimizer.state[param]`` of a torch Adam(W), created (zeros, ``step``) the way torch creates it
+    before a parameter's first step when it is empty (a fresh optimizer about to be loaded)."""
+    state = optimizer.state[param]
+    if not state:
+        # (ZeRO-3 swaps its flat partitions into the param groups only during its step: default to group 0)
+        group = next((g for g in optimizer.param_groups if any(q is param for q in g["params"])),
+                     optimizer.param_groups[0])
+        on_device = group.get("fused") or group.get("capturable")
+        state["step"] = torch.tensor(0.0, dtype=torch.float32, device=param.device if on_device else "cpu")
+        state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+        state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+    state["step"].fill_(float(step))  # one tensor per parameter: Adam increments it in place
+    return state
+
+
+def set_lr(param_groups: List[dict], lrs: Sequence[float]) -> None:
+    for group, lr in zip(param_groups, lrs, strict=True):
+        group["lr"] = lr
+
+
+def lambda_lr_at(scheduler: torch.optim.lr_scheduler.LambdaLR, steps: int) -> List[float]:
+    """Put a LambdaLR after ``steps`` optimizer steps, through its own state-dict format, and set that LR on
+    its optimizer (``load_state_dict`` alone leaves the optimizer's LR as it was). The step count is all a
+    checkpoint keeps of the schedule, so it moves between engines."""
+    lrs = [base * fn(steps) for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+    state = scheduler.state_dict()
+    state.update(last_epoch=steps, _step_count=steps + 1, _last_lr=lrs)
+    scheduler.load_state_dict(state)
+    set_lr(scheduler.optimizer.param_groups, lrs)
+    return lrs
 
 
 # ----------------------------------------------------------------------------------------------- plain
@@ -163,11 +211,21 @@ class PlainEngine(Engine):
         return {"loss": mean, "grad_norm": None if grad_norm is None else grad_norm.item(), "lr": lr}
 
     def state_dict(self) -> dict:
-        return {"optimizer": snapshot(self.optimizer.state_dict()), "scheduler": self.scheduler.state_dict()}
+        steps = self.scheduler.last_epoch
+        params = {name: {k: self.optimizer.state[p][k].detach().clone() for k in ADAM_KINDS}
+                  for name, p in self.module.named_parameters() if p.requires_grad} if steps else {}
+        return {"params": [params], "counters": {"optimizer_steps": steps}}
 
     def load_state_dict(self, state: dict) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        steps = state["counters"]["optimizer_steps"]
+        if steps:
+            saved = state["params"][0]
+            for name, p in self.module.named_parameters():
+                if p.requires_grad:
+                    own = adam_state(self.optimizer, p, steps)
+                    for k in ADAM_KINDS:
+                        own[k].copy_(saved[name][k])
+        lambda_lr_at(self.scheduler, steps)
 
 
 # ----------------------------------------------------------------------------------------------- factory

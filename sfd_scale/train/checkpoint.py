@@ -1,107 +1,310 @@
-"""Checkpoints: one directory per step, written atomically, verified by a manifest before use.
+"""Checkpoints: sharded, written by every rank in the background, published atomically, verified, pruned.
 
-Layout: ``<output_dir>/checkpoints/step_0001000/``
-  ``checkpoint.pt``        written by rank 0: an official-compatible container: ``model`` and ``ema`` state
-                           dicts under the official key names (full tensors, gathered over TP; the official
-                           ``inference.py`` can read our ``ema``), ``config`` (a plain dict, loads under
-                           ``torch.load(weights_only=True)``) and ``trainer`` (step, layout);
-  ``engine_rank00000.pt``  one per rank: that rank's optimizer / LR-schedule / engine state;
-  ``manifest.json``        written last by rank 0: size and sha256 of every file.
-The ranks write into a temporary directory that rank 0 renames once the manifest is complete, so a
-directory only exists (and counts) when every rank's part is there and verifies.
+A checkpoint is a directory ``<output_dir>/checkpoints/step_0001000/`` holding a
+torch.distributed.checkpoint (DCP) save plus ``manifest.json``. Keys (layout-free: any TP x PP x DP, any
+engine, resumes from it):
+
+  ``model/<official key>``, ``ema/<official key>``   full tensors under the official LightningDiT names;
+  ``optim/<kind>/<official key>``                    Adam ``exp_avg`` / ``exp_avg_sq`` (+ fp32 ``master``
+                                                     with bf16 weights), one full tensor per parameter;
+  ``counters``                                       optimizer steps, LR schedule, engine counters;
+  ``trainer``                                        step, data position, skipped steps, layout, code version;
+  ``config``                                         the resolved config (a plain dict);
+  ``rng/rank_00000`` ...                             every rank's torch / numpy / python RNG states
+                                                     (objects are stored packed: ``pack`` / ``unpack``).
+
+Every rank passes the tensors it holds (a TP group's ranks hold them gathered, pipeline stages their own
+blocks, DP replicas the same); DCP writes each key once, spreading the keys over the ranks that hold them.
+Loading reads only the keys a rank needs, so a run resumes on another layout.
+
+The save (``Checkpointer.save``) waits for the state to be copied to CPU memory; DCP then writes in a
+background thread into ``.tmp_step_…`` while training goes on. Rank 0 finishes in that thread: once DCP
+has every rank's writes it writes the manifest (size + sha256 of every file) last and renames the
+directory into place, then prunes (``checkpoint.keep_last`` newest + every ``checkpoint.keep_every``
+steps). A directory named ``step_*`` therefore exists only complete; a kill at any moment leaves at most
+a ``.tmp_*`` directory, removed at the next start. ``latest`` passes over (and reports) a checkpoint whose
+files do not match its manifest.
 """
 from __future__ import annotations
 
 import hashlib
+import io
 import json
+import logging
 import os
+import random
 import shutil
+import subprocess
+import threading
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Dict, Iterable, Optional
 
+import numpy as np
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemReader
 
-SHARED = "checkpoint.pt"
+log = logging.getLogger(__name__)
+
 MANIFEST = "manifest.json"
+FORMAT = "sfd_scale.dcp.v1"
 
 
-def rank_file(rank: int) -> str:
-    return f"engine_rank{rank:05d}.pt"
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _barrier() -> None:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: named, with the reason."""
 
 
 def checkpoint_dir(output_dir: str | os.PathLike, step: int) -> Path:
     return Path(output_dir) / "checkpoints" / f"step_{step:07d}"
 
 
-def save(output_dir: str | os.PathLike, step: int, shared: Optional[dict], per_rank: dict) -> Path:
-    """Collective: every rank passes its ``per_rank`` state, rank 0 also ``shared``."""
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    final = checkpoint_dir(output_dir, step)
-    tmp = final.parent / f".tmp_{final.name}"
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)  # leftovers of a run killed while saving
-        tmp.mkdir(parents=True)
-    _barrier()
-    torch.save(per_rank, tmp / rank_file(rank))
-    if rank == 0:
-        torch.save(shared, tmp / SHARED)
-    _barrier()
-    if rank == 0:
-        files = [SHARED] + [rank_file(r) for r in range(world)]
-        manifest = {"step": step, "world_size": world,
-                    "files": {f: {"bytes": (tmp / f).stat().st_size, "sha256": _sha256(tmp / f)} for f in files}}
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    _barrier()
-    return final
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
-def verify(directory: Path) -> bool:
+def code_version() -> dict:
+    """sfd_scale's version and, when it runs from a git checkout, the commit (and whether it was modified)."""
+    from .. import __version__
+
+    out = {"sfd_scale": __version__, "torch": str(torch.__version__)}
+    root = Path(__file__).resolve().parents[2]
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              timeout=10)
+        if head.returncode == 0:
+            dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                                   capture_output=True, text=True, timeout=10)
+            out.update(git_commit=head.stdout.strip(), git_modified=bool(dirty.stdout.strip()))
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- objects
+# Small objects (config, counters, RNG states) are stored as uint8 tensors of their torch.save bytes:
+# DCP would otherwise flatten nested dicts into keys of their own, and they load with
+# ``weights_only=True`` (plain types and tensors only, no pickled code).
+def pack(obj) -> torch.Tensor:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8)
+
+
+def unpack(t: torch.Tensor):
+    return torch.load(io.BytesIO(t.numpy().tobytes()), weights_only=True)
+
+
+def rng_state() -> dict:
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "cached": float(cached)}}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def rng_key(rank: int) -> str:
+    return f"rng/rank_{rank:05d}"
+
+
+# ----------------------------------------------------------------------------------------------- verify
+def verify(directory: Path) -> Optional[str]:
+    """None when every file listed in the manifest is there with its size and sha256; else the reason."""
     try:
         manifest = json.loads((directory / MANIFEST).read_text())
-        return all((directory / f).stat().st_size == m["bytes"] and _sha256(directory / f) == m["sha256"]
-                   for f, m in manifest["files"].items())
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
+        for name, meta in manifest["files"].items():
+            path = directory / name
+            if not path.is_file():
+                return f"{name} is missing"
+            if path.stat().st_size != meta["bytes"]:
+                return f"{name} has {path.stat().st_size} bytes, the manifest says {meta['bytes']}"
+            if _sha256(path) != meta["sha256"]:
+                return f"{name} does not match its sha256 in the manifest"
+        return None
+    except FileNotFoundError:
+        return f"no {MANIFEST}"
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        return f"unreadable {MANIFEST} ({err})"
 
 
-def latest(output_dir: str | os.PathLike) -> Optional[Path]:
-    """Newest checkpoint directory whose manifest verifies (a torn or corrupt one is passed over)."""
+def latest(output_dir: str | os.PathLike, report: Callable[[str], None] = log.warning) -> Optional[Path]:
+    """Newest checkpoint whose files verify against its manifest; each one passed over is reported."""
     root = Path(output_dir) / "checkpoints"
     if not root.is_dir():
         return None
     for directory in sorted(root.glob("step_*"), reverse=True):
-        if verify(directory):
+        problem = verify(directory)
+        if problem is None:
             return directory
+        report(f"skipping checkpoint {directory}: {problem}")
     return None
 
 
-def load(directory: Path, rank: Optional[int] = None) -> dict:
-    """The shared state, plus this rank's part under ``"engine"`` when ``rank`` is given."""
-    if not verify(directory):
-        raise ValueError(f"checkpoint {directory} fails its manifest check (incomplete or corrupt)")
-    state = torch.load(directory / SHARED, map_location="cpu", weights_only=True)
-    if rank is not None:
-        world = json.loads((directory / MANIFEST).read_text())["world_size"]
-        if not (directory / rank_file(rank)).is_file():
-            raise ValueError(f"checkpoint {directory} was written by {world} ranks; rank {rank} has no state there "
-                             f"(resume with the same layout)")
-        state["engine"] = torch.load(directory / rank_file(rank), map_location="cpu", weights_only=True)
+def manifest(directory: Path) -> dict:
+    return json.loads((Path(directory) / MANIFEST).read_text())
+
+
+def _publish(tmp: Path, final: Path, info: dict) -> None:
+    files = sorted(p.name for p in tmp.iterdir() if p.is_file())
+    info = {**info, "format": FORMAT,
+            "files": {f: {"bytes": (tmp / f).stat().st_size, "sha256": _sha256(tmp / f)} for f in files}}
+    with open(tmp / MANIFEST, "w") as f:
+        json.dump(info, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    if final.exists():  # a re-save of the same step (e.g. the final save after a periodic one)
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    fd = os.open(final.parent, os.O_RDONLY)  # the rename itself durable
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def prune(output_dir: str | os.PathLike, keep_last: int, keep_every: int) -> list:
+    """Delete published checkpoints other than the ``keep_last`` newest and multiples of ``keep_every``."""
+    root = Path(output_dir) / "checkpoints"
+    steps = sorted(int(p.name[5:]) for p in root.glob("step_*"))
+    keep = set(steps[-keep_last:]) if keep_last > 0 else set(steps)
+    keep |= {s for s in steps if keep_every and s % keep_every == 0}
+    removed = [s for s in steps if s not in keep]
+    for s in removed:
+        shutil.rmtree(checkpoint_dir(output_dir, s), ignore_errors=True)
+    return removed
+
+
+def remove_unfinished(output_dir: str | os.PathLike) -> list:
+    """``.tmp_*`` directories of saves that never finished (a kill during a save); rank 0 at start."""
+    root = Path(output_dir) / "checkpoints"
+    gone = sorted(root.glob(".tmp_step_*")) if root.is_dir() else []
+    for path in gone:
+        shutil.rmtree(path, ignore_errors=True)
+    return gone
+
+
+# ----------------------------------------------------------------------------------------------- save
+class Checkpointer:
+    """Collective saves through DCP on a process group of its own (the background writer's collectives
+    must not interleave with training's). One save in flight at a time."""
+
+    def __init__(self, output_dir: str | os.PathLike, keep_last: int = 3, keep_every: int = 0,
+                 asynchronous: bool = True):
+        self.out, self.keep_last, self.keep_every, self.asynchronous = Path(output_dir), keep_last, keep_every, asynchronous
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.group = dist.new_group(backend="gloo") if dist.is_initialized() else None
+        self._pending: Optional[threading.Thread] = None
+        self._error: Optional[BaseException] = None
+        self.saved_steps: list = []
+
+    def save(self, step: int, state: Dict[str, object], info: dict) -> Path:
+        """Start saving ``state`` (this rank's keys) as step ``step``; returns the final directory. ``info``
+        goes into the manifest (rank 0's)."""
+        self.wait()
+        final = checkpoint_dir(self.out, step)
+        tmp = final.parent / f".tmp_{final.name}"
+        if self.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        if self.group is not None:
+            dist.barrier(group=self.group)
+        kwargs = dict(checkpoint_id=str(tmp), process_group=self.group, no_dist=self.group is None)
+        if self.asynchronous:
+            future = dcp.async_save(state, **kwargs)  # returns once the state is staged in CPU memory
+        else:
+            dcp.save(state, **kwargs)
+            future = None
+
+        def finish() -> None:
+            try:
+                if future is not None:
+                    future.result()
+                if self.rank == 0:
+                    _publish(tmp, final, {**info, "step": step})
+                    self.saved_steps.append(step)
+                    prune(self.out, self.keep_last, self.keep_every)
+            except BaseException as err:  # surfaced by the next wait()
+                self._error = err
+
+        if self.asynchronous:
+            self._pending = threading.Thread(target=finish, name=f"checkpoint-{step}", daemon=True)
+            self._pending.start()
+        else:
+            finish()
+            self._raise()
+        return final
+
+    def wait(self) -> None:
+        """Block until the save in flight is written and published (rank 0) or written (others)."""
+        if self._pending is not None:
+            self._pending.join()
+            self._pending = None
+        self._raise()
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            err, self._error = self._error, None
+            raise RuntimeError(f"checkpoint save failed: {err}") from err
+
+
+# ----------------------------------------------------------------------------------------------- load
+def stored_keys(directory: Path) -> Dict[str, object]:
+    """Key -> DCP metadata (tensor: ``.size`` / ``.properties.dtype``; object: bytes) of a checkpoint."""
+    return dict(FileSystemReader(str(directory)).read_metadata().state_dict_metadata)
+
+
+def empty_like_stored(directory: Path, keys: Iterable[str], meta: Optional[dict] = None) -> Dict[str, torch.Tensor]:
+    """Tensors of the stored shapes and dtypes to load ``keys`` into; CheckpointError naming a missing key."""
+    meta = stored_keys(directory) if meta is None else meta
+    out = {}
+    for key in keys:
+        m = meta.get(key)
+        if m is None or not hasattr(m, "size"):
+            raise CheckpointError(f"checkpoint {directory} has no tensor {key!r}")
+        out[key] = torch.empty(tuple(m.size), dtype=m.properties.dtype)
+    return out
+
+
+def load(directory: Path, state: Dict[str, object], group=None) -> Dict[str, object]:
+    """Fill ``state`` (tensors of the right shapes, placeholders for objects) from ``directory``; each rank
+    reads only its keys. Collective over ``group`` when distributed."""
+    dcp.load(state, checkpoint_id=str(directory), process_group=group,
+             no_dist=not (dist.is_initialized() and dist.get_world_size() > 1))
     return state
+
+
+def read_weights(directory: str | os.PathLike, which: str = "ema") -> Dict[str, torch.Tensor]:
+    """Full official-named weights (``ema`` or ``model``) of a checkpoint, in one process (tools)."""
+    directory = Path(directory)
+    problem = verify(directory)
+    if problem is not None:
+        raise CheckpointError(f"checkpoint {directory} cannot be used: {problem}")
+    meta = stored_keys(directory)
+    keys = [k for k in meta if k.startswith(which + "/")]
+    if not keys:
+        raise CheckpointError(f"checkpoint {directory} has no {which!r} weights")
+    state = empty_like_stored(directory, keys, meta)
+    dcp.load(state, checkpoint_id=str(directory), no_dist=True)
+    return {k[len(which) + 1:]: v for k, v in state.items()}
+
+
+def read_object(directory: str | os.PathLike, key: str):
+    """One stored object (``config``, ``trainer``, ``counters``), in one process."""
+    state = empty_like_stored(Path(directory), [key])
+    dcp.load(state, checkpoint_id=str(directory), no_dist=True)
+    return unpack(state[key])

@@ -9,11 +9,13 @@ have done, and DP = 2 trains on exactly what DP = 1 trains on, whichever rank re
 from __future__ import annotations
 
 import contextlib
+import math
 import os
+import signal
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Optional
+from typing import Dict, Optional
 
 import numpy as np
 import torch
@@ -28,11 +30,16 @@ from ..eval.generate import save_sample_grid
 from ..logging import RunLogger
 from ..models.lightningdit import LightningDiT, count_parameters
 from ..models.official import export_official_state_dict, load_official_state_dict, read_checkpoint
-from ..parallel.engines import build_engine, local_micro_batches
+from ..parallel.engines import ADAM_KINDS, build_engine, local_micro_batches
 from ..parallel.layout import ParallelLayout, initialize
 from ..parallel.pipeline import MicroBatch, build_stages, global_key, stage_state_dict
+from ..parallel.tensor_parallel import gather_state_dict, model_tp, shard_state_dict
 from . import checkpoint as ckpt
 from .ema import EMA
+
+
+REQUEUE_EXIT = 75  # EX_TEMPFAIL ("try again later"): checkpoint written on a signal or at the time budget;
+                   # slurm/common.sh requeues the job when the training step exits with it
 
 
 def _device(name: str) -> torch.device:
@@ -103,11 +110,17 @@ class Trainer:
         self.model = nn.ModuleList(chunks) if self.pipelined else chunks[0]
         self.ema = EMA(self.model, cfg.train.ema_decay)
         self.objective = SFDObjective(self.spec, objective_config(cfg))
-        self.step = 0
-        resumed = ckpt.latest(self.out) if cfg.checkpoint.resume else None
-        if resumed is not None:
-            self.load_state(ckpt.load(resumed, rank=self.rank))
-        self.resumed_from = resumed
+        self.step, self.nonfinite_steps, self.notes = 0, 0, []
+        self.code = ckpt.code_version()
+        c = cfg.checkpoint
+        self.checkpointer = ckpt.Checkpointer(self.out, c.keep_last, c.keep_every, c.asynchronous)
+        # stop requests (signals, time budget) are agreed on every step over a CPU group of their own
+        self.control_group = dist.new_group(backend="gloo") if dist.get_world_size() > 1 else None
+        self._stop_signal: Optional[str] = None
+        self._saved_step: Optional[int] = None
+        self.resumed_from = self._choose_checkpoint() if c.resume else None
+        if self.resumed_from is not None:
+            self.load_checkpoint(self.resumed_from)
 
     # ------------------------------------------------------------------------------------------ state
     def _part(self, full: dict, chunk) -> dict:
@@ -118,7 +131,8 @@ class Trainer:
         return list(self.ema.model) if self.pipelined else [self.ema.model]
 
     def full_state_dict(self, chunks) -> dict:
-        """Official-named full weights: gathered over TP by the export, over pipeline stages here."""
+        """Official-named full weights on every rank: gathered over TP by the export, over pipeline stages
+        here (collective; for tests and tools, checkpoints do not need it)."""
         local = {}
         for chunk in chunks:
             local.update({global_key(chunk, k): v for k, v in export_official_state_dict(chunk).items()})
@@ -128,22 +142,97 @@ class Trainer:
         dist.all_gather_object(parts, local, group=parallel_state.get_pipeline_model_parallel_group())
         return {k: v for part in parts for k, v in part.items()}
 
-    def save(self) -> Path:
-        """Collective: full weights under official names on rank 0, engine state per rank."""
-        model, ema = self.full_state_dict(self.chunks), self.full_state_dict(self._ema_chunks())
+    def _trainer_info(self) -> dict:
         p = self.cfg.parallel
-        layout = {"tensor_parallel": p.tensor_parallel, "pipeline_parallel": p.pipeline_parallel,
-                  "virtual_stages": p.virtual_stages, "data_parallel": self.dp_size, "engine": self.engine.name}
-        shared = ({"model": model, "ema": ema, "config": asdict(self.cfg),
-                   "trainer": {"step": self.step, "layout": layout}} if self.rank == 0 else None)
-        return ckpt.save(self.out, self.step, shared, self.engine.state_dict())
+        return {"step": self.step, "nonfinite_steps": self.nonfinite_steps, "seed": self.cfg.train.seed,
+                "global_batch_size": self.cfg.train.global_batch_size,
+                # batch k is a pure function of (seed, k): the data position is the step (data/sources.py)
+                "data_position": {"global_batches": self.step, "samples": self.step * self.cfg.train.global_batch_size},
+                "layout": {"tensor_parallel": p.tensor_parallel, "pipeline_parallel": p.pipeline_parallel,
+                           "virtual_stages": p.virtual_stages, "data_parallel": self.dp_size,
+                           "engine": self.engine.name, "world_size": dist.get_world_size()},
+                "code": self.code}
 
-    def load_state(self, state: dict) -> None:
+    def save(self) -> Path:
+        """Collective: start writing a checkpoint of this step (``train/checkpoint.py``). Every tensor goes in
+        under its official full name: weights gathered over TP, optimizer state per parameter gathered
+        over TP here and over DP by the engine."""
+        state: Dict[str, torch.Tensor] = {}
         for chunk, ema_chunk in zip(self.chunks, self._ema_chunks()):
-            load_official_state_dict(chunk, self._part(state["model"], chunk))
-            load_official_state_dict(ema_chunk, self._part(state["ema"], ema_chunk))
-        self.engine.load_state_dict(state["engine"])
-        self.step = int(state["trainer"]["step"])
+            for which, module in (("model", chunk), ("ema", ema_chunk)):
+                for key, value in export_official_state_dict(module).items():
+                    state[f"{which}/{global_key(chunk, key)}"] = value
+        engine_state = self.engine.state_dict()
+        for chunk, params in zip(self.chunks, engine_state["params"], strict=True):
+            _, tp_size, group = model_tp(chunk)
+            for kind in sorted({k for kinds in params.values() for k in kinds}):
+                local = {name: kinds[kind] for name, kinds in params.items()}
+                full = gather_state_dict(local, chunk.args, group=group) if tp_size > 1 else local
+                state.update({f"optim/{kind}/{global_key(chunk, name)}": t for name, t in full.items()})
+        state[ckpt.rng_key(self.rank)] = ckpt.pack(ckpt.rng_state())
+        info = self._trainer_info()
+        if self.rank == 0:
+            state["counters"] = ckpt.pack(engine_state["counters"])
+            state["trainer"] = ckpt.pack(info)
+            state["config"] = ckpt.pack(asdict(self.cfg))
+        self._saved_step = self.step
+        return self.checkpointer.save(self.step, state, {"layout": info["layout"], "code": self.code})
+
+    def _choose_checkpoint(self) -> Optional[Path]:
+        """Rank 0 removes unfinished saves, verifies the checkpoints newest first and tells every rank."""
+        found = [None, []]
+        if self.rank == 0:
+            notes = [f"removed the unfinished checkpoint save {p}" for p in ckpt.remove_unfinished(self.out)]
+            path = ckpt.latest(self.out, report=notes.append)
+            found = [None if path is None else str(path), notes]
+        if dist.get_world_size() > 1:
+            dist.broadcast_object_list(found, src=0)
+        self.notes = found[1]
+        return None if found[0] is None else Path(found[0])
+
+    def load_checkpoint(self, directory: Path) -> None:
+        """Collective: continue from ``directory``, written by any layout and engine."""
+        meta = ckpt.stored_keys(directory)
+        objects = ["counters", "trainer"] + ([ckpt.rng_key(self.rank)] if ckpt.rng_key(self.rank) in meta else [])
+        kinds = [k for k in ADAM_KINDS + ("master",) if any(key.startswith(f"optim/{k}/") for key in meta)]
+        keys = list(objects)
+        for chunk in self.chunks:
+            names = [k for k in chunk.state_dict() if not k.endswith("_extra_state")]
+            keys += [f"{which}/{global_key(chunk, k)}" for which in ("model", "ema") for k in names]
+            keys += [f"optim/{kind}/{global_key(chunk, n)}" for kind in kinds
+                     for n, p in chunk.named_parameters() if p.requires_grad]
+        try:
+            state = ckpt.empty_like_stored(directory, keys, meta)
+        except ckpt.CheckpointError as err:
+            raise ckpt.CheckpointError(f"{err}: it does not fit this model (model.* settings changed?)") from None
+        ckpt.load(directory, state, self.checkpointer.group)
+        info = ckpt.unpack(state["trainer"])
+        for key, name in (("global_batch_size", "train.global_batch_size"), ("seed", "train.seed")):
+            if info[key] != getattr(self.cfg.train, key):
+                raise ckpt.CheckpointError(f"checkpoint {directory} was trained with {name}={info[key]}, this run has "
+                                           f"{getattr(self.cfg.train, key)}: the data order and random draws would "
+                                           f"not continue (use a new train.output_dir, or checkpoint.init_from)")
+
+        def part(prefix: str, chunk) -> dict:
+            return self._part({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}, chunk)
+
+        params = []
+        for chunk, ema_chunk in zip(self.chunks, self._ema_chunks()):
+            load_official_state_dict(chunk, part("model/", chunk))
+            load_official_state_dict(ema_chunk, part("ema/", chunk))
+            tp_rank, tp_size, _ = model_tp(chunk)
+            per: Dict[str, dict] = {}
+            for kind in kinds:
+                full = part(f"optim/{kind}/", chunk)
+                local = shard_state_dict(full, chunk.args, tp_rank, tp_size) if tp_size > 1 else full
+                for name, t in local.items():
+                    per.setdefault(name, {})[kind] = t
+            params.append(per)
+        self.engine.load_state_dict({"params": params, "counters": ckpt.unpack(state["counters"])})
+        if ckpt.rng_key(self.rank) in state:
+            ckpt.set_rng_state(ckpt.unpack(state[ckpt.rng_key(self.rank)]))
+        self.step, self.nonfinite_steps = int(info["step"]), int(info["nonfinite_steps"])
+        self._saved_step = self.step
 
     # ------------------------------------------------------------------------------------------ steps
     def loader(self):
@@ -180,17 +269,42 @@ class Trainer:
         return terms["total"]
 
     def train_step(self, batch) -> dict:
+        """One optimizer step. A step whose loss is NaN / Inf on any rank changes nothing (no update, no EMA
+        step; the engines raise before their optimizer step) and is counted; its batch counts as consumed."""
         self.model.train()
         micro = local_micro_batches(self.step_inputs(batch), self.engine.micro_batch_size, 0, 1)
-        if self.pipelined:  # the schedule runs the objective on the stages; micro-batches carry the draws
-            micro = [MicroBatch(*mb) for mb in micro]
-            with self.autocast():
-                metrics = self.engine.train_step(micro, self.objective)
-        else:
-            metrics = self.engine.train_step(micro, self.loss_fn)
+        try:
+            if self.pipelined:  # the schedule runs the objective on the stages; micro-batches carry the draws
+                micro = [MicroBatch(*mb) for mb in micro]
+                with self.autocast():
+                    metrics = self.engine.train_step(micro, self.objective)
+            else:
+                metrics = self.engine.train_step(micro, self.loss_fn)
+        except FloatingPointError as err:
+            self.engine.discard_step()
+            self.step += 1
+            self.nonfinite_steps += 1
+            return {"skipped": str(err)}
         self.ema.update()
         self.step += 1
         return {k: v for k, v in metrics.items() if v is not None}
+
+    def _on_signal(self, signum, frame) -> None:  # only notes it: the step in progress finishes first
+        self._stop_signal = signal.Signals(signum).name
+
+    def stop_reason(self, started: float) -> Optional[str]:
+        """Collective: why every rank stops after this step (a signal reached any rank, or rank 0's wall-clock
+        budget ran out), or None."""
+        budget = self.cfg.train.time_budget_s
+        flags = torch.tensor([self._stop_signal is not None,
+                              self.rank == 0 and budget > 0 and time.monotonic() - started >= budget], dtype=torch.int32)
+        if self.control_group is not None:
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.control_group)
+        if flags[0]:
+            return f"signal {self._stop_signal or 'received by another rank'}"
+        if flags[1]:
+            return f"train.time_budget_s={budget:g} reached"
+        return None
 
     def sample_grid(self, name: str) -> Optional[str]:
         """Collective under TP (every rank samples); rank 0 writes the PNG. Not with pipeline stages:
@@ -203,6 +317,8 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------ loop
     def fit(self) -> dict:
+        """Train to ``train.max_steps``. Returns a summary; its ``exit_status`` is ``REQUEUE_EXIT`` when the run
+        stopped early on a signal or its time budget (after writing a checkpoint), else 0."""
         cfg = self.cfg
         main = self.rank == 0
         if main:
@@ -212,42 +328,75 @@ class Trainer:
                            cfg.logging.run_name, asdict(cfg), cfg.train.max_steps, self.step,
                            cfg.logging.progress and main, quiet=not main)
         n_params = sum(count_parameters(c) for c in self.chunks)
+        env = os.environ
+        logger.write(f"start: job {env.get('SLURM_JOB_ID', '-')} restart {env.get('SLURM_RESTART_COUNT', '0')}, "
+                     f"{dist.get_world_size()} ranks, sfd_scale {self.code.get('git_commit', self.code['sfd_scale'])}"
+                     + (" (modified)" if self.code.get("git_modified") else ""))
+        for note in self.notes:
+            logger.write(note)
         logger.write(f"model {cfg.model.name} ({n_params / 1e6:.2f}M params per TP rank) on {self.device}, "
-                     f"engine {self.engine.name}, TP {cfg.parallel.tensor_parallel} x DP {self.dp_size}; data: "
-                     f"{self.data.description}" + (f"; resumed from {self.resumed_from}" if self.resumed_from else ""))
+                     f"engine {self.engine.name}, TP {cfg.parallel.tensor_parallel} x PP {cfg.parallel.pipeline_parallel}"
+                     f" x DP {self.dp_size}; data: {self.data.description}"
+                     + (f"; resumed from {self.resumed_from} (step {self.step})" if self.resumed_from else "; from scratch"))
         start_step, t0, first_loss, last = self.step, time.time(), None, {}
-        window = []
+        started, window, exit_status, grid, final_ckpt = time.monotonic(), [], 0, None, None
+        handlers = {name: signal.signal(getattr(signal, name), self._on_signal) for name in cfg.train.requeue_signals}
         try:
             for batch in self.loader():
                 if self.step >= cfg.train.max_steps:
                     break
                 last = self.train_step(batch)
-                first_loss = last["loss"] if first_loss is None else first_loss
-                window.append(last["loss"])
                 logger.advance()
-                if self.step % cfg.train.log_every == 0 or self.step == cfg.train.max_steps:
-                    last["loss_avg"] = sum(window) / len(window)
-                    last["steps/s"] = (self.step - start_step) / max(time.time() - t0, 1e-9)
-                    logger.log(self.step, last)
-                    window = []
+                if "skipped" in last:
+                    logger.write(f"step {self.step}: skipped, no update ({last['skipped']}); "
+                                 f"{self.nonfinite_steps} of train.max_nonfinite_steps={cfg.train.max_nonfinite_steps}")
+                    logger.log(self.step, {"loss": math.nan, "skipped_steps": self.nonfinite_steps})
+                    if self.nonfinite_steps >= cfg.train.max_nonfinite_steps:
+                        self.save()
+                        self.checkpointer.wait()
+                        raise FloatingPointError(f"{self.nonfinite_steps} steps had a non-finite loss "
+                                                 f"(train.max_nonfinite_steps={cfg.train.max_nonfinite_steps}); "
+                                                 f"stopped at step {self.step} with a checkpoint in {self.out}")
+                else:
+                    first_loss = last["loss"] if first_loss is None else first_loss
+                    window.append(last["loss"])
+                    if self.step % cfg.train.log_every == 0 or self.step == cfg.train.max_steps:
+                        last["loss_avg"] = sum(window) / len(window)
+                        last["steps/s"] = (self.step - start_step) / max(time.time() - t0, 1e-9)
+                        logger.log(self.step, last)
+                        window = []
                 if cfg.train.sample_every and self.step % cfg.train.sample_every == 0:
                     grid = self.sample_grid(f"step_{self.step:07d}")
                     if main and grid:
                         logger.log_image(self.step, "samples", grid)
                 if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0:
                     self.save()
-            final_ckpt = self.save()
-            grid = self.sample_grid("final")
-            if main and grid:
-                logger.log_image(self.step, "samples", grid)
+                reason = self.stop_reason(started)
+                if reason is not None:
+                    logger.write(f"stopping at step {self.step}: {reason}; writing a checkpoint, then exit status "
+                                 f"{REQUEUE_EXIT} (requeue)")
+                    exit_status = REQUEUE_EXIT
+                    break
+            if self._saved_step != self.step:
+                self.save()
+            final_ckpt = ckpt.checkpoint_dir(self.out, self.step)
+            self.checkpointer.wait()
+            logger.write(f"checkpoint {final_ckpt} written")
+            if exit_status == 0:
+                grid = self.sample_grid("final")
+                if main and grid:
+                    logger.log_image(self.step, "samples", grid)
         finally:
+            for name, handler in handlers.items():
+                signal.signal(getattr(signal, name), handler)
+            self.checkpointer.wait()
             logger.close()
             self.data.close()
         elapsed = time.time() - t0
-        summary = {"steps": self.step, "steps_this_run": self.step - start_step, "seconds": round(elapsed, 1),
-                   "params_M": round(n_params / 1e6, 3), "first_loss": first_loss, "last_loss": last.get("loss"),
-                   "checkpoint": str(final_ckpt), "samples": grid}
-        return summary
+        return {"steps": self.step, "steps_this_run": self.step - start_step, "seconds": round(elapsed, 1),
+                "params_M": round(n_params / 1e6, 3), "first_loss": first_loss, "last_loss": last.get("loss"),
+                "checkpoint": str(final_ckpt), "samples": grid, "exit_status": exit_status,
+                "nonfinite_steps": self.nonfinite_steps}
 
 
 def summary_text(summary: dict, cfg: Config) -> str:
@@ -258,5 +407,6 @@ def summary_text(summary: dict, cfg: Config) -> str:
             f"{cfg.sfd.texture_chans} + semantic {cfg.sfd.semantic_chans} channels, dt={cfg.sfd.delta_t}) for "
             f"{summary['steps_this_run']} steps (total {summary['steps']}) in {summary['seconds']:.0f}s; {loss}. "
             + (f"EMA samples ({cfg.sample.method}, {cfg.sample.guidance} guidance x{cfg.sample.cfg_scale}): "
-               f"{summary['samples']}. " if summary["samples"] else "No sample grid (pipelined run). ")
-            + f"Checkpoint: {summary['checkpoint']}.")
+               f"{summary['samples']}. " if summary["samples"] else "No sample grid. ")
+            + f"Checkpoint: {summary['checkpoint']}."
+            + (f" Stopped early to be requeued (exit status {REQUEUE_EXIT})." if summary["exit_status"] else ""))

@@ -1,5 +1,7 @@
 """Single-process trainer: it trains, checkpoints, samples, and resumes exactly."""
 
+import json
+
 import pytest
 import torch
 
@@ -24,9 +26,16 @@ def test_fit_trains_checkpoints_and_samples(tmp_path):
     assert ckpt.latest(tmp_path).name == "step_0000006"
     assert (tmp_path / "checkpoints" / "step_0000003" / "manifest.json").is_file()
     assert (tmp_path / "samples" / "final.png").stat().st_size > 0
-    state = ckpt.load(ckpt.latest(tmp_path), rank=0)
-    assert set(state) >= {"model", "ema", "engine", "config", "trainer"}
-    assert not any(k.endswith("_extra_state") for k in state["ema"])  # official key names
+    newest = ckpt.latest(tmp_path)
+    ema = ckpt.read_weights(newest, "ema")
+    assert not any(k.endswith("_extra_state") for k in ema) and "blocks.1.attn.qkv.weight" in ema  # official names
+    assert ckpt.read_object(newest, "trainer")["step"] == 6
+    assert ckpt.read_object(newest, "config")["train"]["max_steps"] == 6
+    info = ckpt.manifest(newest)
+    assert info["step"] == 6 and info["layout"]["world_size"] == 1 and "sfd_scale" in info["code"]
+    metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [2, 4, 6]
+    assert "start: job" in (tmp_path / "log.txt").read_text()
 
 
 def test_resume_is_exact(tmp_path):
@@ -55,10 +64,15 @@ def test_bf16_step(tmp_path):
 def test_corrupt_checkpoint_is_passed_over(tmp_path):
     Trainer(tiny_config(tmp_path, "train.max_steps=2", "checkpoint.every=1")).fit()
     newest = ckpt.latest(tmp_path)
-    (newest / ckpt.SHARED).write_bytes(b"torn write")
-    assert ckpt.latest(tmp_path).name == "step_0000001"
-    with pytest.raises(ValueError, match="manifest"):
-        ckpt.load(newest)
+    data = sorted(newest.glob("*.distcp"))[0]
+    data.write_bytes(data.read_bytes()[:-7])  # truncated
+    skipped = []
+    assert ckpt.latest(tmp_path, report=skipped.append).name == "step_0000001"
+    assert "step_0000002" in skipped[0] and "bytes, the manifest says" in skipped[0]
+    with pytest.raises(ckpt.CheckpointError, match="cannot be used"):
+        ckpt.read_weights(newest)
+    resumed = Trainer(tiny_config(tmp_path, "train.max_steps=2", "checkpoint.every=1", "checkpoint.resume=true"))
+    assert resumed.step == 1 and "skipping checkpoint" in resumed.notes[0]
 
 
 def test_ema_update_rule(tmp_path):
