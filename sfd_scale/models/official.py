@@ -180,6 +180,12 @@ def load_official_state_dict(model: LightningDiT, sd: Mapping[str, torch.Tensor]
     if tp_size > 1:
         sd = shard_state_dict(sd, model.args, tp_rank, tp_size)
     own = {k: v for k, v in model.state_dict().items() if not _is_extra_state(k)}
+    check_fits(own, sd)
+    model.load_state_dict({k: sd[k] for k in own}, strict=False)
+
+
+def check_fits(own: Mapping[str, torch.Tensor], sd: Mapping[str, torch.Tensor]) -> None:
+    """ValueError listing missing / unexpected keys and shape mismatches of ``sd`` against ``own``."""
     missing = sorted(set(own) - set(sd))
     unexpected = sorted(k for k in set(sd) - set(own) if not _is_extra_state(k))
     wrong = sorted(f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
@@ -193,7 +199,6 @@ def load_official_state_dict(model: LightningDiT, sd: Mapping[str, torch.Tensor]
         if wrong:
             parts.append(f"shape mismatches {wrong[:4]}")
         raise ValueError("state dict does not fit the model: " + "; ".join(parts))
-    model.load_state_dict({k: sd[k] for k in own}, strict=False)
 
 
 def export_official_state_dict(model: LightningDiT) -> StateDict:

@@ -14,6 +14,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from . import cpu_compat
+from .launch import slurm_rendezvous
 
 
 @dataclass(frozen=True)
@@ -37,7 +38,10 @@ class ParallelLayout:
 def _init_process_group() -> None:
     if dist.is_initialized():
         return
+    slurm_rendezvous()  # srun tasks: RANK, WORLD_SIZE, LOCAL_RANK, MASTER_* from SLURM's variables
     backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if torch.cuda.is_available():  # each rank on its own GPU before NCCL binds one
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
         dist.init_process_group(backend)  # env:// from the launcher
     else:  # one process: an in-memory store, no port to pick or leak

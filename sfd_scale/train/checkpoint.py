@@ -85,6 +85,15 @@ def code_version() -> dict:
     return out
 
 
+def run_info(cfg, step: int, layout: dict, nonfinite_steps: int = 0) -> dict:
+    """The ``trainer`` object of a checkpoint. Batch k is a pure function of (seed, k) (data/sources.py),
+    so the data position is the step; seed and global batch size must match to continue."""
+    return {"step": step, "nonfinite_steps": nonfinite_steps, "seed": cfg.train.seed,
+            "global_batch_size": cfg.train.global_batch_size,
+            "data_position": {"global_batches": step, "samples": step * cfg.train.global_batch_size},
+            "layout": layout, "code": code_version()}
+
+
 # ----------------------------------------------------------------------------------------------- objects
 # Small objects (config, counters, RNG states) are stored as uint8 tensors of their torch.save bytes:
 # DCP would otherwise flatten nested dicts into keys of their own, and they load with

@@ -69,10 +69,11 @@ def sample_draws(seed: int, step: int, indices: torch.Tensor, shape: tuple, logn
 class Trainer:
     def __init__(self, cfg: Config):
         self.cfg = cfg
-        self.device = _device(cfg.train.device)
         self.out = Path(cfg.train.output_dir)
+        # first: under srun this sets RANK / LOCAL_RANK from SLURM's variables, which the device needs
         initialize(ParallelLayout(cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel,
                                   cfg.parallel.virtual_stages))
+        self.device = _device(cfg.train.device)
         self.pipelined = cfg.parallel.pipeline_parallel > 1
         self.rank = dist.get_rank()
         self.dp_rank = parallel_state.get_data_parallel_rank()
@@ -111,7 +112,7 @@ class Trainer:
         self.ema = EMA(self.model, cfg.train.ema_decay)
         self.objective = SFDObjective(self.spec, objective_config(cfg))
         self.step, self.nonfinite_steps, self.notes = 0, 0, []
-        self.code = ckpt.code_version()
+        self.code = ckpt.code_version()  # for the run log
         c = cfg.checkpoint
         self.checkpointer = ckpt.Checkpointer(self.out, c.keep_last, c.keep_every, c.asynchronous)
         # stop requests (signals, time budget) are agreed on every step over a CPU group of their own
@@ -144,14 +145,10 @@ class Trainer:
 
     def _trainer_info(self) -> dict:
         p = self.cfg.parallel
-        return {"step": self.step, "nonfinite_steps": self.nonfinite_steps, "seed": self.cfg.train.seed,
-                "global_batch_size": self.cfg.train.global_batch_size,
-                # batch k is a pure function of (seed, k): the data position is the step (data/sources.py)
-                "data_position": {"global_batches": self.step, "samples": self.step * self.cfg.train.global_batch_size},
-                "layout": {"tensor_parallel": p.tensor_parallel, "pipeline_parallel": p.pipeline_parallel,
-                           "virtual_stages": p.virtual_stages, "data_parallel": self.dp_size,
-                           "engine": self.engine.name, "world_size": dist.get_world_size()},
-                "code": self.code}
+        layout = {"tensor_parallel": p.tensor_parallel, "pipeline_parallel": p.pipeline_parallel,
+                  "virtual_stages": p.virtual_stages, "data_parallel": self.dp_size, "engine": self.engine.name,
+                  "world_size": dist.get_world_size()}
+        return ckpt.run_info(self.cfg, self.step, layout, self.nonfinite_steps)
 
     def save(self) -> Path:
         """Collective: start writing a checkpoint of this step (``train/checkpoint.py``). Every tensor goes in
@@ -176,7 +173,7 @@ class Trainer:
             state["trainer"] = ckpt.pack(info)
             state["config"] = ckpt.pack(asdict(self.cfg))
         self._saved_step = self.step
-        return self.checkpointer.save(self.step, state, {"layout": info["layout"], "code": self.code})
+        return self.checkpointer.save(self.step, state, {"layout": info["layout"], "code": info["code"]})
 
     def _choose_checkpoint(self) -> Optional[Path]:
         """Rank 0 removes unfinished saves, verifies the checkpoints newest first and tells every rank."""
@@ -192,6 +189,11 @@ class Trainer:
 
     def load_checkpoint(self, directory: Path) -> None:
         """Collective: continue from ``directory``, written by any layout and engine."""
+        fmt = ckpt.manifest(directory).get("format")
+        if fmt != ckpt.FORMAT:
+            raise ckpt.CheckpointError(f"checkpoint {directory} has format {fmt!r}, this sfd_scale reads {ckpt.FORMAT!r} "
+                                       f"(written by an older version): start a new train.output_dir, or take its "
+                                       f"weights with checkpoint.init_from")
         meta = ckpt.stored_keys(directory)
         objects = ["counters", "trainer"] + ([ckpt.rng_key(self.rank)] if ckpt.rng_key(self.rank) in meta else [])
         kinds = [k for k in ADAM_KINDS + ("master",) if any(key.startswith(f"optim/{k}/") for key in meta)]

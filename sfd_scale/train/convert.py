@@ -1,0 +1,123 @@
+"""Checkpoint conversion between the official release, sfd_scale's native checkpoints, single files and
+DeepSpeed ZeRO checkpoints (``tools/convert_checkpoint.py`` is the command).
+
+Native checkpoints (``train/checkpoint.py``) hold every tensor in full under its official name, so one
+native checkpoint serves every TP / PP / DP layout: a run on any layout resumes from it and shards while
+loading. There is therefore no per-layout native format to reshard offline; ``tests/dist/`` checks that
+loading with resharding equals the layout's own weights.
+
+Memory: each conversion holds at most one copy of the weights it converts (official ``.pt`` files are
+memory-mapped where their format allows, dtype changes happen tensor by tensor), plus the EMA when both
+are written.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import asdict
+from pathlib import Path
+from typing import Dict, Optional
+
+import torch
+
+from ..config import Config, model_args
+from ..models.lightningdit import LightningDiT
+from ..models.official import check_fits, read_checkpoint
+from . import checkpoint as ckpt
+
+StateDict = Dict[str, torch.Tensor]
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def expected_shapes(cfg: Config) -> StateDict:
+    """The full (TP = 1) state dict of the configured model, as meta tensors: shapes without memory."""
+    from ..parallel.layout import ensure_initialized
+
+    ensure_initialized()
+    with torch.device("meta"):
+        model = LightningDiT(model_args(cfg))
+    return {k: v for k, v in model.state_dict().items() if torch.is_tensor(v)}
+
+
+def check_against_config(sd: StateDict, cfg: Config, what: str) -> None:
+    try:
+        check_fits(expected_shapes(cfg), sd)
+    except ValueError as err:
+        raise ValueError(f"{what} does not fit model {cfg.model.name} of the config "
+                         f"(model.* settings): {err}") from None
+
+
+def write_native(out_dir: str | os.PathLike, cfg: Config, model: StateDict, ema: StateDict, step: int = 0,
+                 source: str = "") -> Path:
+    """A native checkpoint (run directory ``out_dir``, as ``train.output_dir``) with these weights and no
+    optimizer state: a run resumes from it at ``step`` with a fresh optimizer, on any layout."""
+    check_against_config(model, cfg, "the model weights")
+    check_against_config(ema, cfg, "the EMA weights")
+    state = {f"model/{k}": v for k, v in model.items()}
+    state.update({f"ema/{k}": v for k, v in ema.items()})
+    layout = {"converted_from": source}
+    state["counters"] = ckpt.pack({"optimizer_steps": 0})
+    state["trainer"] = ckpt.pack(ckpt.run_info(cfg, step, layout))
+    state["config"] = ckpt.pack(asdict(cfg))
+    saver = ckpt.Checkpointer(out_dir, keep_last=1 << 30, asynchronous=False)
+    return saver.save(step, state, {"layout": layout, "code": ckpt.code_version()})
+
+
+def official_to_native(src: str | os.PathLike, cfg: Config, out_dir: str | os.PathLike, step: int = 0) -> Path:
+    """An official ``train.py`` container (``model`` + ``ema``), a bare state dict or a ``.safetensors``
+    file (taken as both model and EMA) -> a native checkpoint."""
+    ema = read_checkpoint(src, which="ema")
+    try:
+        model = read_checkpoint(src, which="model")
+    except KeyError:  # a container with an 'ema' entry only
+        model = ema
+    return write_native(out_dir, cfg, model, ema, step, source=f"official {src}")
+
+
+def native_weights(directory: str | os.PathLike, which: str, dtype: Optional[str] = None) -> StateDict:
+    if dtype is not None and dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    sd = ckpt.read_weights(directory, which)
+    if dtype is not None:
+        for k in list(sd):  # one tensor at a time: no second full copy
+            sd[k] = sd[k].to(DTYPES[dtype])
+    return sd
+
+
+def native_to_official(directory: str | os.PathLike, out: str | os.PathLike) -> Path:
+    """The official container: ``model`` and ``ema`` under the official key names, what the official
+    ``inference.py`` loads (it takes ``ema``). Written aside and renamed."""
+    out = Path(out)
+    state = {"model": native_weights(directory, "model"), "ema": native_weights(directory, "ema")}
+    tmp = out.with_name(out.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, out)
+    return out
+
+
+def native_to_safetensors(directory: str | os.PathLike, out: str | os.PathLike, which: str = "ema",
+                          dtype: str = "fp32") -> Path:
+    """One consolidated ``.safetensors`` file of the EMA or raw weights in the chosen dtype."""
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    sd = native_weights(directory, which, dtype)
+    tmp = out.with_name(out.name + ".tmp")
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp),
+              metadata={"format": "pt", "source": str(directory), "weights": which, "dtype": dtype})
+    os.replace(tmp, out)
+    return out
+
+
+def deepspeed_to_native(ds_dir: str | os.PathLike, cfg: Config, out_dir: str | os.PathLike,
+                        tag: Optional[str] = None, step: int = 0) -> Path:
+    """A DeepSpeed checkpoint (``engine.save_checkpoint``; any ZeRO stage) of an sfd_scale model -> native.
+    DeepSpeed's own ``zero_to_fp32`` assembles the fp32 weights from the partitions (frozen tensors and
+    buffers included); a DeepSpeed checkpoint has no EMA, so the EMA starts as a copy of the weights."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    if not Path(ds_dir).is_dir():
+        raise FileNotFoundError(f"DeepSpeed checkpoint directory not found: {ds_dir}")
+    sd = get_fp32_state_dict_from_zero_checkpoint(str(ds_dir), tag=tag)
+    sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}
+    return write_native(out_dir, cfg, sd, {k: v.clone() for k, v in sd.items()}, step,
+                        source=f"deepspeed {ds_dir}")
