@@ -1,34 +1,67 @@
-"""Time training steps per layout on local ranks and write a results table.
+"""Training throughput: images/s, step time, model FLOPs, MFU, peak memory, loader share, and the ratio to an
+official-style training step of the same model, for one setting or a sweep (``sfd_scale/train/benchmark.py``).
 
-    python tools/benchmark.py --config configs/bench/cpu_small.yaml --out benchmarks/cpu_layouts.md
+    python tools/benchmark.py --config configs/bench/cpu_small.yaml --layouts cpu --out benchmarks/cpu_layouts.md
+    python tools/benchmark.py --config configs/experiments/sfd_xxl.yaml --sweep train.micro_batch_size=32,64 \\
+        --sweep train.activation_checkpointing=false,true --json xxl.json train.precision=bf16 model.use_repa=true
 """
 import argparse
-import platform
+import json
+import sys
 
 import torch
 
-from sfd_scale.train.benchmark import DEFAULT_LAYOUTS, benchmark, markdown
+from sfd_scale.config import ConfigError
+from sfd_scale.train.benchmark import CPU_LAYOUTS, Setting, benchmark, device_name, markdown, sweep
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", action="append", default=[], metavar="YAML")
+    parser.add_argument("--layouts", choices=("one", "cpu"), default="one",
+                        help="one: a single process (default); cpu: the six CPU layouts of benchmarks/cpu_layouts.md")
+    parser.add_argument("--ranks", type=int, default=1, help="ranks of the single setting (--layouts one)")
+    parser.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2",
+                        help="run every value of a config key (repeatable: all combinations)")
+    parser.add_argument("--data", choices=("synthetic", "real"), default="synthetic",
+                        help="synthetic: one random batch reused (the step alone); real: the run's loader")
+    parser.add_argument("--no-official", action="store_true", help="skip the official-style step")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads-per-rank", type=int, default=1)
-    parser.add_argument("--out", default=None, help="markdown file to write (default: print only)")
-    parser.add_argument("overrides", nargs="*", metavar="key=value")
-    args = parser.parse_intermixed_args(argv)
-    rows = benchmark(DEFAULT_LAYOUTS, args.config, args.overrides, args.steps, args.warmup, args.threads_per_rank)
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({platform.processor() or 'x86_64'})"
-    text = markdown(rows, f"Step times on {device}, torch {torch.__version__}, {args.threads_per_rank} thread(s) "
-                          f"per rank; config {' '.join(args.config)} {' '.join(args.overrides)}; mean of "
-                          f"{args.steps} steps after {args.warmup} warm-up steps.")
+    parser.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (default: by GPU name)")
+    parser.add_argument("--out", default=None, help="markdown file to write")
+    parser.add_argument("--json", default=None, help="JSON file to write (all fields)")
+    args, overrides = parser.parse_known_args(argv)
+    bad = [o for o in overrides if "=" not in o or o.startswith("-")]
+    if bad:
+        parser.error(f"unrecognized arguments: {' '.join(bad)}")
+    axes = {}
+    for item in args.sweep:
+        key, _, values = item.partition("=")
+        if not key or not values:
+            parser.error(f"--sweep wants KEY=V1,V2,..., got {item!r}")
+        axes[key] = values.split(",")
+    base = CPU_LAYOUTS if args.layouts == "cpu" else [Setting(f"{args.ranks} rank(s)", args.ranks)]
+    try:
+        rows = benchmark(sweep(base, axes), args.config, overrides, args.steps, args.warmup, args.data == "synthetic",
+                         not args.no_official, args.threads_per_rank, args.peak_tflops)
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        return 2
+    command = "python tools/benchmark.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    text = markdown(rows, f"Training throughput on {device_name()}, torch {torch.__version__}, "
+                          f"{args.threads_per_rank} thread(s) per rank, {args.data} data; mean of {args.steps} steps "
+                          f"after {args.warmup} warm-up steps.\n\nCommand: `{command}`")
     print(text)
     if args.out:
         with open(args.out, "w") as f:
             f.write(text)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"command": command, "rows": rows}, f, indent=1)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -15,6 +15,7 @@ from typing import Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
+import torch.utils.checkpoint
 from megatron.core import ModelParallelConfig
 from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 from timm.layers import PatchEmbed
@@ -192,6 +193,7 @@ class LightningDiT(nn.Module):
         self.args, self.config, self.stage = args, config, stage
         self.block_ids = stage.blocks(args.depth)
         self.input_tensor = None  # pipeline stages after the first get their input from the previous stage
+        self.checkpoint_blocks = False  # train.activation_checkpointing (parallel/optimizations.py)
         # what megatron's finalize_model_grads asks a pipeline chunk: nothing is tied across stages here
         self.pre_process, self.post_process = stage.pre_process, stage.post_process
         self.share_embeddings_and_output_weights = False
@@ -288,7 +290,11 @@ class LightningDiT(nn.Module):
             tokens, c = packed[:, :-1], packed[:, -1]
         repa = None
         for i, block in zip(self.block_ids, self.blocks):
-            tokens = block(tokens, c, self.feat_rope)
+            if self.checkpoint_blocks and self.training and torch.is_grad_enabled():
+                # activation checkpointing: keep only each block's input, recompute the rest in backward
+                tokens = torch.utils.checkpoint.checkpoint(block, tokens, c, self.feat_rope, use_reentrant=False)
+            else:
+                tokens = block(tokens, c, self.feat_rope)
             if self.has_repa and self.training and i + 1 == self.args.repa_depth:
                 repa = self.repa_projector(tokens)
         if not self.stage.post_process:

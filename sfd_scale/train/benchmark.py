@@ -1,69 +1,218 @@
-"""Step-time benchmark of training layouts (TP x DP, engine) with the real trainer, on local ranks.
+"""Training throughput: sfd_scale's step (any model, layout, micro-batch, activation checkpointing, compile)
+next to an official-style step of the same model, with model FLOPs, MFU, peak memory and the loader's share.
 
-Each layout runs ``Trainer.train_step`` on the built-in digits latents for ``warmup + steps`` steps and
-reports the mean wall time of the timed steps (rank 0's clock, after a barrier per step, so the slowest
-rank decides). Speed goals live here and in the results files, never in tests.
+Every setting runs the real ``Trainer.train_step`` on local ranks (``parallel/launch.run_local``; a GPU per
+rank when there are GPUs) for ``warmup + steps`` steps and reports the timed steps on rank 0's clock
+after a barrier per step (the slowest rank decides). Data: ``synthetic`` reuses one random batch of the
+right shapes (the step alone); ``real`` draws every batch from the trainer's loader and reports the share
+of the wall time spent waiting for it.
+
+The official-style step is what the official ``train.py`` does per step, written plainly in one process:
+eager model with PyTorch SDPA, ``torch.optim.AdamW`` (its default implementation), the loss, backward,
+step, then the EMA updated parameter by parameter; bf16 autocast when ``train.precision`` is bf16. The
+network is sfd_scale's (equal to the official one, ``tests/models/test_golden_forward.py``), so the ratio
+measures the training step around it. Speed goals live in results files, never in tests.
+
+FLOPs per image: ``models/flops.py`` (matmuls, 3x forward for a training step). MFU = model FLOP/s per
+device / the device's dense bf16 peak (``PEAK_TFLOPS`` by device name, or ``peak_tflops``).
 """
 from __future__ import annotations
 
+import itertools
+import resource
 import time
-from dataclasses import dataclass
-from typing import List, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Dict, List, Optional, Sequence
 
+import torch
 import torch.distributed as dist
 
-from ..config import load_config
+from ..config import Config, load_config, model_args, objective_config, sfd_spec
+from ..models.flops import training_flops_per_image
 from ..parallel.launch import run_local
+
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0}
 
 
 @dataclass
-class Layout:
+class Setting:
     name: str
-    world_size: int
-    overrides: Sequence[str]
+    world_size: int = 1
+    overrides: Sequence[str] = field(default_factory=list)
 
 
-DEFAULT_LAYOUTS = [
-    Layout("1 process, plain engine", 1, ["parallel.engine=plain"]),
-    Layout("1 process, megatron engine", 1, ["parallel.engine=megatron"]),
-    Layout("DP=2 megatron, distributed optimizer", 2, ["parallel.engine=megatron"]),
-    Layout("DP=2 deepspeed ZeRO-2", 2, ["parallel.engine=deepspeed", "parallel.zero_stage=2"]),
-    Layout("TP=2 megatron", 2, ["parallel.engine=megatron", "parallel.tensor_parallel=2"]),
-    Layout("PP=2 megatron, 2 micro-batches", 2, ["parallel.engine=megatron", "parallel.pipeline_parallel=2",
-                                                 "train.micro_batch_size=16"]),
+CPU_LAYOUTS = [
+    Setting("1 process, plain engine", 1, ["parallel.engine=plain"]),
+    Setting("1 process, megatron engine", 1, ["parallel.engine=megatron"]),
+    Setting("DP=2 megatron, distributed optimizer", 2, ["parallel.engine=megatron"]),
+    Setting("DP=2 deepspeed ZeRO-2", 2, ["parallel.engine=deepspeed", "parallel.zero_stage=2"]),
+    Setting("TP=2 megatron", 2, ["parallel.engine=megatron", "parallel.tensor_parallel=2"]),
+    Setting("PP=2 megatron, 2 micro-batches", 2, ["parallel.engine=megatron", "parallel.pipeline_parallel=2",
+                                                  "train.micro_batch_size=16"]),
 ]
 
 
+def sweep(base: Sequence[Setting], axes: Dict[str, Sequence[str]]) -> List[Setting]:
+    """Every base setting under every combination of ``axes`` (config key -> values)."""
+    out = []
+    for setting in base:
+        for values in itertools.product(*axes.values()):
+            extra = [f"{k}={v}" for k, v in zip(axes, values)]
+            name = setting.name + "".join(f", {k.split('.')[-1]}={v}" for k, v in zip(axes, values))
+            out.append(Setting(name, setting.world_size, list(setting.overrides) + extra))
+    return out
+
+
+def device_peak_tflops(peak: Optional[float] = None) -> Optional[float]:
+    if peak:
+        return peak
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+
+
+def device_name() -> str:
+    import platform
+
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({platform.machine()})"
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _peak_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # the process's peak RSS (Linux: KiB)
+
+
+def synthetic_batch(cfg: Config, per_rank: int) -> dict:
+    """Random training inputs of the model's shapes (what the loader would hand this rank)."""
+    a = model_args(cfg)
+    g = torch.Generator().manual_seed(0)
+    batch = {"latent": torch.randn(per_rank, a.in_channels, a.input_size, a.input_size, generator=g),
+             "label": torch.randint(0, a.num_classes, (per_rank,), generator=g),
+             "index": torch.arange(per_rank)}
+    if a.use_repa:
+        batch["repa"] = torch.randn(per_rank, a.grid ** 2, a.repa_feature_dim, generator=g)
+    return batch
+
+
 def _time_steps(rank: int, world_size: int, config_files: List[str], overrides: List[str], steps: int,
-                warmup: int) -> dict:
+                warmup: int, synthetic: bool) -> dict:
     from .trainer import Trainer
 
     trainer = Trainer(load_config(config_files, overrides))
-    batches = iter(trainer.loader())
-    times = []
+    device = trainer.device
+    per_rank = trainer.cfg.train.global_batch_size // trainer.dp_size
+    fixed = synthetic_batch(trainer.cfg, per_rank) if synthetic else None
+    batches = None if synthetic else iter(trainer.loader())
+    step_times, wait_times = [], []
     for i in range(warmup + steps):
-        batch = next(batches)
-        dist.barrier()
         t0 = time.perf_counter()
+        batch = fixed if synthetic else next(batches)
+        t1 = time.perf_counter()
         trainer.train_step(batch)
+        _sync(device)
         dist.barrier()
         if i >= warmup:
+            step_times.append(time.perf_counter() - t0)
+            wait_times.append(t1 - t0)
+    trainer.data.close()
+    return {"step_s": sum(step_times) / steps, "loader_share": sum(wait_times) / sum(step_times),
+            "global_batch": trainer.cfg.train.global_batch_size, "peak_memory_gb": _peak_memory_gb(device),
+            "device": str(device)}
+
+
+def official_style_step_time(cfg: Config, steps: int, warmup: int) -> float:
+    """Seconds per step of the official-style single-process step (module docstring) at the global batch."""
+    from ..diffusion.sfd import SFDObjective
+    from ..models.lightningdit import LightningDiT
+    from ..parallel.layout import ensure_initialized
+
+    ensure_initialized()
+    device = torch.device("cuda" if torch.cuda.is_available() and cfg.train.device != "cpu" else "cpu")
+    model = LightningDiT(model_args(cfg)).to(device).train()
+    ema = LightningDiT(model_args(cfg)).to(device).eval().requires_grad_(False)
+    ema.load_state_dict(model.state_dict())
+    o = cfg.optim
+    optimizer = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=(o.beta1, o.beta2), weight_decay=0)
+    objective = SFDObjective(sfd_spec(cfg), objective_config(cfg))
+    batch = {k: v.to(device) for k, v in synthetic_batch(cfg, cfg.train.global_batch_size).items()}
+    bf16 = cfg.train.precision == "bf16"
+    pairs = [(e, p) for e, p in zip(ema.parameters(), model.parameters())]
+    times = []
+    for i in range(warmup + steps):
+        t0 = time.perf_counter()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss = objective.loss_terms(model, batch["latent"], batch["label"],
+                                        repa_target=batch.get("repa"))["total"]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        with torch.no_grad():  # the official update_ema: one parameter at a time
+            for e, p in pairs:
+                e.mul_(cfg.train.ema_decay).add_(p.data, alpha=1 - cfg.train.ema_decay)
+        _sync(device)
+        if i >= warmup:
             times.append(time.perf_counter() - t0)
-    return {"step_s": sum(times) / len(times), "global_batch": trainer.cfg.train.global_batch_size}
+    return sum(times) / steps
 
 
-def benchmark(layouts: Sequence[Layout], config_files: Sequence[str], overrides: Sequence[str], steps: int = 10,
-              warmup: int = 3, threads_per_rank: int = 1) -> List[dict]:
-    rows = []
-    for layout in layouts:
-        result = run_local(_time_steps, layout.world_size, threads_per_rank=threads_per_rank,
-                           args=(list(config_files), list(overrides) + list(layout.overrides), steps, warmup))[0]
-        rows.append({"layout": layout.name, "ranks": layout.world_size, "step_ms": 1000 * result["step_s"],
-                     "samples_per_s": result["global_batch"] / result["step_s"]})
+def benchmark(settings: Sequence[Setting], config_files: Sequence[str], overrides: Sequence[str], steps: int = 10,
+              warmup: int = 3, synthetic: bool = True, official: bool = True, threads_per_rank: int = 1,
+              peak_tflops: Optional[float] = None) -> List[dict]:
+    """One row per setting; the official-style step is timed once per distinct model / batch / precision."""
+    rows, official_cache = [], {}
+    peak = device_peak_tflops(peak_tflops)
+    for setting in settings:
+        all_overrides = list(overrides) + list(setting.overrides)
+        cfg = load_config(config_files, all_overrides)
+        result = run_local(_time_steps, setting.world_size, threads_per_rank=threads_per_rank,
+                           args=(list(config_files), all_overrides, steps, warmup, synthetic))[0]
+        flops = training_flops_per_image(model_args(cfg))
+        images_per_s = result["global_batch"] / result["step_s"]
+        per_device = images_per_s / setting.world_size
+        row = {"setting": setting.name, "ranks": setting.world_size, "model": cfg.model.name,
+               "global_batch": result["global_batch"], "micro_batch": cfg.train.micro_batch_size,
+               "activation_checkpointing": cfg.train.activation_checkpointing, "compile": cfg.train.compile,
+               "precision": cfg.train.precision, "step_ms": 1000 * result["step_s"], "images_per_s": images_per_s,
+               "images_per_s_per_device": per_device, "gflop_per_image": flops / 1e9,
+               "tflops_per_device": per_device * flops / 1e12,
+               "mfu": per_device * flops / 1e12 / peak if peak else None,
+               "peak_memory_gb": result["peak_memory_gb"],
+               "loader_share": None if synthetic else result["loader_share"], "device": device_name()}
+        if official:
+            key = (str(asdict(cfg.model)), cfg.train.global_batch_size, cfg.train.precision)
+            if key not in official_cache:
+                threads = torch.get_num_threads()
+                torch.set_num_threads(threads_per_rank)  # as each rank of ours
+                try:
+                    official_cache[key] = official_style_step_time(cfg, steps, warmup)
+                finally:
+                    torch.set_num_threads(threads)
+            official_images = cfg.train.global_batch_size / official_cache[key]
+            row.update(official_images_per_s=official_images, speedup_vs_official=images_per_s / official_images)
+        rows.append(row)
     return rows
 
 
+def _fmt(value, spec: str, scale: float = 1.0, unit: str = "") -> str:
+    return "n/a" if value is None else format(value * scale, spec) + unit
+
+
 def markdown(rows: List[dict], header: str) -> str:
-    lines = [header, "", "| layout | ranks | ms / step | samples / s |", "|---|---|---|---|"]
-    lines += [f"| {r['layout']} | {r['ranks']} | {r['step_ms']:.1f} | {r['samples_per_s']:.1f} |" for r in rows]
+    lines = [header, "",
+             "| setting | ranks | ms / step | images / s | per device | GFLOP / image | TFLOP/s / device | MFU | "
+             "peak mem GB | loader share | official-style images / s | ours / official |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['setting']} | {r['ranks']} | {r['step_ms']:.1f} | {r['images_per_s']:.1f} | "
+                     f"{r['images_per_s_per_device']:.1f} | {r['gflop_per_image']:.2f} | {r['tflops_per_device']:.3f} | "
+                     f"{_fmt(r['mfu'], '.1f', 100, '%')} | {r['peak_memory_gb']:.2f} | "
+                     f"{_fmt(r['loader_share'], '.1f', 100, '%')} | {_fmt(r.get('official_images_per_s'), '.1f')} | "
+                     f"{_fmt(r.get('speedup_vs_official'), '.2f')} |")
     return "\n".join(lines) + "\n"

@@ -32,6 +32,7 @@ from ..models.lightningdit import LightningDiT, count_parameters
 from ..models.official import export_official_state_dict, load_official_state_dict, read_checkpoint
 from ..parallel.engines import ADAM_KINDS, build_engine, local_micro_batches
 from ..parallel.layout import ParallelLayout, initialize
+from ..parallel.optimizations import apply_activation_checkpointing, apply_compile
 from ..parallel.pipeline import MicroBatch, build_stages, global_key, stage_state_dict
 from ..parallel.tensor_parallel import gather_state_dict, model_tp, shard_state_dict
 from . import checkpoint as ckpt
@@ -110,6 +111,9 @@ class Trainer:
         self.chunks = chunks
         self.model = nn.ModuleList(chunks) if self.pipelined else chunks[0]
         self.ema = EMA(self.model, cfg.train.ema_decay)
+        apply_activation_checkpointing(chunks, cfg.train.activation_checkpointing)
+        if cfg.train.compile:  # after the EMA copy: it stays eager
+            apply_compile(chunks)
         self.objective = SFDObjective(self.spec, objective_config(cfg))
         self.step, self.nonfinite_steps, self.notes = 0, 0, []
         self.code = ckpt.code_version()  # for the run log
