@@ -110,6 +110,8 @@ class TrainConfig:
     log_every: int = 100
     sample_every: int = 0           # 0: only at the end
     device: str = "auto"            # auto | cpu | cuda
+    activation_checkpointing: bool = False  # recompute block activations in backward (parallel/optimizations.py)
+    compile: bool = False           # torch.compile every transformer block of the training model
     # Preemption: on any of these signals every rank finishes its step, a checkpoint is written and the
     # process exits with status 75 (``trainer.REQUEUE_EXIT``), which slurm/ launchers turn into a requeue.
     requeue_signals: List[str] = field(default_factory=lambda: ["SIGUSR1", "SIGTERM"])
@@ -153,6 +155,8 @@ class SampleConfig:
     guide_model: Optional[str] = None   # registry name of the guide (autoguidance), e.g. LightningDiT-B/1
     grid_images: int = 16
     seed: int = 0
+    texture_vae: Optional[str] = None   # texture VAE weights (as extract's ``texture_vae``) to decode samples to
+                                        # images for FID (eval/fid_sampling.py); not needed for demo data
 
 
 @dataclass
@@ -322,6 +326,8 @@ def validate(cfg: Config) -> None:
          f"logging.wandb_mode must be offline, online or disabled, got {cfg.logging.wandb_mode!r}")
     need(cfg.sample.guidance != "autoguidance" or bool(cfg.sample.guide_checkpoint),
          "sample.guide_checkpoint is required when sample.guidance is 'autoguidance'")
+    need(cfg.sample.texture_vae is None or bool(str(cfg.sample.texture_vae).strip()),
+         "sample.texture_vae must be a path (or null), got an empty string")
     p = cfg.parallel
     need(p.tensor_parallel >= 1 and p.pipeline_parallel >= 1 and p.virtual_stages >= 1,
          f"parallel.tensor_parallel ({p.tensor_parallel}), parallel.pipeline_parallel ({p.pipeline_parallel}) and "
