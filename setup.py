@@ -15,7 +15,7 @@ setup(
         "torch>=2.4",
         "torchvision>=0.19",
         "megatron-core>=0.14",      # 0.16.x on Python 3.11, newer on 3.12+
-        "psutil",                   # needed by megatron dist_checkpointing's async writer (undeclared there)
+        "psutil",                   # megatron dist_checkpointing's async writer (undeclared there); process trees
         "deepspeed>=0.15",          # ZeRO engine; build with DS_BUILD_OPS=0 (ops JIT-compile when used)
         "nvidia-dali-cuda130",      # image decode for latent extraction (CPU pipelines work without a GPU)
         "mosaicml-streaming>=0.9",  # latent shards
@@ -32,6 +32,8 @@ setup(
         "scikit-learn",             # the demo's real images (load_digits) and its semantic PCA
         "Pillow",
         "tqdm",
+        "matplotlib",               # PNG plots (loss, FID vs. training progress)
+        "scipy",                    # FID's matrix square root
     ],
     extras_require={
         "test": ["pytest>=7", "scikit-image"],  # scikit-image: real photos for the extraction tests

@@ -1,0 +1,26 @@
+"""Draw a run's PNG plots (loss curves; FID vs. step when the run evaluated FID) from its metrics.jsonl.
+
+    python tools/plot_run.py runs/demo_digits [--out plots/]
+"""
+import argparse
+import sys
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("run_dir", help="a train.output_dir")
+    parser.add_argument("--out", default=None, help="folder for the PNGs (default: the run directory)")
+    args = parser.parse_args(argv)
+    from sfd_scale.eval.plots import plot_run
+
+    try:
+        paths = plot_run(args.run_dir, args.out)
+    except FileNotFoundError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print("\n".join(map(str, paths)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
