@@ -4,6 +4,8 @@ official-style training step of the same model, for one setting or a sweep (``sf
     python tools/benchmark.py --config configs/bench/cpu_small.yaml --layouts cpu --out benchmarks/cpu_layouts.md
     python tools/benchmark.py --config configs/experiments/sfd_xxl.yaml --sweep train.micro_batch_size=32,64 \\
         --sweep train.activation_checkpointing=false,true --json xxl.json train.precision=bf16 model.use_repa=true
+    python tools/benchmark.py --mode fwd-bwd --count-flops --config configs/experiments/sfd_xxl.yaml \\
+        data.path=unused model.use_repa=true         # one XXL forward/backward, e.g. on a CPU
 """
 import argparse
 import json
@@ -18,6 +20,10 @@ from sfd_scale.train.benchmark import CPU_LAYOUTS, Setting, benchmark, device_na
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", action="append", default=[], metavar="YAML")
+    parser.add_argument("--mode", choices=("step", "fwd-bwd"), default="step",
+                        help="step: full training steps (default); fwd-bwd: the model's forward + backward only")
+    parser.add_argument("--micro-batch", type=int, default=1, help="images per forward/backward (--mode fwd-bwd)")
+    parser.add_argument("--count-flops", action="store_true", help="--mode fwd-bwd: also count with torch's counter")
     parser.add_argument("--layouts", choices=("one", "cpu"), default="one",
                         help="one: a single process (default); cpu: the six CPU layouts of benchmarks/cpu_layouts.md")
     parser.add_argument("--ranks", type=int, default=1, help="ranks of the single setting (--layouts one)")
@@ -42,6 +48,8 @@ def main(argv=None) -> int:
         if not key or not values:
             parser.error(f"--sweep wants KEY=V1,V2,..., got {item!r}")
         axes[key] = values.split(",")
+    if args.mode == "fwd-bwd":
+        return _forward_backward(args, overrides)
     base = CPU_LAYOUTS if args.layouts == "cpu" else [Setting(f"{args.ranks} rank(s)", args.ranks)]
     try:
         rows = benchmark(sweep(base, axes), args.config, overrides, args.steps, args.warmup, args.data == "synthetic",
@@ -60,6 +68,25 @@ def main(argv=None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"command": command, "rows": rows}, f, indent=1)
+    return 0
+
+
+def _forward_backward(args, overrides) -> int:
+    from sfd_scale.config import load_config
+    from sfd_scale.train.benchmark import forward_backward
+
+    try:
+        cfg = load_config(args.config, overrides)
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        return 2
+    torch.set_num_threads(max(args.threads_per_rank, torch.get_num_threads()))
+    row = forward_backward(cfg, args.micro_batch, args.steps, args.warmup, args.count_flops, args.peak_tflops)
+    row["command"] = "python tools/benchmark.py " + " ".join(sys.argv[1:])
+    print(json.dumps(row, indent=1))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(row, f, indent=1)
     return 0
 
 

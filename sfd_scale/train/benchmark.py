@@ -162,6 +162,54 @@ def official_style_step_time(cfg: Config, steps: int, warmup: int) -> float:
     return sum(times) / steps
 
 
+def forward_backward(cfg: Config, micro_batch: int, steps: int, warmup: int, count_flops: bool = False,
+                     peak_tflops: Optional[float] = None) -> dict:
+    """One process: the model's forward + backward on a synthetic micro-batch (no optimizer, no EMA: what
+    fits on a CPU for the 1.0B model). ``count_flops`` also counts them with torch.utils.flop_counter (math
+    SDPA, whose matmuls it sees) to check the formula on this very model."""
+    from ..diffusion.sfd import SFDObjective
+    from ..models.lightningdit import LightningDiT
+    from ..parallel.layout import ensure_initialized
+
+    ensure_initialized()
+    device = torch.device("cuda" if torch.cuda.is_available() and cfg.train.device != "cpu" else "cpu")
+    model = LightningDiT(model_args(cfg)).to(device).train()
+    objective = SFDObjective(sfd_spec(cfg), objective_config(cfg))
+    batch = {k: v.to(device) for k, v in synthetic_batch(cfg, micro_batch).items()}
+    bf16 = cfg.train.precision == "bf16"
+
+    def run() -> None:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss = objective.loss_terms(model, batch["latent"], batch["label"], repa_target=batch.get("repa"))["total"]
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    times = []
+    for i in range(warmup + steps):
+        t0 = time.perf_counter()
+        run()
+        _sync(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    flops = training_flops_per_image(model_args(cfg))
+    seconds = sum(times) / steps
+    peak = device_peak_tflops(peak_tflops)
+    row = {"model": cfg.model.name, "micro_batch": micro_batch, "precision": cfg.train.precision,
+           "fwd_bwd_ms": 1000 * seconds, "images_per_s": micro_batch / seconds, "gflop_per_image": flops / 1e9,
+           "tflops": micro_batch * flops / seconds / 1e12, "peak_memory_gb": _peak_memory_gb(device),
+           "device": device_name()}
+    row["mfu"] = row["tflops"] / peak if peak else None
+    if count_flops:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        from torch.utils.flop_counter import FlopCounterMode
+
+        with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+            run()
+        row["counted_gflop_per_image"] = counter.get_total_flops() / micro_batch / 1e9
+        row["formula_vs_counted"] = flops / counter.get_total_flops() * micro_batch
+    return row
+
+
 def benchmark(settings: Sequence[Setting], config_files: Sequence[str], overrides: Sequence[str], steps: int = 10,
               warmup: int = 3, synthetic: bool = True, official: bool = True, threads_per_rank: int = 1,
               peak_tflops: Optional[float] = None) -> List[dict]:

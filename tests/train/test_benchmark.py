@@ -30,3 +30,10 @@ def test_real_data_reports_the_loader_share(tmp_path):
     row = json.loads((tmp_path / "b.json").read_text())["rows"][0]
     assert rc == 0 and 0 <= row["loader_share"] < 1 and "official_images_per_s" not in row
     assert row["mfu"] == row["tflops_per_device"] / 1.0
+
+
+def test_forward_backward_mode_counts_flops(tmp_path):
+    rc = main(["--mode", "fwd-bwd", "--count-flops", "--steps", "1", "--warmup", "0", "--micro-batch", "2",
+               "--config", "configs/bench/cpu_small.yaml", "--json", str(tmp_path / "f.json"), *TINY])
+    row = json.loads((tmp_path / "f.json").read_text())
+    assert rc == 0 and row["micro_batch"] == 2 and abs(row["formula_vs_counted"] - 1) < 0.05
