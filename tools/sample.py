@@ -10,8 +10,6 @@ import argparse
 import sys
 from pathlib import Path
 
-from sfd_scale.config import ConfigError, config_from_dict, load_config
-
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -23,31 +21,15 @@ def main(argv=None) -> int:
 
     import torch
 
-    from sfd_scale.config import model_args
     from sfd_scale.data.sources import build_training_data
-    from sfd_scale.eval.generate import load_guide, save_sample_grid
-    from sfd_scale.models.lightningdit import LightningDiT
-    from sfd_scale.models.official import load_official_state_dict, read_checkpoint
-    from sfd_scale.train import checkpoint as ckpt
+    from sfd_scale.eval.generate import load_guide, load_sampling_model, save_sample_grid
 
     path = Path(args.checkpoint)
     try:
-        if not path.exists():
-            raise FileNotFoundError(f"checkpoint not found: {path}")
-        if path.is_dir():
-            cfg = (load_config(args.config, args.overrides) if args.config
-                   else config_from_dict(ckpt.read_object(path, "config"), args.overrides))
-            weights = ckpt.read_weights(path, "ema")
-        else:
-            if not args.config:
-                raise ConfigError(f"{path} is not an sfd_scale checkpoint directory: give --config for its model")
-            cfg, weights = load_config(args.config, args.overrides), read_checkpoint(path, which="ema")
-    except (ConfigError, ValueError, KeyError, FileNotFoundError) as err:
+        model, cfg = load_sampling_model(path, args.config, args.overrides)
+    except (ValueError, KeyError, FileNotFoundError) as err:  # ConfigError, CheckpointError included
         print(f"error: {err}", file=sys.stderr)
         return 2
-    model = LightningDiT(model_args(cfg))
-    load_official_state_dict(model, weights)
-    model.eval()
     guide = load_guide(cfg) if cfg.sample.guidance == "autoguidance" else None
     decode = num_classes = None
     if cfg.data.source == "demo":  # the demo's fixed encoders are rebuilt from the seed: decode to pixels

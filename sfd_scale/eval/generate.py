@@ -1,11 +1,12 @@
 """Generate latents / images from a trained model with the configured sampler and guidance."""
 from __future__ import annotations
 
-from typing import Callable, Optional
+from pathlib import Path
+from typing import Callable, Optional, Sequence
 
 import torch
 
-from ..config import Config, guidance_config, sampler_config, sfd_spec
+from ..config import Config, ConfigError, guidance_config, sampler_config, sfd_spec
 from ..data.demo import save_image_grid
 from ..diffusion.sampling import Sampler
 
@@ -70,3 +71,72 @@ def load_guide(cfg: Config, device: torch.device = torch.device("cpu")):
     guide = LightningDiT(args)
     load_official_state_dict(guide, state)
     return guide.to(device).eval()
+
+
+def default_decoder(cfg: Config, device=None, texture_vae: Optional[str] = None) -> Callable:
+    """latents -> uint8 (B, H, W, C) images: the demo's fixed decoder, or the texture VAE (``sample.texture_vae``)."""
+    if cfg.data.source == "demo":
+        from ..data.demo import build_demo_latents
+        return build_demo_latents(seed=cfg.train.seed, semantic_chans=cfg.sfd.semantic_chans,
+                                  num_samples=cfg.data.demo_samples).decode
+    path = texture_vae or cfg.sample.texture_vae
+    if not path:
+        raise ConfigError(f"decoding data.source={cfg.data.source!r} samples needs the texture VAE: set "
+                               f"sample.texture_vae (tools/sample_fid.py --texture-vae)")
+    return texture_decoder(cfg, path, device)
+
+
+def texture_decoder(cfg: Config, path, device=None, dtype: torch.dtype = torch.float32) -> Callable:
+    """Undo the training normalisation of the texture channels (``x * std / multiplier + mean``, as the official
+    inference) with ``cfg.data``'s statistics, then decode with the texture VAE at ``path``."""
+    from ..data.demo import images_to_uint8
+    from ..data.encoders import TextureVAE
+
+    d, c = cfg.data, cfg.sfd.texture_chans
+    vae = TextureVAE.from_pretrained(path).vae.to(device or "cpu", dtype)
+    if vae.config.latent_channels != c:
+        raise ConfigError(f"texture VAE {path} has {vae.config.latent_channels} latent channels, "
+                               f"sfd.texture_chans is {c}")
+    mean = std = None
+    if d.latent_norm:
+        if d.source == "shards":
+            from ..data.shards import read_stats
+            stats = read_stats(d.path)
+            mean, std = stats["latents_mean"], stats["latents_std"]
+        else:
+            from ..data.official import OfficialLatentDataset
+            ds = OfficialLatentDataset(d.path, latent_norm=True, latent_sv_norm=False)
+            mean, std = ds.latent_mean, ds.latent_std
+        mean, std = mean.float().reshape(1, -1, 1, 1), std.float().reshape(1, -1, 1, 1)
+
+    @torch.no_grad()
+    def decode(latents: torch.Tensor) -> torch.Tensor:
+        x = latents[:, :c].float()
+        x = x * std.to(x.device) / d.latent_multiplier + mean.to(x.device) if mean is not None \
+            else x / d.latent_multiplier
+        return images_to_uint8(vae.decode(x.to(vae.device, dtype)).sample.float())
+    return decode
+
+
+def load_sampling_model(checkpoint, config_files: Sequence[str] = (), overrides: Sequence[str] = ()):
+    """(eval-mode model with the EMA weights, config) from an sfd_scale checkpoint directory (its own config,
+    overrides on top; or ``config_files``) or an official .pt / .safetensors (``config_files`` required)."""
+    from ..config import config_from_dict, load_config, model_args
+    from ..models.lightningdit import LightningDiT
+    from ..models.official import load_official_state_dict, read_checkpoint
+    from ..train import checkpoint as ckpt
+
+    path = Path(checkpoint)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.is_dir():
+        cfg = (load_config(config_files, overrides) if config_files
+               else config_from_dict(ckpt.read_object(path, "config"), overrides))
+        weights = ckpt.read_weights(path, "ema")
+    else:
+        if not config_files:
+            raise ConfigError(f"{path} is not an sfd_scale checkpoint directory: give --config for its model")
+        cfg, weights = load_config(config_files, overrides), read_checkpoint(path, which="ema")
+    model = LightningDiT(model_args(cfg))
+    load_official_state_dict(model, weights)
+    return model.eval(), cfg

@@ -321,6 +321,39 @@ class Trainer:
         return save_sample_grid(self.ema.model, self.cfg, path if self.rank == 0 else None, decode=self.data.decode,
                                 num_classes=self.data.num_classes, device=self.device)
 
+    def evaluate_fid(self) -> Optional[dict]:
+        """Collective: FID of ``eval.fid_images`` EMA samples against ``eval.fid_reference``. Every DP rank
+        samples its share (a TP group together) into ``<output_dir>/fid/step_…`` (resumable); rank 0
+        merges and computes the metrics (None on other ranks)."""
+        from ..eval.fid import InceptionFeatures, Reference, evaluate, load_reference
+        from ..eval.fid_sampling import merge_samples, sample_for_fid
+
+        e = self.cfg.eval
+        out = self.out / "fid" / f"step_{self.step:07d}"
+        tp_group = (parallel_state.get_tensor_model_parallel_group()
+                    if parallel_state.get_tensor_model_parallel_world_size() > 1 else None)
+        sample_for_fid(self.ema.model, self.cfg, out, e.fid_images, self.data.decode, batch_size=e.fid_batch,
+                       num_classes=self.data.num_classes, rank=self.dp_rank, world_size=self.dp_size,
+                       device=self.device, checkpoint=f"step {self.step}", png=False, progress=False, merge=False,
+                       group=tp_group)
+        if dist.get_world_size() > 1:
+            dist.barrier()
+        if self.rank != 0:
+            return None
+        if not hasattr(self, "_fid_reference"):  # the network and the reference statistics, once per run
+            self._inception = InceptionFeatures(e.inception, self.device)
+            source = e.fid_reference
+            if source == "demo":  # the digits the demo trains on (rebuilt: deterministic)
+                from ..data.demo import build_demo_latents, images_to_uint8
+
+                demo = build_demo_latents(seed=self.cfg.train.seed, semantic_chans=self.cfg.sfd.semantic_chans,
+                                          num_samples=self.cfg.data.demo_samples)
+                source = images_to_uint8(demo.images).numpy().repeat(3, axis=-1)
+            self._fid_reference: Reference = load_reference(source, self._inception, e.fid_batch)
+        npz, _ = merge_samples(out)
+        return evaluate(npz, self._fid_reference, extractor=self._inception, batch_size=e.fid_batch,
+                        fid_method="fast", device=self.device)
+
     # ------------------------------------------------------------------------------------------ loop
     def fit(self) -> dict:
         """Train to ``train.max_steps``. Returns a summary; its ``exit_status`` is ``REQUEUE_EXIT`` when the run
@@ -371,6 +404,11 @@ class Trainer:
                         last["steps/s"] = (self.step - start_step) / max(time.time() - t0, 1e-9)
                         logger.log(self.step, last)
                         window = []
+                if cfg.eval.fid_every and self.step % cfg.eval.fid_every == 0:
+                    scores = self.evaluate_fid()
+                    if main:
+                        logger.log(self.step, {k: v for k, v in scores.items() if isinstance(v, (int, float))})
+                        logger.write(f"step {self.step}: FID {scores['fid']:.3f} ({cfg.eval.fid_images} EMA samples)")
                 if cfg.train.sample_every and self.step % cfg.train.sample_every == 0:
                     grid = self.sample_grid(f"step_{self.step:07d}")
                     if main and grid:

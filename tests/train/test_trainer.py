@@ -87,3 +87,17 @@ def test_ema_update_rule(tmp_path):
     for (name, p), (_, e) in zip(trainer.model.named_parameters(), ema.model.named_parameters()):
         expected = 0.9 * before[name] + 0.1 * p if p.requires_grad else before[name]
         assert torch.allclose(e, expected, atol=1e-6), name
+
+
+def test_periodic_fid_on_ema_weights_is_logged_and_plotted(tmp_path):
+    from sfd_scale.eval.plots import plot_run
+
+    cfg = tiny_config(tmp_path, "train.max_steps=2", "eval.fid_every=2", "eval.fid_images=20", "eval.fid_batch=10",
+                      "eval.fid_reference=demo")
+    Trainer(cfg).fit()
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    fid = [r for r in rows if "fid" in r]
+    assert len(fid) == 1 and fid[0]["step"] == 2 and 0 < fid[0]["fid"] < 1e4 and fid[0]["num_images"] == 20
+    assert "step 2: FID" in (tmp_path / "log.txt").read_text()
+    assert list((tmp_path / "fid" / "step_0000002").glob("samples_20x16x16x3.npz"))
+    assert [p.name for p in plot_run(tmp_path)] == ["loss.png", "fid.png"]
