@@ -126,7 +126,19 @@ def _entry(rank: int, fn: Callable, world_size: int, port: int, out_dir: str, ar
 
 def run_local(fn: Callable, world_size: int, args: Sequence = (), timeout: float = 600.0,
               threads_per_rank: int = 1) -> List[Any]:
-    """Run ``fn(rank, world_size, *args)`` on ``world_size`` spawned processes; their results by rank."""
+    """Run ``fn(rank, world_size, *args)`` on ``world_size`` spawned processes; their results by rank.
+
+    The rendezvous port is picked free in this process but bound seconds later by rank 0 (after its
+    imports); when something else took it meanwhile (EADDRINUSE, before ``fn`` ran), launch again."""
+    for attempt in range(4):
+        try:
+            return _run_once(fn, world_size, args, timeout, threads_per_rank)
+        except mp.ProcessRaisedException as err:
+            if "EADDRINUSE" not in str(err) or attempt == 3:
+                raise
+
+
+def _run_once(fn: Callable, world_size: int, args: Sequence, timeout: float, threads_per_rank: int) -> List[Any]:
     with tempfile.TemporaryDirectory(prefix="sfd_ranks_") as out_dir:
         ctx = mp.start_processes(_entry, args=(fn, world_size, free_port(), out_dir, tuple(args), threads_per_rank),
                                  nprocs=world_size, join=False, start_method="spawn")
