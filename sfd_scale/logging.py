@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import time
 from pathlib import Path
 from typing import Optional
@@ -25,7 +26,7 @@ class RunLogger:
             import wandb
 
             id_file = self.dir / "wandb_run_id"  # one wandb run across restarts
-            run_id = id_file.read_text().strip() if id_file.is_file() else wandb.util.generate_id()
+            run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(4)
             id_file.write_text(run_id)
             self.run = wandb.init(project=project, name=run_name, dir=output_dir, mode=mode, config=config,
                                   id=run_id, resume="allow")
