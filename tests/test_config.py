@@ -6,8 +6,8 @@ import pytest
 from sfd_scale.config import ConfigError, config_from_dict, load_config, model_args, sfd_spec
 from tools import train as train_tool
 
-# configs/semvae and configs/extract have schemas of their own (tested in tests/data/)
-CONFIGS = sorted(str(p) for p in Path("configs").rglob("*.yaml") if not {"semvae", "extract"} & set(p.parts))
+# configs/semvae, configs/extract and configs/studies have schemas of their own (tests/data/, tests/test_study.py)
+CONFIGS = sorted(str(p) for p in Path("configs").rglob("*.yaml") if not {"semvae", "extract", "studies"} & set(p.parts))
 # standalone fragments that need a path or a checkpoint to be complete
 NEEDS = {"data.path=/data/latents": lambda p: "experiments" in p or "model/" in p,
          "sample.guide_checkpoint=/ckpt/guide.pt": lambda p: "sample_autoguidance" in p}

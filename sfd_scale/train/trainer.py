@@ -448,7 +448,7 @@ def summary_text(summary: dict, cfg: Config) -> str:
     loss = (f"loss {summary['first_loss']:.4f} -> {summary['last_loss']:.4f}"
             if summary["first_loss"] is not None and summary["last_loss"] is not None else "no new steps")
     return (f"Trained {cfg.model.name} ({summary['params_M']:.2f}M params) with SFD (texture "
-            f"{cfg.sfd.texture_chans} + semantic {cfg.sfd.semantic_chans} channels, dt={cfg.sfd.delta_t}) for "
+            f"{cfg.sfd.texture_chans} + semantic {cfg.sfd.semantic_chans} channels, dt={sfd_spec(cfg).delta_t}) for "
             f"{summary['steps_this_run']} steps (total {summary['steps']}) in {summary['seconds']:.0f}s; {loss}. "
             + (f"EMA samples ({cfg.sample.method}, {cfg.sample.guidance} guidance x{cfg.sample.cfg_scale}): "
                f"{summary['samples']}. " if summary["samples"] else "No sample grid. ")
