@@ -85,13 +85,13 @@ def code_version() -> dict:
     return out
 
 
-def run_info(cfg, step: int, layout: dict, nonfinite_steps: int = 0) -> dict:
+def run_info(cfg, step: int, layout: dict, nonfinite_steps: int = 0, code: Optional[dict] = None) -> dict:
     """The ``trainer`` object of a checkpoint. Batch k is a pure function of (seed, k) (data/sources.py),
     so the data position is the step; seed and global batch size must match to continue."""
     return {"step": step, "nonfinite_steps": nonfinite_steps, "seed": cfg.train.seed,
             "global_batch_size": cfg.train.global_batch_size,
             "data_position": {"global_batches": step, "samples": step * cfg.train.global_batch_size},
-            "layout": layout, "code": code_version()}
+            "layout": layout, "code": code if code is not None else code_version()}
 
 
 # ----------------------------------------------------------------------------------------------- objects
@@ -219,7 +219,6 @@ class Checkpointer:
         self.group = dist.new_group(backend="gloo") if dist.is_initialized() else None
         self._pending: Optional[threading.Thread] = None
         self._error: Optional[BaseException] = None
-        self.saved_steps: list = []
 
     def save(self, step: int, state: Dict[str, object], info: dict) -> Path:
         """Start saving ``state`` (this rank's keys) as step ``step``; returns the final directory. ``info``
@@ -245,7 +244,6 @@ class Checkpointer:
                     future.result()
                 if self.rank == 0:
                     _publish(tmp, final, {**info, "step": step})
-                    self.saved_steps.append(step)
                     prune(self.out, self.keep_last, self.keep_every)
             except BaseException as err:  # surfaced by the next wait()
                 self._error = err

@@ -56,10 +56,11 @@ def write_native(out_dir: str | os.PathLike, cfg: Config, model: StateDict, ema:
     state.update({f"ema/{k}": v for k, v in ema.items()})
     layout = {"converted_from": source}
     state["counters"] = ckpt.pack({"optimizer_steps": 0})
-    state["trainer"] = ckpt.pack(ckpt.run_info(cfg, step, layout))
+    info = ckpt.run_info(cfg, step, layout)
+    state["trainer"] = ckpt.pack(info)
     state["config"] = ckpt.pack(asdict(cfg))
     saver = ckpt.Checkpointer(out_dir, keep_last=1 << 30, asynchronous=False)
-    return saver.save(step, state, {"layout": layout, "code": ckpt.code_version()})
+    return saver.save(step, state, {"layout": layout, "code": info["code"]})
 
 
 def official_to_native(src: str | os.PathLike, cfg: Config, out_dir: str | os.PathLike, step: int = 0) -> Path:

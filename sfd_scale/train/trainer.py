@@ -116,7 +116,7 @@ class Trainer:
             apply_compile(chunks)
         self.objective = SFDObjective(self.spec, objective_config(cfg))
         self.step, self.nonfinite_steps, self.notes = 0, 0, []
-        self.code = ckpt.code_version()  # for the run log
+        self.code = ckpt.code_version()  # once: the run log and every checkpoint
         c = cfg.checkpoint
         self.checkpointer = ckpt.Checkpointer(self.out, c.keep_last, c.keep_every, c.asynchronous)
         # stop requests (signals, time budget) are agreed on every step over a CPU group of their own
@@ -135,12 +135,14 @@ class Trainer:
     def _ema_chunks(self):
         return list(self.ema.model) if self.pipelined else [self.ema.model]
 
+    def stage_weights(self, chunks) -> dict:
+        """This pipeline stage's weights, full over TP (the export gathers), under official global names."""
+        return {global_key(chunk, k): v for chunk in chunks for k, v in export_official_state_dict(chunk).items()}
+
     def full_state_dict(self, chunks) -> dict:
         """Official-named full weights on every rank: gathered over TP by the export, over pipeline stages
         here (collective; for tests and tools, checkpoints do not need it)."""
-        local = {}
-        for chunk in chunks:
-            local.update({global_key(chunk, k): v for k, v in export_official_state_dict(chunk).items()})
+        local = self.stage_weights(chunks)
         if not self.pipelined:
             return local
         parts = [None] * parallel_state.get_pipeline_model_parallel_world_size()
@@ -152,17 +154,15 @@ class Trainer:
         layout = {"tensor_parallel": p.tensor_parallel, "pipeline_parallel": p.pipeline_parallel,
                   "virtual_stages": p.virtual_stages, "data_parallel": self.dp_size, "engine": self.engine.name,
                   "world_size": dist.get_world_size()}
-        return ckpt.run_info(self.cfg, self.step, layout, self.nonfinite_steps)
+        return ckpt.run_info(self.cfg, self.step, layout, self.nonfinite_steps, self.code)
 
     def save(self) -> Path:
         """Collective: start writing a checkpoint of this step (``train/checkpoint.py``). Every tensor goes in
         under its official full name: weights gathered over TP, optimizer state per parameter gathered
         over TP here and over DP by the engine."""
         state: Dict[str, torch.Tensor] = {}
-        for chunk, ema_chunk in zip(self.chunks, self._ema_chunks()):
-            for which, module in (("model", chunk), ("ema", ema_chunk)):
-                for key, value in export_official_state_dict(module).items():
-                    state[f"{which}/{global_key(chunk, key)}"] = value
+        for which, chunks in (("model", self.chunks), ("ema", self._ema_chunks())):
+            state.update({f"{which}/{k}": v for k, v in self.stage_weights(chunks).items()})
         engine_state = self.engine.state_dict()
         for chunk, params in zip(self.chunks, engine_state["params"], strict=True):
             _, tp_size, group = model_tp(chunk)
