@@ -70,7 +70,9 @@ class DataConfig:
     latent_sv_norm: bool = True
     latent_multiplier: float = 1.0
     hflip: bool = True              # use the pre-encoded flipped latents with probability 1/2
-    num_workers: int = 2
+    num_workers: int = 2            # parallel batch readers: threads for local shards, DataLoader worker
+                                    # processes for remote shards and the other sources; 0: the training
+                                    # thread reads
     demo_samples: Optional[int] = None  # demo only: use a subset of the 1797 digits
 
 

@@ -3,10 +3,12 @@
 Both read the same synthetic samples (official layout: 32x16x16 texture + 16x16x16 semantic latents and
 their flips, float32, optionally 768x16x16 float16 DINOv2 features) and return the same normalised
 batches. The baseline stores one ``.safetensors`` file per sample and normalises per sample, as the
-official ``ImgLatentDataset`` does; ours reads MDS shards through ``ShardBatches`` and normalises per
-batch. Timed after two warm-up batches, with the page cache warm, or cold (``cold=True`` drops the
-kernel's page cache before each loader starts: Linux, root only), which is what a first epoch over a dataset
-larger than RAM sees.
+official ``ImgLatentDataset`` does, in DataLoader worker processes; ours reads MDS shards through
+``ShardBatches`` (reader threads for local shards, or worker processes for comparison). Timed after
+warm-up batches, with the page cache warm (every file of the loader is read once right before it is
+timed: some machines, this one included, page out file cache unused for a minute), or cold (``cold=True``
+drops the kernel's page cache before each loader starts: Linux, root only), which is what a first epoch
+over a dataset larger than RAM sees.
 """
 from __future__ import annotations
 
@@ -79,14 +81,27 @@ class LoaderTiming:
     batches: int
 
 
-def _time(batches, count: int, batch_size: int) -> float:
+def _time(batches, count: int, batch_size: int, warmup: int = 4) -> float:
     it = iter(batches)
-    for _ in range(2):  # warm-up: worker start, first shard opens
-        next(it)
-    t0 = time.perf_counter()
-    for _ in range(count):
-        next(it)
-    return count * batch_size / (time.perf_counter() - t0)
+    try:
+        for _ in range(warmup):  # worker start, first shard opens, the allocator's first batches
+            next(it)
+        t0 = time.perf_counter()
+        for _ in range(count):
+            next(it)
+        return count * batch_size / (time.perf_counter() - t0)
+    finally:
+        if hasattr(it, "close"):
+            it.close()  # stop reader threads and workers before the next loader is timed
+
+
+def read_all(folder) -> None:
+    """Bring every file under ``folder`` into the page cache (for the warm rows)."""
+    for path in sorted(Path(folder).rglob("*")):
+        if path.is_file():
+            with open(path, "rb", buffering=0) as f:
+                while f.read(1 << 24):
+                    pass
 
 
 def drop_page_cache() -> None:
@@ -102,28 +117,39 @@ def drop_page_cache() -> None:
                               f"cold-cache timings need root on Linux") from None
 
 
+def _name(loader: str, readers: int, threads: bool) -> str:
+    how = "read in the consuming thread" if readers == 0 else "reader threads" if threads else "worker processes"
+    return f"{loader}, {how}"
+
+
 def benchmark(root, n: int, batch_size: int, workers: int, feats: bool, batches: int,
-              cold: bool = False) -> List[LoaderTiming]:
+              cold: bool = False, ours_in_processes: bool = True) -> List[LoaderTiming]:
+    """Rows: the per-file baseline with ``workers`` DataLoader processes, ours with ``workers`` reader threads
+    and (when ``workers`` > 0 and ``ours_in_processes``) ours with ``workers`` worker processes."""
     root = Path(root)
     if not (root / "shards" / "sfd_dataset.json").is_file():
         write_both(root, n, feats)
     stats = read_stats(root / "shards")
-    per_file = DataLoader(PerFileDataset(root / "files", stats, feats), batch_size=batch_size, shuffle=True,
-                          num_workers=workers, drop_last=True, persistent_workers=workers > 0)
-    def endless():  # epochs back to back, as ShardBatches does
+
+    def prepare(folder) -> None:
+        drop_page_cache() if cold else read_all(folder)
+
+    def endless():  # epochs back to back, as ShardBatches does; the workers end with the generator
+        per_file = DataLoader(PerFileDataset(root / "files", stats, feats), batch_size=batch_size, shuffle=True,
+                              num_workers=workers, drop_last=True, persistent_workers=workers > 0)
         while True:
             yield from per_file
 
-    if cold:
-        drop_page_cache()
-    rows = [LoaderTiming("one file per sample (official-style, per-sample normalisation)",
+    prepare(root / "files")
+    rows = [LoaderTiming(_name("one file per sample (official-style, per-sample normalisation)", workers, False),
                          _time(endless(), batches, batch_size), batches)]
-    lease = StreamingLease.acquire()
-    ds = LatentShardDataset(root / "shards", batch_size=batch_size, norm=Normalization(), repa=feats)
-    lease.record(ds)
-    ours = ShardBatches(ds, 0, Placement(batch_size, num_workers=workers))
-    if cold:
-        drop_page_cache()
-    rows.append(LoaderTiming("sfd_scale latent shards (streaming MDS)", _time(ours, batches, batch_size), batches))
-    lease.release(ds)
+    for threads in (True, False) if workers and ours_in_processes else (True,):
+        lease = StreamingLease.acquire()
+        ds = LatentShardDataset(root / "shards", batch_size=batch_size, norm=Normalization(), repa=feats)
+        lease.record(ds)
+        ours = ShardBatches(ds, 0, Placement(batch_size, num_workers=workers), reader_threads=threads)
+        prepare(root / "shards")
+        rows.append(LoaderTiming(_name("sfd_scale latent shards (streaming MDS)", workers, threads),
+                                 _time(ours, batches, batch_size), batches))
+        lease.release(ds)
     return rows

@@ -13,20 +13,22 @@ and of its mirror image), ``label`` (int64), optional ``latents_sv``/``latents_s
 latents) and ``feats_dino``/``feats_dino_flip`` (REPA targets).
 
 ``LatentShardDataset`` is a ``StreamingDataset``: shard-aware shuffling and an order that depends on
-(seed, epoch, ``canonical_nodes``) but not on the number of ranks or workers. It returns what the
-official reader returns (``composite_latent``), with the flip drawn from (seed, epoch, sample index).
+(seed, epoch, ``canonical_nodes``) but not on the number of ranks or workers. Its iteration yields sample
+keys (index, flip), the flip drawn from (seed, epoch, sample index); ``read_batch`` turns keys into what
+the official reader returns (``composite_latent``), a batch at a time.
 """
 from __future__ import annotations
 
 import json
 import logging
-import mmap
 import os
 import shutil
 import socket
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -50,14 +52,34 @@ def composite_latent(latents: torch.Tensor, latents_sv: Optional[torch.Tensor], 
                      latents_dino: Optional[torch.Tensor] = None) -> torch.Tensor:
     """SFD's training input from stored latents (SFD_ALGORITHM.md §2), in the official operation order:
     ``m * concat[(tex - mean)/std, dino, (sem - sv_mean)/sv_std]``, each normalisation only when its flag
-    is on. Tensors are (N, C, H, W) float32; stats are (1, C, 1, 1)."""
-    parts = [(latents - stats["latents_mean"]) / stats["latents_std"] if latent_norm else latents]
-    if latents_dino is not None:  # legacy official block, inserted un-normalised
-        parts.append(latents_dino)
-    if latents_sv is not None:
-        parts.append((latents_sv - stats["latents_sv_mean"]) / stats["latents_sv_std"] if latent_sv_norm
-                     else latents_sv)
-    return torch.cat(parts, dim=1) * multiplier
+    is on. Tensors are (N, C, H, W) on the CPU; stats are (1, C, 1, 1) float32."""
+    blocks = [latents] + ([latents_dino] if latents_dino is not None else []) + \
+        ([latents_sv] if latents_sv is not None else [])
+    latent = torch.cat([b.float() for b in blocks], dim=1)
+    normalize_composite_(latent.numpy(), stats, latent_norm, latent_sv_norm, multiplier, latents.shape[1],
+                         0 if latents_sv is None else latents_sv.shape[1])
+    return latent
+
+
+def normalize_composite_(latent: np.ndarray, stats: Dict[str, torch.Tensor], latent_norm: bool,
+                         latent_sv_norm: bool, multiplier: float, tex_channels: int, sv_channels: int) -> None:
+    """``composite_latent``'s normalisation, in place on the concatenated float32 blocks [tex, dino, sem].
+
+    Single float32 subtractions, divisions and multiplications are correctly rounded in numpy as in torch, so
+    this is bit-identical to the official out-of-place torch code (the golden tests check it). numpy, because
+    the loader runs this in reader threads: torch's elementwise kernels there would each start an OpenMP team
+    on the same cores as the training loop's (measured: 10x slower batches on 2 cores). Multiplying by 1.0 is
+    an exact identity and skipped."""
+    def normalize(block: np.ndarray, key: str) -> None:
+        np.subtract(block, stats[f"{key}_mean"].numpy(), out=block)
+        np.divide(block, stats[f"{key}_std"].numpy(), out=block)
+
+    if latent_norm:
+        normalize(latent[:, :tex_channels], "latents")
+    if sv_channels and latent_sv_norm:
+        normalize(latent[:, latent.shape[1] - sv_channels:], "latents_sv")
+    if multiplier != 1.0:
+        np.multiply(latent, np.float32(multiplier), out=latent)
 
 
 _MASK64 = (1 << 64) - 1
@@ -247,43 +269,75 @@ class Normalization:
     multiplier: float = 1.0
 
 
-MAX_OPEN_SHARDS = 64  # mmaps a loader process keeps open (each holds a file descriptor)
+MAX_OPEN_SHARDS = 64  # shard files a loader process keeps open (least recently used closed first)
+STORED_KEYS = ("latents", "latents_dino", "latents_sv")  # the composite latent's stored blocks, in order
+READAHEAD_REQUEST = 8 << 20
 
 
-def _fixed_layout(reader) -> Optional[tuple]:
-    """(read-only mmap view of a local raw MDS shard, [(column, dtype, count, shape, byte offset)]) when every
-    column is a fixed-size ``ndarray:<dtype>:<shape>`` or a fixed-width number and the shard is neither
-    compressed nor missing; None otherwise (then streaming reads it). The MDS sample layout: a uint32 sample
-    count, uint32 offsets of every sample, then each sample's columns back to back."""
-    if reader.compression or not hasattr(reader, "column_encodings"):
-        return None
-    columns, offset = [], 0
-    for name, encoding, size in zip(reader.column_names, reader.column_encodings, reader.column_sizes):
-        parts = encoding.split(":")
-        if parts[0] == "ndarray" and len(parts) == 3 and size:
-            shape = tuple(int(d) for d in parts[2].split(","))
-            dtype = np.dtype(parts[1])
-        elif len(parts) == 1 and size and encoding in ("int64", "int32", "float32", "float64", "uint8"):
-            shape, dtype = (), np.dtype(encoding)
-        else:
-            return None
-        count = int(np.prod(shape)) if shape else 1
-        if count * dtype.itemsize != size:
-            return None
-        columns.append((name, dtype, count, shape, offset))
-        offset += size
-    path = os.path.join(reader.dirname, reader.split or "", reader.raw_data.basename)
-    try:
-        with open(path, "rb") as f:
-            view = memoryview(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
-    except (OSError, ValueError):
-        return None
-    return view, columns
+class _ShardFile:
+    """A local, uncompressed MDS shard open for positional reads: where every sample starts and where each
+    column sits inside a sample. MDS layout: a uint32 sample count, the samples' uint32 start offsets (one more
+    than samples, the last is the file's end), then each sample's columns back to back; sfd_scale's columns all
+    have a fixed size, so a column's place in a sample is fixed too. The descriptor closes with the object,
+    i.e. only after the last reader thread holding it is done."""
+
+    def __init__(self, reader):
+        self.path = os.path.join(reader.dirname, reader.split or "", reader.raw_data.basename)
+        self.columns: Dict[str, Tuple[int, int]] = {}  # name -> (byte offset in a sample, bytes)
+        offset = 0
+        for name, size in zip(reader.column_names, reader.column_sizes):
+            self.columns[name] = (offset, size)
+            offset += size
+        self.fd = os.open(self.path, os.O_RDONLY)
+        table = os.pread(self.fd, 4 * (reader.samples + 1), 4)
+        self.starts = np.frombuffer(table, np.uint32)
+        if len(self.starts) != reader.samples + 1 or os.fstat(self.fd).st_size < int(self.starts[-1]) or \
+                np.any(np.diff(self.starts.astype(np.int64)) != offset):
+            os.close(self.fd)
+            self.fd = None
+            raise ShardFormatError(f"{self.path} is truncated or does not match its index.json entry")
+        # Have the kernel read the whole file ahead, asynchronously, as streaming fetches whole shards: the
+        # shuffled order reads small pieces at random offsets, for which the kernel's own readahead never
+        # starts. In 8 MiB requests: Linux serves one WILLNEED request only up to a few MiB (measured).
+        # Nearly free when the file is cached.
+        if hasattr(os, "posix_fadvise"):
+            for start in range(0, int(self.starts[-1]), READAHEAD_REQUEST):
+                os.posix_fadvise(self.fd, start, READAHEAD_REQUEST, os.POSIX_FADV_WILLNEED)
+
+    def read_into(self, row: int, column: str, out: np.ndarray) -> None:
+        offset, size = self.columns[column]
+        got = os.preadv(self.fd, [out], int(self.starts[row]) + offset)  # releases the GIL while copying
+        if got != size:
+            raise ShardFormatError(f"{self.path}: sample {row}, column '{column}': read {got} of {size} bytes")
+
+    def __del__(self):
+        if getattr(self, "fd", None) is not None:
+            os.close(self.fd)
+
+
+def _readable_by_offset(reader) -> bool:
+    """Every column fixed-size and the shard stored uncompressed (all that sfd_scale writes)."""
+    return not reader.compression and all(reader.column_sizes) and \
+        all(e.startswith("ndarray:") or e in ("int64", "int32", "float32", "float64", "uint8")
+            for e in reader.column_encodings)
+
+
+def _column_array(encoding: str, batch: int) -> np.ndarray:
+    """An empty (batch, *shape) array for an MDS column encoding (``ndarray:<dtype>:<shape>`` or a number)."""
+    parts = encoding.split(":")
+    if parts[0] == "ndarray":
+        return np.empty((batch, *(int(d) for d in parts[2].split(","))), np.dtype(parts[1]))
+    return np.empty((batch,), np.dtype(encoding))
 
 
 class LatentShardDataset(StreamingDataset):
-    """Batches (``collate``): ``{"latent": (B,C,H,W) f32, "label": i64, "index": i64[, "repa": (B,D,h,w) in
-    the stored dtype]}``; ``read`` gives one such item with ``repa`` as float32, as the official reader.
+    """SFD training batches from latent shards: streaming decides the order, ``read_batch`` reads the bytes.
+
+    Iterating the dataset (streaming's shuffle, rank/worker partition and resume) yields sample keys
+    ``(index, flip)``, the flip drawn from (seed, epoch, index). ``read_batch(keys)`` reads a list of keys into
+    ``{"latent": (B,C,H,W) f32, "label": i64, "index": i64[, "repa": (B,D,h,w) in the stored dtype]}``; ``read``
+    gives one such item with ``repa`` as float32, as the official reader. Splitting order from reading lets a
+    batch be read where it is consumed (reader threads, ``sources.ShardBatches``) straight into its arrays.
 
     ``batch_size`` is the per-rank batch (streaming partitions with it); ``replication`` gives that many
     consecutive ranks the same samples (a model-parallel group). The order depends on
@@ -306,91 +360,105 @@ class LatentShardDataset(StreamingDataset):
                          replication=replication, num_canonical_nodes=canonical_nodes, **kwargs)
         self.stats = read_stats(root)
         self.seed, self.hflip, self.norm, self.repa = seed, hflip, norm, repa
-        self._fast = remote is None and fast_local_reads
-        self._layouts: Dict[int, tuple] = {}  # shard -> (mmap view, column layout), LRU order; per process
-        self._streaming_only: set = set()     # shards the fast path cannot read
-        self.has_sv, self.has_dino_block = "latents_sv" in cols, "latents_dino" in cols
+        self.remote = remote
+        self.local_reads = remote is None and fast_local_reads
+        self.has_sv = "latents_sv" in cols
         self._epoch = 0
+        self._init_files()
 
-    def get_item(self, sample_id: int, retry: int = 7) -> dict:
-        """Local, uncompressed shards whose columns all have a fixed size (everything sfd_scale writes) are read
-        as zero-copy views of one read-only mmap per shard file and process; anything else goes through
-        streaming. Why: streaming opens the shard file for every sample and re-parses every column's encoding
-        string on every read (about half of a read's cost), and decodes both flips of every column; the views
-        let the batch collate copy only what it uses. ``benchmarks/loader_cpu.md`` has the measurements;
-        ``tests/data/test_shards.py`` checks both paths give the same samples."""
-        shard_id, row = self.spanner[sample_id]
-        if not self._fast or shard_id in self._streaming_only:
-            return super().get_item(sample_id, retry)
-        layout = self._layouts.pop(shard_id, None)
-        if layout is None:
-            layout = _fixed_layout(self.shards[shard_id])
-            if layout is None:
-                self._streaming_only.add(shard_id)
-                return super().get_item(sample_id, retry)
-            while len(self._layouts) >= MAX_OPEN_SHARDS:  # each map holds a file descriptor: keep the recent ones
-                self._layouts.pop(next(iter(self._layouts)))
-        self._layouts[shard_id] = layout  # most recently used last
-        view, columns = layout
-        begin = int(np.frombuffer(view, np.uint32, 1, (1 + row) * 4)[0])
-        return {name: np.frombuffer(view, dtype, count, begin + offset).reshape(shape) if shape else
-                np.frombuffer(view, dtype, 1, begin + offset)[0]
-                for name, dtype, count, shape, offset in columns}
+    def _init_files(self) -> None:
+        self._files: "OrderedDict[int, Optional[_ShardFile]]" = OrderedDict()  # LRU; None: read via streaming
+        self._files_lock = threading.Lock()
 
-    def __getstate__(self) -> dict:  # loader workers started with spawn re-open their own maps
+    def __getstate__(self) -> dict:  # loader worker processes open their own files
         state = self.__dict__.copy()
-        state["_layouts"], state["_streaming_only"] = {}, set()
+        state.pop("_files"), state.pop("_files_lock")
         return state
 
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._init_files()
+
     def _resume_incr_epoch(self):
-        # Each worker learns here which epoch it iterates; the flip choice is keyed by it.
+        # The process iterating learns here which epoch it iterates; the flip choice is keyed by it.
         epoch, offset = super()._resume_incr_epoch()
         self._epoch = epoch
         return epoch, offset
 
-    def __getitem__(self, index: int) -> dict:
-        flip = self.hflip and flip_choice(self.seed, self._epoch, int(index))
-        return self.raw(int(index), flip)
+    def __getitem__(self, index: int) -> tuple:
+        """The key of sample ``index`` in the epoch being iterated. Remote shards are read right here (streaming
+        downloads ahead of this call and may evict a shard after it), local ones later by ``read_batch``."""
+        index = int(index)
+        key = (index, self.hflip and flip_choice(self.seed, self._epoch, index))
+        return key if self.remote is None else key + (self.get_item(index),)
 
-    def raw(self, index: int, flip: bool) -> dict:
-        """Sample ``index``'s stored arrays for the chosen flip, not normalised (``collate`` does that per
-        batch: one vectorised normalisation instead of one per sample)."""
-        raw = self.get_item(index)
-        sfx = "_flip" if flip else ""
-        out = {key: raw[key + sfx] for key in ("latents", "latents_sv", "latents_dino") if key in raw}
+    def _shard_file(self, shard_id: int) -> Optional[_ShardFile]:
+        with self._files_lock:  # reader threads share the open files
+            if shard_id in self._files:
+                self._files.move_to_end(shard_id)
+                return self._files[shard_id]
+        reader = self.shards[shard_id]  # opened outside the lock: starting the readahead may block
+        opened = _ShardFile(reader) if self.local_reads and _readable_by_offset(reader) else None
+        with self._files_lock:
+            opened = self._files.setdefault(shard_id, opened)  # another thread may have opened it meanwhile
+            while len(self._files) > MAX_OPEN_SHARDS:
+                self._files.popitem(last=False)
+            return opened
+
+    def read_batch(self, keys: Sequence[tuple]) -> dict:
+        """Read samples ``keys`` (``(index, flip)``, as iteration yields them) and build the training batch.
+
+        Local shards are read with one positional read per column straight into the batch: the latent blocks
+        into their channels of the composite latent (normalised in place afterwards), the REPA features into
+        their array. That is one copy from the page cache, only of the flip in use, with the GIL released and
+        no temporaries. Streaming's own reader opens the shard file and re-parses every column's encoding for
+        every sample, and decodes both flips of every column, which made it several times slower
+        (``benchmarks/loader_cpu.md``). Remote or compressed shards go through streaming;
+        ``tests/data/test_shards.py`` checks that both paths give the same batches."""
+        cols, n = self.meta["columns"], len(keys)
+        stored = {k: _column_array(cols[k], 0) for k in STORED_KEYS if k in cols}  # (0, C, H, W) each
+        channels = {k: a.shape[1] for k, a in stored.items()}
+        latent = np.empty((n, sum(channels.values()), *stored["latents"].shape[2:]), np.float32)
+        # where each stored column lands: a float32 block straight into its channels of the latent, any other
+        # dtype into a staging array converted after the loop
+        dest, staged, c0 = {}, {}, 0
+        for key, empty in stored.items():
+            dest[key] = latent[:, c0:c0 + channels[key]]
+            if empty.dtype != np.float32:
+                staged[key], dest[key] = dest[key], _column_array(cols[key], n)
+            c0 += channels[key]
         if self.repa:
-            out["repa"] = raw["feats_dino" + sfx]
-        out["label"], out["index"] = int(raw["label"]), index
-        return out
-
-    @property
-    def collate(self) -> "ShardCollate":
-        return ShardCollate(self.stats, self.norm, self.has_sv)
+            dest["feats_dino"] = _column_array(cols["feats_dino"], n)
+        dest["label"] = _column_array(cols["label"], n)
+        for j, key in enumerate(keys):
+            index, flip = key[0], key[1]
+            shard_id, row = (int(x) for x in self.spanner[index])
+            if len(key) > 2:  # read when iterated (remote shards)
+                file, sample = None, key[2]
+            else:
+                file = self._shard_file(shard_id)
+                sample = self.get_item(index) if file is None else None
+            for col, out in dest.items():
+                name = col + "_flip" if flip and col != "label" else col
+                if file is not None:
+                    file.read_into(row, name, out[j:j + 1])
+                else:
+                    out[j] = sample[name]
+        for key, block in staged.items():
+            block[...] = dest[key]
+        normalize_composite_(latent, self.stats, self.norm.latent_norm, self.norm.latent_sv_norm and self.has_sv,
+                             self.norm.multiplier, channels["latents"], channels.get("latents_sv", 0))
+        batch = {"latent": torch.from_numpy(latent),
+                 "label": torch.from_numpy(dest["label"]).to(torch.int64),
+                 "index": torch.tensor([key[0] for key in keys], dtype=torch.int64)}
+        if self.repa:  # kept in the stored dtype (float16): the trainer casts it on the device
+            batch["repa"] = torch.from_numpy(dest["feats_dino"])
+        return batch
 
     def read(self, index: int, flip: bool) -> dict:
         """Sample ``index`` with the flip chosen by the caller, normalised like a training batch."""
-        item = {k: v[0] for k, v in self.collate([self.raw(index, flip)]).items()}
+        key = (index, flip) if self.remote is None else (index, flip, self.get_item(index))
+        item = {k: v[0] for k, v in self.read_batch([key]).items()}
         if "repa" in item:
             item["repa"] = item["repa"].float()  # as the official reader returns it
         return item
-
-
-class ShardCollate:
-    """Stacks raw samples (one copy of streaming's read-only arrays) and builds the composite latent for the
-    whole batch; elementwise the same operations as the official per-sample reader."""
-
-    def __init__(self, stats: Dict[str, torch.Tensor], norm: Normalization, has_sv: bool):
-        self.stats, self.norm, self.has_sv = stats, norm, has_sv
-
-    def __call__(self, samples: List[dict]) -> dict:
-        def stacked(key):
-            return torch.from_numpy(np.stack([s[key] for s in samples])).float() if key in samples[0] else None
-
-        latent = composite_latent(stacked("latents"), stacked("latents_sv"), self.stats, self.norm.latent_norm,
-                                  self.norm.latent_sv_norm and self.has_sv, self.norm.multiplier,
-                                  stacked("latents_dino"))
-        batch = {"latent": latent, "label": torch.tensor([s["label"] for s in samples], dtype=torch.int64),
-                 "index": torch.tensor([s["index"] for s in samples], dtype=torch.int64)}
-        if "repa" in samples[0]:  # kept in the stored dtype (float16 halves what workers pass on); the
-            batch["repa"] = torch.from_numpy(np.stack([s["repa"] for s in samples]))  # trainer casts it on device
-        return batch

@@ -10,6 +10,9 @@ draws by it.
 """
 from __future__ import annotations
 
+import queue
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator, List, Optional, Tuple
 
@@ -131,24 +134,31 @@ class ShardBatches:
     An epoch is ``epoch_size // global_batch`` steps (the tail is dropped, as with the map-style sources);
     step k is (epoch, sample) = divmod(k, steps_per_epoch) * global batch, handed to streaming as its resume
     state before each epoch, so a restart at step k reads exactly the remaining samples.
+
+    Who reads (``num_workers`` readers): local shards are read by threads of this process (with 0, by the
+    consuming thread; streaming's order is walked ahead in a thread either way). The reads are positional file
+    reads that release the GIL, and a batch lands in this process's memory directly; worker processes would
+    hand every batch over through a fresh shared-memory segment (~20 ms per 25 MB batch with REPA features on
+    the benchmark machine, more than reading it; ``benchmarks/loader_cpu.md``). Remote shards are read by
+    DataLoader worker processes, which is where streaming downloads them.
     """
 
-    def __init__(self, dataset: LatentShardDataset, start_step: int, where: Placement):
+    def __init__(self, dataset: LatentShardDataset, start_step: int, where: Placement,
+                 reader_threads: Optional[bool] = None):
         self.ds, self.start, self.where = dataset, start_step, where
+        self.threads = dataset.remote is None if reader_threads is None else reader_threads
         self.steps_per_epoch = dataset.epoch_size // where.global_batch
         if self.steps_per_epoch == 0:
             raise ValueError(f"train.global_batch_size ({where.global_batch}) exceeds the dataset size "
                              f"({dataset.epoch_size})")
 
-    def __iter__(self) -> Iterator[dict]:
+    def _epochs(self, loader: DataLoader, gate: Optional["_EpochGate"] = None) -> Iterator:
+        """``loader``'s batches, epoch after epoch, from the start step on; each epoch after the first only
+        once ``gate`` lets it start."""
         step = self.start
-        # One loader for the whole run: its workers persist across epochs (restarting them every epoch cost
-        # more than the reads on short epochs). Streaming keeps the resume state set below in shared
-        # memory, where every worker reads it when the next epoch's iteration starts.
-        loader = DataLoader(self.ds, batch_size=self.where.per_rank, num_workers=self.where.num_workers,
-                            pin_memory=self.where.pin_memory, drop_last=True, collate_fn=self.ds.collate,
-                            persistent_workers=self.where.num_workers > 0, worker_init_fn=ignore_stop_signals)
         while True:
+            if step != self.start and gate is not None and not gate.next_epoch_wanted():
+                return
             epoch, b = divmod(step, self.steps_per_epoch)
             self.ds.load_state_dict({"epoch": epoch, "sample_in_epoch": b * self.where.global_batch,
                                      "num_canonical_nodes": self.ds.num_canonical_nodes,
@@ -158,6 +168,99 @@ class ShardBatches:
                 step += 1
                 if step % self.steps_per_epoch == 0:
                     break
+
+    def __iter__(self) -> Iterator[dict]:
+        n, pin = self.where.num_workers, self.where.pin_memory
+        if not self.threads:
+            # One loader for the whole run: its workers persist across epochs (restarting them every epoch cost
+            # more than the reads on short epochs). Streaming keeps the resume state set in ``_epochs`` in
+            # shared memory, where every worker reads it when the next epoch's iteration starts.
+            yield from self._epochs(DataLoader(self.ds, batch_size=self.where.per_rank, num_workers=n,
+                                               pin_memory=pin, drop_last=True, collate_fn=self.ds.read_batch,
+                                               persistent_workers=n > 0, worker_init_fn=ignore_stop_signals))
+            return
+        gate = _EpochGate()
+        keys = self._epochs(DataLoader(self.ds, batch_size=self.where.per_rank, num_workers=0, drop_last=True,
+                                       collate_fn=list), gate)
+
+        def read(batch_keys: list) -> dict:
+            batch = self.ds.read_batch(batch_keys)
+            return {k: v.pin_memory() for k, v in batch.items()} if pin else batch
+
+        yield from _read_ahead(keys, read, n, gate)
+
+
+class _EpochGate:
+    """Holds a producer running ahead at each epoch end until its consumer asks for the next epoch's first batch.
+
+    Streaming makes the ranks of a node meet at a barrier when an epoch starts. A producer that entered the next
+    epoch while its consumer was done (a run stopping at an epoch end) would wait there for the other ranks
+    forever; the trainer asks for one more batch before it sees ``train.max_steps``, on every rank alike."""
+
+    def __init__(self):
+        self.cond = threading.Condition()
+        self.produced = self.requested = 0  # batches handed to the readers / asked for by the consumer
+        self.stopped = False
+
+    def next_epoch_wanted(self) -> bool:  # producer thread
+        with self.cond:
+            self.cond.wait_for(lambda: self.stopped or self.requested > self.produced)
+            return not self.stopped
+
+    def count(self, attr: str) -> None:
+        with self.cond:
+            setattr(self, attr, getattr(self, attr) + 1)
+            self.cond.notify_all()
+
+    def stop(self) -> None:
+        with self.cond:
+            self.stopped = True
+            self.cond.notify_all()
+
+
+def _read_ahead(keys: Iterator, read: Callable, readers: int, gate: _EpochGate) -> Iterator:
+    """``map(read, keys)``, in order, with ``readers`` threads a few batches ahead of the consumer (with none,
+    the consumer reads).
+
+    A producer thread walks ``keys`` (streaming's iteration: ~1 ms per batch of Python, and a ~20 ms sleep-poll
+    at each epoch start while its ready thread catches up) and hands each batch of keys to the reader pool, so
+    neither cost lands on the training loop's thread."""
+    pool = ThreadPoolExecutor(readers, thread_name_prefix="sfd-shard-reader") if readers else None
+    ahead: "queue.Queue" = queue.Queue(maxsize=max(2 * readers, 2))  # futures of batches (or keys), in order
+
+    def put(item) -> bool:
+        while not gate.stopped:
+            try:
+                ahead.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def produce() -> None:
+        try:
+            for batch_keys in keys:
+                gate.count("produced")
+                if not put(pool.submit(read, batch_keys) if pool else batch_keys):
+                    return
+        except BaseException as err:  # raised in the consumer's thread
+            put(err)
+
+    producer = threading.Thread(target=produce, name="sfd-shard-keys", daemon=True)
+    producer.start()
+    try:
+        while True:
+            gate.count("requested")
+            item = ahead.get()
+            if isinstance(item, BaseException):
+                raise item
+            yield item.result() if pool else read(item)
+    finally:
+        gate.stop()
+        producer.join()
+        keys.close()  # ends streaming's iteration (only now: a generator cannot be closed while another thread runs it)
+        if pool:
+            pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _shard_source(cfg) -> TrainingData:

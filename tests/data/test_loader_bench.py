@@ -18,3 +18,5 @@ def test_both_loaders_return_the_same_samples(tmp_path, streaming_tmp):
             assert torch.equal(a[key], b[key]), (i, key)
     rows = benchmark(tmp_path, 12, 4, 0, True, 2)
     assert [r.batches for r in rows] == [2, 2] and all(r.samples_per_s > 0 for r in rows)
+    rows = benchmark(tmp_path, 12, 4, 1, True, 2)  # baseline, ours with a reader thread, ours in a worker process
+    assert len(rows) == 3 and "threads" in rows[1].loader and "processes" in rows[2].loader

@@ -114,7 +114,8 @@ def test_flip_is_seeded_per_epoch_and_sample(tmp_path):
         ds._epoch = epoch
         for i in (0, 7, 39):
             flip = shards.flip_choice(3, epoch, i)
-            assert float(ds[i]["latents"][0, 0, 0]) == (-i if flip else i)  # raw; collate normalises
+            assert ds[i] == (i, flip)  # iteration yields keys; read_batch reads them
+            assert float(ds.read_batch([ds[i]])["latent"][0, 0, 0, 0]) == (-i if flip else i)
     flips = [shards.flip_choice(3, 0, i) for i in range(400)]
     assert 150 < sum(flips) < 250 and flips != [shards.flip_choice(4, 0, i) for i in range(400)]
 
@@ -153,7 +154,7 @@ RUN = textwrap.dedent("""
     lease = StreamingLease.acquire()
     ds = LatentShardDataset(sys.argv[1], batch_size=4, norm=Normalization(False, False, 1.0))
     lease.record(ds)
-    it = iter(torch.utils.data.DataLoader(ds, batch_size=4, num_workers=1))
+    it = iter(torch.utils.data.DataLoader(ds, batch_size=4, num_workers=1, collate_fn=ds.read_batch))
     next(it)
     print(ds._shm_prefix_int, flush=True)
     if sys.argv[2] == "crash":
@@ -194,35 +195,68 @@ def test_killed_process_group_is_reclaimed(tmp_path, streaming_tmp):
     assert _leftovers(streaming_tmp, prefix) == [] and removed
     # ... and can open the same local directory again (a leaked 'locals' segment would refuse it)
     ds = _open(tmp_path / "s", norm=Normalization(False, False, 1.0))
-    assert len(list(torch.utils.data.DataLoader(ds, batch_size=4))) == 10
+    assert len(list(torch.utils.data.DataLoader(ds, batch_size=4, collate_fn=ds.read_batch))) == 10
 
 
-def test_fast_local_reads_equal_streaming_reads(tmp_path):
-    """The mmap read path hands out exactly what streaming's own reader decodes, for every sample."""
+def test_local_reads_equal_streaming_reads(tmp_path):
+    """Positional reads into the batch give exactly what streaming's own reader decodes, normalised by
+    ``composite_latent``, for every sample and flip, in batches that span shards."""
     import pickle
     from streaming import StreamingDataset
 
     write_toy_shards(tmp_path / "s", n=40, chunk=16, repa=True)
-    ds = _open(tmp_path / "s", repa=True)
-    slow = _open(tmp_path / "s", repa=True, fast_local_reads=False)
-    for i in range(40):
-        fast, ref = ds.get_item(i), StreamingDataset.get_item(ds, i)
-        assert sorted(fast) == sorted(ref) and sorted(slow.get_item(i)) == sorted(ref)
-        for key in ref:
-            assert np.array_equal(np.asarray(fast[key]), np.asarray(ref[key])), (i, key)
-            assert np.asarray(fast[key]).dtype == np.asarray(ref[key]).dtype, (i, key)
-        for flip in (False, True):
-            a, b = ds.read(i, flip), slow.read(i, flip)
-            assert all(torch.equal(a[k], b[k]) for k in a)
-    assert len(ds._layouts) == 3 and pickle.loads(pickle.dumps(ds))._layouts == {}
-    shards.MAX_OPEN_SHARDS = 2  # the least recently used map is dropped, reads stay right
-    ds._layouts.clear()
+    norm = Normalization(True, True, 0.5)
+    ds, slow = (_open(tmp_path / "s", repa=True, norm=norm, fast_local_reads=fast) for fast in (True, False))
+    keys = [(i, bool(i % 3)) for i in range(40)]
+    keys = keys[::2] + keys[1::2]  # every batch mixes shards
+    for b in range(0, 40, 8):
+        batch, ref = ds.read_batch(keys[b:b + 8]), slow.read_batch(keys[b:b + 8])
+        assert batch.keys() == ref.keys() and all(torch.equal(batch[k], ref[k]) for k in batch)
+        assert batch["repa"].dtype == torch.float16 and batch["label"].dtype == torch.int64
+        for j, (i, flip) in enumerate(keys[b:b + 8]):
+            raw = {k: torch.from_numpy(np.array(v)) for k, v in StreamingDataset.get_item(ds, i).items()}
+            sfx = "_flip" if flip else ""
+            want = shards.composite_latent(raw["latents" + sfx][None], raw["latents_sv" + sfx][None], ds.stats,
+                                           True, True, 0.5)[0]
+            assert torch.equal(batch["latent"][j], want) and torch.equal(batch["repa"][j], raw["feats_dino" + sfx])
+            assert int(batch["label"][j]) == int(raw["label"]) and int(batch["index"][j]) == i
+    assert len(ds._files) == 3 and slow._files and all(f is None for f in slow._files.values())
+    assert pickle.loads(pickle.dumps(ds))._files == {}
+    shards.MAX_OPEN_SHARDS = 2  # the least recently used file is closed, reads stay right
+    ds._files.clear()
     try:
         for i in (0, 20, 39, 0):
-            assert np.array_equal(ds.get_item(i)["latents"], StreamingDataset.get_item(ds, i)["latents"])
-            assert len(ds._layouts) <= 2
+            assert torch.equal(ds.read_batch([(i, False)])["latent"], slow.read_batch([(i, False)])["latent"])
+            assert len(ds._files) <= 2
     finally:
         shards.MAX_OPEN_SHARDS = 64
+
+
+def test_remote_shards_are_read_when_iterated(tmp_path):
+    """With a remote, each sample is read while streaming iterates (after its download, before any eviction)
+    and rides along with its key; the batches equal those of the same shards read locally."""
+    write_toy_shards(tmp_path / "remote", n=40, chunk=16, repa=True)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    for name in (shards.META_FILE, shards.STATS_FILE):
+        shutil.copy(tmp_path / "remote" / name, cache / name)
+    remote = _open(cache, remote=str(tmp_path / "remote"), batch_size=8, repa=True)
+    local = _open(tmp_path / "remote", batch_size=8, repa=True)
+    got, want = ([b for b in torch.utils.data.DataLoader(d, batch_size=8, collate_fn=d.read_batch)]
+                 for d in (remote, local))
+    assert len(got) == 5 and len(remote[0]) == 3  # (index, flip, the sample read)
+    for a, b in zip(got, want):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert all(torch.equal(remote.read(7, True)[k], local.read(7, True)[k]) for k in ("latent", "repa"))
+
+
+def test_a_truncated_shard_is_named(tmp_path):
+    write_toy_shards(tmp_path / "s", n=16, chunk=16)
+    shard = next((tmp_path / "s").glob("part_*/shard.*.mds"))
+    with open(shard, "r+b") as f:
+        f.truncate(shard.stat().st_size - 10)
+    with pytest.raises(ShardFormatError, match=str(shard.name)):
+        _open(tmp_path / "s").read_batch([(15, False)])
 
 
 def test_a_zombie_owner_counts_as_dead():

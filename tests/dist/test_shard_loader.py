@@ -15,14 +15,14 @@ from tests.dist.harness import run_ranks
 N, GLOBAL = 40, 8   # 5 steps per epoch
 
 
-def _indices(root, world, rank, start_step, steps, dp_size, replication=1, seed=0, workers=0):
+def _indices(root, world, rank, start_step, steps, dp_size, replication=1, seed=0, workers=0, threads=None):
     """Sample indices and texture values of this rank's batches for ``steps`` steps from ``start_step``."""
     ds = LatentShardDataset(root, batch_size=GLOBAL // dp_size, seed=seed, canonical_nodes=2,
                             norm=Normalization(False, False, 1.0), replication=replication if replication > 1 else None)
     where = Placement(GLOBAL, dp_rank=rank // replication, dp_size=dp_size, replication=replication,
                       num_workers=workers)
     out = []
-    for k, batch in enumerate(ShardBatches(ds, start_step, where)):
+    for k, batch in enumerate(ShardBatches(ds, start_step, where, reader_threads=threads)):
         if k == steps:
             break
         # the texture latent holds +index (not flipped) or -index (flipped)
@@ -31,8 +31,8 @@ def _indices(root, world, rank, start_step, steps, dp_size, replication=1, seed=
     return out
 
 
-def _ranks(rank, world, root, start, steps, dp_size, replication, seed, workers):
-    return _indices(root, world, rank, start, steps, dp_size, replication, seed, workers)
+def _ranks(rank, world, root, start, steps, dp_size, replication, seed, workers, threads=None):
+    return _indices(root, world, rank, start, steps, dp_size, replication, seed, workers, threads)
 
 
 @pytest.fixture(scope="module")
@@ -55,8 +55,10 @@ def test_two_ranks_disjoint_complete_and_layout_independent(root):
         seen = sorted(sum(_global(two)[epoch * 5:(epoch + 1) * 5], []))
         assert seen == list(range(N)), f"epoch {epoch} is not one pass over the data"
     assert _global(two)[:5] != _global(two)[5:]                # a new order each epoch
-    one = run_ranks(_ranks, 1, args=(root, 0, 10, 1, 1, 0, 1))  # one rank, a loader worker
+    one = run_ranks(_ranks, 1, args=(root, 0, 10, 1, 1, 0, 2))  # one rank, two reader threads
     assert _global(one) == _global(two)                          # same global batches on 1 or 2 ranks
+    procs = run_ranks(_ranks, 2, args=(root, 0, 10, 2, 1, 0, 1, False))  # a loader worker process per rank
+    assert procs == two                                          # and with any kind of reader
     again = run_ranks(_ranks, 2, args=(root, 0, 10, 2, 1, 0, 0))
     assert again == two                                          # deterministic per seed
     other = run_ranks(_ranks, 1, args=(root, 0, 5, 1, 1, 7, 0))
@@ -73,6 +75,8 @@ def test_mid_epoch_resume_gives_exactly_the_remaining_samples(root):
     full = run_ranks(_ranks, 2, args=(root, 0, 8, 2, 1, 0, 0))
     resumed = run_ranks(_ranks, 2, args=(root, 3, 5, 2, 1, 0, 0))   # restart at step 3 (mid epoch 0)
     assert [r[3:] for r in full] == resumed
+    threaded = run_ranks(_ranks, 2, args=(root, 3, 5, 2, 1, 0, 2))  # reader threads read ahead; same resume
+    assert threaded == resumed
 
 
 # ------------------------------------------------------------------------------------------ trainer
