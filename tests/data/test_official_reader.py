@@ -232,7 +232,7 @@ def test_shard_length_mismatch(tmp_path):
 def test_stats_file_missing_key(tmp_path):
     _write_shard(tmp_path / "s000.safetensors")
     torch.save({"mean": torch.zeros(1, 4, 1, 1)}, tmp_path / "latents_stats.pt")
-    with pytest.raises(KeyError, match=rf"latents_stats\.pt.*'std'"):
+    with pytest.raises(KeyError, match=r"latents_stats\.pt.*'std'"):
         OfficialLatentDataset(tmp_path)
 
 
