@@ -63,7 +63,8 @@ class DataConfig:
     source: str = "shards"          # shards: sfd_scale latent shards (streaming MDS) at ``path``; official:
                                     # official safetensors latent folder at ``path``; demo: built-in digits
     path: Optional[str] = None
-    remote: Optional[str] = None    # shards: object-store URI streamed into ``path`` (a local cache)
+    remote: Optional[str] = None    # shards: object-store URI streamed into ``path`` (a local cache; the
+                                    # dataset's sfd_dataset.json and stats are fetched there at start)
     canonical_nodes: int = 8        # shards: the sample order depends on this and train.seed, not on the
                                     # number of GPUs; keep it fixed for a run
     latent_norm: bool = True

@@ -238,6 +238,29 @@ def finalize(root, meta: dict, stats: Optional[Dict[str, torch.Tensor]] = None) 
 
 
 # ------------------------------------------------------------------------------------------ reading
+def fetch_dataset_files(root, remote: Optional[str]) -> None:
+    """With a remote dataset, download its ``stats.safetensors`` and ``sfd_dataset.json`` into the local cache
+    ``root`` when they are not there yet (streaming fetches the index and the shards itself). Each is written
+    aside and renamed into place: the ranks of a node may fetch at the same time."""
+    if remote is None:
+        return
+    from streaming.base.storage.download import CloudDownloader
+
+    for name in (STATS_FILE, META_FILE):  # META last: its presence marks a complete dataset
+        dest = Path(root) / name
+        if dest.is_file():
+            continue
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(f".tmp_{name}_{socket.gethostname()}_{os.getpid()}")
+        try:
+            CloudDownloader.direct_download(os.path.join(remote, name), str(tmp))
+            os.replace(tmp, dest)
+        except Exception as err:
+            raise ShardFormatError(f"cannot fetch {os.path.join(remote, name)} into {root}: {err}") from err
+        finally:
+            tmp.unlink(missing_ok=True)
+
+
 def read_meta(root) -> dict:
     path = Path(root) / META_FILE
     if not path.is_file():
@@ -347,6 +370,7 @@ class LatentShardDataset(StreamingDataset):
     def __init__(self, root, *, batch_size: int, seed: int = 0, shuffle: bool = True, hflip: bool = True,
                  norm: Normalization = Normalization(), repa: bool = False, replication: Optional[int] = None,
                  canonical_nodes: int = 8, remote: Optional[str] = None, fast_local_reads: bool = True, **kwargs):
+        fetch_dataset_files(root, remote)
         self.meta = read_meta(root)
         cols = self.meta["columns"]
         if repa and "feats_dino" not in cols:

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .demo import build_demo_latents
 from .official import OfficialLatentDataset
-from .shards import LatentShardDataset, Normalization, latent_channels, read_meta
+from .shards import LatentShardDataset, Normalization, fetch_dataset_files, latent_channels, read_meta
 from .streaming_cleanup import StreamingLease
 
 
@@ -265,6 +265,7 @@ def _read_ahead(keys: Iterator, read: Callable, readers: int, gate: _EpochGate) 
 
 def _shard_source(cfg) -> TrainingData:
     d = cfg.data
+    fetch_dataset_files(d.path, d.remote)
     meta = read_meta(d.path)
     cols = meta["columns"]
     opened: List[Tuple[LatentShardDataset, StreamingLease]] = []

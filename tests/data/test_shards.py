@@ -233,14 +233,16 @@ def test_local_reads_equal_streaming_reads(tmp_path):
 
 
 def test_remote_shards_are_read_when_iterated(tmp_path):
-    """With a remote, each sample is read while streaming iterates (after its download, before any eviction)
-    and rides along with its key; the batches equal those of the same shards read locally."""
+    """With a remote, the dataset's own files are fetched into the empty cache, each sample is read while
+    streaming iterates (after its download, before any eviction) and rides along with its key; the batches
+    equal those of the same shards read locally. A remote without the dataset is named in the error."""
     write_toy_shards(tmp_path / "remote", n=40, chunk=16, repa=True)
     cache = tmp_path / "cache"
-    cache.mkdir()
-    for name in (shards.META_FILE, shards.STATS_FILE):
-        shutil.copy(tmp_path / "remote" / name, cache / name)
+    with pytest.raises(ShardFormatError, match="nowhere/stats.safetensors"):
+        _open(cache, remote=str(tmp_path / "nowhere"))
+    assert not cache.exists() or not list(cache.iterdir())  # nothing half-written
     remote = _open(cache, remote=str(tmp_path / "remote"), batch_size=8, repa=True)
+    assert (cache / shards.META_FILE).is_file() and (cache / shards.STATS_FILE).is_file()
     local = _open(tmp_path / "remote", batch_size=8, repa=True)
     got, want = ([b for b in torch.utils.data.DataLoader(d, batch_size=8, collate_fn=d.read_batch)]
                  for d in (remote, local))
