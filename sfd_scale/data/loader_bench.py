@@ -132,7 +132,10 @@ def benchmark(root, n: int, batch_size: int, workers: int, feats: bool, batches:
     stats = read_stats(root / "shards")
 
     def prepare(folder) -> None:
-        drop_page_cache() if cold else read_all(folder)
+        if cold:
+            drop_page_cache()
+        else:
+            read_all(folder)
 
     def endless():  # epochs back to back, as ShardBatches does; the workers end with the generator
         per_file = DataLoader(PerFileDataset(root / "files", stats, feats), batch_size=batch_size, shuffle=True,

@@ -345,12 +345,18 @@ def _readable_by_offset(reader) -> bool:
             for e in reader.column_encodings)
 
 
-def _column_array(encoding: str, batch: int) -> np.ndarray:
-    """An empty (batch, *shape) array for an MDS column encoding (``ndarray:<dtype>:<shape>`` or a number)."""
+def _column_spec(encoding: str) -> Tuple[np.dtype, Tuple[int, ...]]:
+    """(dtype, per-sample shape) of an MDS column encoding (``ndarray:<dtype>:<shape>`` or a number)."""
     parts = encoding.split(":")
     if parts[0] == "ndarray":
-        return np.empty((batch, *(int(d) for d in parts[2].split(","))), np.dtype(parts[1]))
-    return np.empty((batch,), np.dtype(encoding))
+        return np.dtype(parts[1]), tuple(int(d) for d in parts[2].split(","))
+    return np.dtype(encoding), ()
+
+
+def _column_array(encoding: str, batch: int) -> np.ndarray:
+    """An empty (batch, *shape) array for an MDS column encoding."""
+    dtype, shape = _column_spec(encoding)
+    return np.empty((batch, *shape), dtype)
 
 
 class LatentShardDataset(StreamingDataset):
@@ -386,7 +392,14 @@ class LatentShardDataset(StreamingDataset):
         self.seed, self.hflip, self.norm, self.repa = seed, hflip, norm, repa
         self.remote = remote
         self.local_reads = remote is None and fast_local_reads
-        self.has_sv = "latents_sv" in cols
+        # the composite latent's blocks: stored column -> its channels in the latent, in STORED_KEYS order
+        self._blocks: Dict[str, slice] = {}
+        start = 0
+        for key in STORED_KEYS:
+            if key in cols:
+                width = _column_spec(cols[key])[1][0]
+                self._blocks[key], start = slice(start, start + width), start + width
+        self._latent_shape = (start, *_column_spec(cols["latents"])[1][1:])  # (C, H, W)
         self._epoch = 0
         self._init_files()
 
@@ -413,8 +426,10 @@ class LatentShardDataset(StreamingDataset):
         """The key of sample ``index`` in the epoch being iterated. Remote shards are read right here (streaming
         downloads ahead of this call and may evict a shard after it), local ones later by ``read_batch``."""
         index = int(index)
-        key = (index, self.hflip and flip_choice(self.seed, self._epoch, index))
-        return key if self.remote is None else key + (self.get_item(index),)
+        return self._key(index, self.hflip and flip_choice(self.seed, self._epoch, index))
+
+    def _key(self, index: int, flip: bool) -> tuple:
+        return (index, flip) if self.remote is None else (index, flip, self.get_item(index))
 
     def _shard_file(self, shard_id: int) -> Optional[_ShardFile]:
         with self._files_lock:  # reader threads share the open files
@@ -440,17 +455,14 @@ class LatentShardDataset(StreamingDataset):
         (``benchmarks/loader_cpu.md``). Remote or compressed shards go through streaming;
         ``tests/data/test_shards.py`` checks that both paths give the same batches."""
         cols, n = self.meta["columns"], len(keys)
-        stored = {k: _column_array(cols[k], 0) for k in STORED_KEYS if k in cols}  # (0, C, H, W) each
-        channels = {k: a.shape[1] for k, a in stored.items()}
-        latent = np.empty((n, sum(channels.values()), *stored["latents"].shape[2:]), np.float32)
+        latent = np.empty((n, *self._latent_shape), np.float32)
         # where each stored column lands: a float32 block straight into its channels of the latent, any other
         # dtype into a staging array converted after the loop
-        dest, staged, c0 = {}, {}, 0
-        for key, empty in stored.items():
-            dest[key] = latent[:, c0:c0 + channels[key]]
-            if empty.dtype != np.float32:
+        dest, staged = {}, {}
+        for key, channels in self._blocks.items():
+            dest[key] = latent[:, channels]
+            if _column_spec(cols[key])[0] != np.float32:
                 staged[key], dest[key] = dest[key], _column_array(cols[key], n)
-            c0 += channels[key]
         if self.repa:
             dest["feats_dino"] = _column_array(cols["feats_dino"], n)
         dest["label"] = _column_array(cols["label"], n)
@@ -470,8 +482,9 @@ class LatentShardDataset(StreamingDataset):
                     out[j] = sample[name]
         for key, block in staged.items():
             block[...] = dest[key]
-        normalize_composite_(latent, self.stats, self.norm.latent_norm, self.norm.latent_sv_norm and self.has_sv,
-                             self.norm.multiplier, channels["latents"], channels.get("latents_sv", 0))
+        sv = self._blocks.get("latents_sv")
+        normalize_composite_(latent, self.stats, self.norm.latent_norm, self.norm.latent_sv_norm, self.norm.multiplier,
+                             self._blocks["latents"].stop, sv.stop - sv.start if sv else 0)
         batch = {"latent": torch.from_numpy(latent),
                  "label": torch.from_numpy(dest["label"]).to(torch.int64),
                  "index": torch.tensor([key[0] for key in keys], dtype=torch.int64)}
@@ -481,8 +494,7 @@ class LatentShardDataset(StreamingDataset):
 
     def read(self, index: int, flip: bool) -> dict:
         """Sample ``index`` with the flip chosen by the caller, normalised like a training batch."""
-        key = (index, flip) if self.remote is None else (index, flip, self.get_item(index))
-        item = {k: v[0] for k, v in self.read_batch([key]).items()}
+        item = {k: v[0] for k, v in self.read_batch([self._key(index, flip)]).items()}
         if "repa" in item:
             item["repa"] = item["repa"].float()  # as the official reader returns it
         return item
