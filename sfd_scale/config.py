@@ -61,7 +61,8 @@ class SFDConfig:
 @dataclass
 class DataConfig:
     source: str = "shards"          # shards: sfd_scale latent shards (streaming MDS) at ``path``; official:
-                                    # official safetensors latent folder at ``path``; demo: built-in digits
+                                    # official safetensors latent folder at ``path``; demo: built-in digits;
+                                    # synthetic: random tensors of the model's shapes (benchmarks, cost model)
     path: Optional[str] = None
     remote: Optional[str] = None    # shards: object-store URI streamed into ``path`` (a local cache; the
                                     # dataset's sfd_dataset.json and stats are fetched there at start)
@@ -331,9 +332,10 @@ def validate(cfg: Config) -> None:
     need(cfg.checkpoint.keep_every >= 0, f"checkpoint.keep_every must be >= 0 (0 = off), got {cfg.checkpoint.keep_every}")
     need(cfg.checkpoint.every >= 0, f"checkpoint.every must be >= 0 (0 = only at the end), got {cfg.checkpoint.every}")
     need(cfg.optim.grad_clip >= 0, f"optim.grad_clip must be >= 0 (0 = off), got {cfg.optim.grad_clip}")
-    need(cfg.data.source in ("shards", "official", "demo"),
-         f"data.source must be 'shards', 'official' or 'demo', got {cfg.data.source!r}")
-    need(cfg.data.source == "demo" or bool(cfg.data.path), f"data.path is required when data.source is {cfg.data.source!r}")
+    need(cfg.data.source in ("shards", "official", "demo", "synthetic"),
+         f"data.source must be 'shards', 'official', 'demo' or 'synthetic', got {cfg.data.source!r}")
+    need(cfg.data.source in ("demo", "synthetic") or bool(cfg.data.path),
+         f"data.path is required when data.source is {cfg.data.source!r}")
     need(cfg.data.canonical_nodes >= 1, f"data.canonical_nodes must be >= 1, got {cfg.data.canonical_nodes}")
     need(cfg.logging.wandb_mode in ("offline", "online", "disabled"),
          f"logging.wandb_mode must be offline, online or disabled, got {cfg.logging.wandb_mode!r}")

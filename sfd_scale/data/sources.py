@@ -1,8 +1,9 @@
 """Training data for the trainer: which latents, in what order, and how to look at samples.
 
-Three sources (``data.source``): ``shards`` (sfd_scale latent shards read with mosaicml-streaming, the
-one for real runs), ``official`` (the official safetensors latent folder, read in place) and ``demo``
-(scikit-learn digits). Each yields this rank's share of every global batch as a dict
+Four sources (``data.source``): ``shards`` (sfd_scale latent shards read with mosaicml-streaming, the
+one for real runs), ``official`` (the official safetensors latent folder, read in place), ``demo``
+(scikit-learn digits) and ``synthetic`` (random tensors of the model's shapes, for benchmarks and the
+cost model: the training step without any storage). Each yields this rank's share of every global batch as a dict
 ``{"latent", "label", "index"[, "repa"]}`` and can start at any training step: the batches of step k
 depend only on (train.seed, k) and, for shards, ``data.canonical_nodes`` — not on the number of ranks,
 workers or restarts. ``index`` is the sample's dataset index; the trainer keys each sample's random
@@ -10,6 +11,7 @@ draws by it.
 """
 from __future__ import annotations
 
+import itertools
 import queue
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -291,11 +293,37 @@ def _shard_source(cfg) -> TrainingData:
                         has_repa_features="feats_dino" in cols, batches=batches, close=close)
 
 
+def _synthetic_source(cfg) -> TrainingData:
+    """Random latents, labels and (with REPA) float16 features in the config's shapes: one pool per rank, drawn
+    once from ``train.seed`` and handed out every step with the step's dataset indices (the trainer keys its
+    draws by them), so a step costs no reading and no data generation."""
+    m, s = cfg.model, cfg.sfd
+    channels, grid = s.texture_chans + s.semantic_chans, m.input_size // (m.patch_size or 1)
+
+    def batches(start_step: int, where: Placement) -> Iterable[dict]:
+        g = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + where.dp_rank)
+        n = where.per_rank
+        pool = {"latent": torch.randn(n, channels, m.input_size, m.input_size, generator=g),
+                "label": torch.randint(0, m.num_classes, (n,), generator=g)}
+        if m.use_repa:
+            pool["repa"] = torch.randn(n, m.repa_feature_dim, grid, grid, generator=g).half()
+        if where.pin_memory:
+            pool = {k: v.pin_memory() for k, v in pool.items()}
+        first = where.dp_rank * n
+        for step in itertools.count(start_step):
+            yield pool | {"index": torch.arange(first, first + n) + step * where.global_batch}
+
+    return TrainingData(channels, m.num_classes, None, f"synthetic random latents ({channels} channels, "
+                        f"{m.input_size}x{m.input_size})", m.use_repa, batches)
+
+
 def build_training_data(cfg) -> TrainingData:
-    """Dataset named by ``cfg.data`` (latent shards, the official latent folder, or the digits demo)."""
+    """Dataset named by ``cfg.data`` (latent shards, the official latent folder, the digits demo, or synthetic)."""
     d = cfg.data
     if d.source == "shards":
         return _shard_source(cfg)
+    if d.source == "synthetic":
+        return _synthetic_source(cfg)
     if d.source == "demo":
         demo = build_demo_latents(seed=cfg.train.seed, semantic_chans=cfg.sfd.semantic_chans,
                                   num_samples=d.demo_samples)
