@@ -28,15 +28,19 @@ import dataclasses
 import math
 import re
 import tempfile
+from unittest import mock
 from collections import Counter
 from typing import Dict, Optional
 
 import torch
+import torch._functorch.config
+import torch._inductor.config
 
 from ..config import Config, model_args
 from ..models.flops import training_flops_per_image
 from ..models.lightningdit import LightningDiT, LightningDiTBlock, ModelArgs, parallel_config
 from ..models.embeddings import Rope2D
+from ..parallel.layout import tensor_parallel_size
 from ..parallel.engines import adam_state, fused_adamw
 from .dispatch_count import CudaAutocast, OpCounter
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
@@ -86,8 +90,12 @@ def _phases(counter: OpCounter, trainer):
     trainer.ema.update = wrap(ema_update, "ema")
     clip = torch.nn.utils.clip_grad_norm_
 
-    def clip_as_on_cuda(*a, **kw):  # torch picks the multi-tensor norm on CUDA; meta has no foreach support
-        return clip(*a, **({"foreach": True} | kw if counter.device.type == "meta" else kw))
+    def clip_as_on_cuda(*a, **kw):
+        """On meta, the multi-tensor norm and scaling torch picks on CUDA (it refuses foreach on meta)."""
+        if counter.device.type != "meta":
+            return clip(*a, **kw)
+        with mock.patch("torch.nn.utils.clip_grad._device_has_foreach_support", lambda device: True):
+            return clip(*a, **({"foreach": True} | kw))
 
     torch.nn.utils.clip_grad_norm_ = wrap(clip_as_on_cuda, "optimizer")
     stack = []
@@ -237,8 +245,8 @@ class _SchedulerCounts:
             result = self._codegen(graph, *a, **kw)
             for node in graph.scheduler.nodes:
                 kind = type(node).__name__
-                if kind == "NopKernelSchedulerNode":
-                    continue
+                if kind == "NopKernelSchedulerNode" or type(getattr(node, "node", None)).__name__ == "MultiOutput":
+                    continue  # views, and the unpacking of a multi-output kernel's results: no kernel
                 nbytes = node.get_read_write_buffers_sizes()
                 if node.is_extern():
                     ir = node.node
@@ -267,6 +275,7 @@ def compiled_block(cfg: Config, micro_batches=(1, 2)) -> dict:
     """Inductor's kernels and bytes for one block's forward + backward at each micro-batch, compiled afresh."""
     args = model_args(cfg)
     rope = Rope2D(args.hidden_size // args.num_heads, args.grid) if args.use_rope else None
+    tensor_parallel_size()  # megatron's layers need a (one-process) layout
     runs = {}
     for b in micro_batches:
         torch.manual_seed(0)
@@ -275,7 +284,9 @@ def compiled_block(cfg: Config, micro_batches=(1, 2)) -> dict:
         x = torch.randn(b, args.grid ** 2, args.hidden_size, requires_grad=True)
         c = torch.randn(b, args.hidden_size, requires_grad=True)
         torch._dynamo.reset()
-        with _SchedulerCounts() as sc:
+        # no cache: a cached graph skips the code generation whose scheduler is read
+        with _SchedulerCounts() as sc, torch._inductor.config.patch(fx_graph_cache=False, autotune_local_cache=False), \
+                torch._functorch.config.patch(enable_autograd_cache=False):
             with _cpu_autocast(cfg.train.precision):
                 out = compiled(x, c, rope)
             out.float().square().mean().backward()
@@ -317,3 +328,73 @@ def predict(counts: dict, compiled: Optional[dict] = None) -> dict:
     step = sum(parts.values())
     return {**parts, "kernels": int(kernels), "step_s": step,
             "mfu": counts["model_flops"] / (step * H100_PEAK_FLOPS) if step else math.nan}
+
+
+# ----------------------------------------------------------------------------------------------- report
+def report(cfg: Config, micro_batch: Optional[int] = None, device: str = "meta", compile_block: bool = True) -> dict:
+    """Everything the cost model says about one config: counts, graph breaks, compiled block, predictions."""
+    counts = count_step(cfg, micro_batch, device)
+    out = {"model": cfg.model.name, "micro_batch": counts["micro_batch"], "device": device,
+           "constants": CONSTANTS, "counts": counts, "graph_breaks": graph_breaks(cfg),
+           "flops_check": (counts["gemm_flops"] + counts["attention_flops"]) / counts["model_flops"],
+           "prediction": {"eager": predict(counts)}}
+    if compile_block:
+        out["compiled_block"] = compiled_block(cfg)
+        out["compiled"] = compiled_per_block(out["compiled_block"], counts["micro_batch"])
+        out["prediction"]["compiled"] = predict(counts, out["compiled"])
+    return out
+
+
+def headline(r: dict) -> Dict[str, str]:
+    """The figures the issue's acceptance reads, formatted, by row name."""
+    c, p, s = r["counts"], r["prediction"], r["counts"]["syncs"]
+    compiled = r.get("compiled")
+    opt = sum(c["non_gemm"].get(k, {}).get("bytes", 0) for k in ("optimizer", "ema"))
+    rows = {
+        "GEMM / attention TFLOP per step": f"{c['gemm_flops'] / 1e12:.2f} / {c['attention_flops'] / 1e12:.2f}",
+        "counted / formula model FLOPs": f"{r['flops_check']:.4f}",
+        "non-GEMM kernels per block, eager": f"{c['blocks']['kernels_per_block']:.1f}",
+        "non-GEMM kernels per block, compiled": f"{compiled['kernels_per_block']}" if compiled else "-",
+        "non-GEMM MB per sample per block, eager": f"{c['blocks']['bytes_per_sample_per_block'] / 1e6:.1f}",
+        "non-GEMM MB per sample per block, compiled":
+            f"{compiled['bytes_per_sample_per_block'] / 1e6:.1f}" if compiled else "-",
+        "non-GEMM kernels per step (all phases)": f"{c['non_gemm_total']['kernels']}",
+        "optimizer + EMA GB per step": f"{opt / 1e9:.1f}",
+        "host-device syncs per step / per log interval": f"{s['step']['count']} / {s['per_log_interval']}",
+        "host-device syncs between two log steps": f"{s['between_log_steps']}",
+        "graph breaks (training forward, TP=1)": f"{r['graph_breaks']['graph_breaks']}",
+    }
+    for variant in ("eager", "compiled"):
+        if variant in p:
+            rows[f"predicted H100 ms/step, {variant}"] = f"{p[variant]['step_s'] * 1e3:.1f}"
+            rows[f"predicted MFU, {variant}"] = f"{p[variant]['mfu'] * 100:.1f} %"
+    return rows
+
+
+def markdown_tables(runs: Dict[str, dict], baseline: Optional[Dict[str, dict]] = None) -> str:
+    """One table per run: its figures, beside the baseline's when the baseline has the same run."""
+    lines = []
+    for name, r in runs.items():
+        before = (baseline or {}).get(name)
+        lines += [f"### {name}: {r['model']}, micro-batch {r['micro_batch']}, counted on {r['device']}", ""]
+        now = headline(r)
+        if before is None:
+            lines += ["| figure | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in now.items()]
+        else:
+            old = headline(before)
+            lines += ["| figure | before | after |", "|---|---|---|"]
+            lines += [f"| {k} | {old.get(k, '-')} | {v} |" for k, v in now.items()]
+        syncs = r["counts"]["syncs"]
+        lines += ["", "Host-device syncs (per step; log step):", ""]
+        for which in ("step", "log_step"):
+            for s in syncs[which]["where"]:
+                lines.append(f"- {which}: {s['count']} x `{s['op']}` at `{s['where']}`")
+        if not syncs["step"]["where"] and not syncs["log_step"]["where"]:
+            lines.append("- none")
+        eager = r["prediction"]["eager"]
+        lines += ["", "Eager prediction parts (ms): " + ", ".join(
+            f"{k[:-2]} {eager[k] * 1e3:.1f}" for k in ("gemm_s", "attention_s", "non_gemm_s", "optimizer_ema_s",
+                                                       "launch_s")),
+                  "", "Top non-GEMM ops (kernels per step): " + ", ".join(
+                      f"{k} {v}" for k, v in list(r["counts"]["top_ops"].items())[:12]), ""]
+    return "\n".join(lines)
