@@ -47,13 +47,27 @@ indexing, `unique`, ...), device-to-host copies; the log step also reads its met
 Per block: ops attributed to `blocks.i` (forward and backward) by torch's ModuleTracker; kernels per
 block are per micro-batch step, bytes per sample per block = block bytes / micro-batch / depth.
 
+"counted / formula model FLOPs" = the counted GEMM + attention FLOPs over `flops.py`'s 3x-forward model
+FLOPs: above 1 because torch counts the fused attention backward as 2.5x its forward (QK^T recomputed),
+slightly below by the input gradients no one needs (latents, time frequencies); the test checks both
+exactly.
+
 Known limits: inductor's CPU (C++) backend fuses differently from Triton on CUDA (the compiled figures
 use its fused scheduler nodes, one Triton kernel each on CUDA; its own C++ kernel count is in the JSON);
+dynamo explains CPU tensors, so branches taken on CUDA only (e.g. flash-attn) are not explained;
 the compiled block runs under CPU autocast, the eager count under CUDA autocast semantics
 (`CudaAutocast`); on meta, data-dependent results are stand-ins (0, all-True masks); the launch cost is
 added to every kernel, not overlapped; multi-tensor (foreach / fused) ops count CUDA's chunked launches.
 
-## Results
+## {results}
+"""
+
+AFTER = """
+## After
+
+Not yet measured: after merging the #14 branches, rerun each command above with
+`--baseline benchmarks/cost_model_before.json` (the figures of this file, as shipped before the hot-path
+changes); the tables then show before | after side by side.
 """
 
 
@@ -86,7 +100,9 @@ def main(argv=None) -> int:
     if args.out:
         commands = "\n".join(f"    {r['command']}" for r in runs.values())
         constants = "\n".join(f"| {k} | {v:g} |" for k, v in cost_model.CONSTANTS.items())
-        Path(args.out).write_text(HEADER.format(commands=commands, constants=constants) + "\n" + tables)
+        results = "Before / after" if baseline else "Before (the step as shipped before the #14 hot-path changes)"
+        Path(args.out).write_text(HEADER.format(commands=commands, constants=constants, results=results) + "\n"
+                                  + tables + ("" if baseline else AFTER))
     print(tables)
     return 0
 

@@ -351,7 +351,7 @@ def headline(r: dict) -> Dict[str, str]:
     compiled = r.get("compiled")
     opt = sum(c["non_gemm"].get(k, {}).get("bytes", 0) for k in ("optimizer", "ema"))
     rows = {
-        "GEMM / attention TFLOP per step": f"{c['gemm_flops'] / 1e12:.2f} / {c['attention_flops'] / 1e12:.2f}",
+        "GEMM / attention GFLOP per step": f"{c['gemm_flops'] / 1e9:.1f} / {c['attention_flops'] / 1e9:.1f}",
         "counted / formula model FLOPs": f"{r['flops_check']:.4f}",
         "non-GEMM kernels per block, eager": f"{c['blocks']['kernels_per_block']:.1f}",
         "non-GEMM kernels per block, compiled": f"{compiled['kernels_per_block']}" if compiled else "-",
