@@ -68,13 +68,15 @@ def sample_draws(seed: int, step: int, indices: torch.Tensor, shape: tuple, logn
 
 
 class Trainer:
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, device: Optional[torch.device] = None):
+        """``device`` overrides ``train.device``: the cost model (``train/cost_model.py``) passes
+        ``torch.device("meta")`` to count a step of a model too big to materialise."""
         self.cfg = cfg
         self.out = Path(cfg.train.output_dir)
         # first: under srun this sets RANK / LOCAL_RANK from SLURM's variables, which the device needs
         initialize(ParallelLayout(cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel,
                                   cfg.parallel.virtual_stages))
-        self.device = _device(cfg.train.device)
+        self.device = torch.device(device) if device is not None else _device(cfg.train.device)
         self.pipelined = cfg.parallel.pipeline_parallel > 1
         self.rank = dist.get_rank()
         self.dp_rank = parallel_state.get_data_parallel_rank()
@@ -95,7 +97,9 @@ class Trainer:
                              f"(feats_dino in the shards): {self.data.description}")
 
         # this rank's model: the whole LightningDiT, or its pipeline chunks (one per virtual stage)
-        chunks = (build_stages(model_args(cfg)) if self.pipelined else [LightningDiT(model_args(cfg))])
+        # on meta the weights are never allocated (megatron's CPU initialisation runs on meta tensors)
+        with torch.device("meta") if self.device.type == "meta" else contextlib.nullcontext():
+            chunks = (build_stages(model_args(cfg)) if self.pipelined else [LightningDiT(model_args(cfg))])
         chunks = [c.to(self.device) for c in chunks]
         if cfg.checkpoint.init_from:
             full = read_checkpoint(cfg.checkpoint.init_from, which="ema")

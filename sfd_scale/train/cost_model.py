@@ -1,0 +1,400 @@
+"""A cost model of one training step that runs without a GPU: count it, then predict an H100's step time.
+
+``count_step`` builds the real ``Trainer`` (synthetic data, one micro-batch per step, eager) on real CPU
+tensors or on the meta device (big models: never materialised) and runs ``Trainer.train_step`` (draws,
+objective forward + backward, engine optimizer step, EMA update) under ``dispatch_count.OpCounter``:
+GEMM / attention FLOPs, non-GEMM kernels and bytes (total, per phase, per block), host-device syncs
+with their callers. The first step warms up (optimizer state); the second is counted; the third is a
+log step (its metrics are read on the host, as the run logger does) and gives the syncs of a log step.
+The forward runs under ``CudaAutocast`` (CUDA autocast semantics on any device) and on meta the
+optimizer runs as it would on CUDA (fused AdamW when ``optim.fused`` allows it).
+
+``graph_breaks`` asks ``torch._dynamo.explain`` about the training forward at TP = 1 (on real CPU
+tensors; a model over ``EXPLAIN_MAX_PARAMS`` keeps its width, heads and tokens at depth 2).
+``compiled_block`` compiles one real transformer block with inductor (CPU) at micro-batch 1 and 2 and
+reads the kernels and bytes of the generated code from inductor's scheduler (the same sum as inductor's
+``num_bytes_accessed``, which is only filled when its metrics log is on), split into GEMM / attention
+(extern kernels) and the rest. Known limit: inductor's C++ backend fuses differently from Triton on
+CUDA (it groups fused nodes into fewer C++ kernels); the prediction uses its fused scheduler nodes (one
+Triton kernel each on CUDA) and reports the C++ kernel count beside it.
+
+``predict`` turns counts into an H100 step time and MFU with the fixed constants below, eager and with
+the blocks compiled (block non-GEMM figures replaced by ``compiled_block``'s, the rest eager).
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import re
+import tempfile
+from unittest import mock
+from collections import Counter
+from typing import Dict, Optional
+
+import torch
+import torch._functorch.config
+import torch._inductor.config
+
+from ..config import Config, model_args
+from ..models.flops import training_flops_per_image
+from ..models.lightningdit import LightningDiT, LightningDiTBlock, ModelArgs, parallel_config
+from ..models.embeddings import Rope2D
+from ..parallel.layout import tensor_parallel_size
+from ..parallel.engines import adam_state, fused_adamw
+from .dispatch_count import CudaAutocast, OpCounter
+from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+from torch.utils.module_tracker import ModuleTracker
+
+# ----------------------------------------------------------------------------------------------- constants
+# H100 SXM figures for the prediction. FIXED: change them only from a real GPU measurement (and say which
+# in benchmarks/cost_model.md), never to make a prediction fit.
+H100_PEAK_FLOPS = 989e12        # dense bf16 tensor-core peak: the MFU denominator
+GEMM_FLOPS = 692e12             # 70 % of the peak, sustained by large bf16 GEMMs
+ATTENTION_FLOPS = 495e12        # flash attention forward + backward (50 % of the peak)
+NON_GEMM_BYTES_PER_S = 2.6e12   # elementwise / reduction kernels: ~80 % of 3.35 TB/s HBM3
+OPTIMIZER_BYTES_PER_S = 2.6e12  # optimizer step and EMA update (multi-tensor kernels), same bandwidth
+LAUNCH_S = 4e-6                 # per kernel (launch + tail), added to every kernel counted
+EXPLAIN_MAX_PARAMS = 200e6      # bigger models: explain a depth-2 model of the same width
+
+CONSTANTS = {"h100_peak_flops": H100_PEAK_FLOPS, "gemm_flops": GEMM_FLOPS, "attention_flops": ATTENTION_FLOPS,
+             "non_gemm_bytes_per_s": NON_GEMM_BYTES_PER_S, "optimizer_bytes_per_s": OPTIMIZER_BYTES_PER_S,
+             "launch_s": LAUNCH_S}
+
+
+def counting_config(cfg: Config, micro_batch: int, output_dir: str) -> Config:
+    """``cfg`` for counting: one micro-batch of ``micro_batch`` per step, synthetic data, eager, no resume."""
+    r = dataclasses.replace
+    return r(cfg, train=r(cfg.train, global_batch_size=micro_batch, micro_batch_size=micro_batch, compile=False,
+                          output_dir=output_dir, sample_every=0),
+             data=r(cfg.data, source="synthetic", num_workers=0), checkpoint=r(cfg.checkpoint, resume=False))
+
+
+def default_micro_batch(cfg: Config) -> int:
+    return cfg.train.micro_batch_size or cfg.train.global_batch_size
+
+
+# ----------------------------------------------------------------------------------------------- eager count
+@contextlib.contextmanager
+def _phases(counter: OpCounter, trainer):
+    """Attribute the trainer's input preparation, optimizer step (with clipping) and EMA update."""
+    def wrap(fn, phase):
+        def wrapped(*a, **kw):
+            with counter.in_phase(phase):
+                return fn(*a, **kw)
+        return wrapped
+
+    saved = {"step_inputs": trainer.step_inputs}
+    trainer.step_inputs = wrap(trainer.step_inputs, "inputs")
+    ema_update = trainer.ema.update
+    trainer.ema.update = wrap(ema_update, "ema")
+    clip = torch.nn.utils.clip_grad_norm_
+
+    def clip_as_on_cuda(*a, **kw):
+        """On meta, the multi-tensor norm and scaling torch picks on CUDA (it refuses foreach on meta)."""
+        if counter.device.type != "meta":
+            return clip(*a, **kw)
+        with mock.patch("torch.nn.utils.clip_grad._device_has_foreach_support", lambda device: True):
+            return clip(*a, **({"foreach": True} | kw))
+
+    torch.nn.utils.clip_grad_norm_ = wrap(clip_as_on_cuda, "optimizer")
+    stack = []
+    hooks = [register_optimizer_step_pre_hook(
+                 lambda *a: stack.append(counter.in_phase("optimizer")) or stack[-1].__enter__()),
+             register_optimizer_step_post_hook(lambda *a: stack.pop().__exit__(None, None, None))]
+    try:
+        yield
+    finally:
+        for h in hooks:
+            h.remove()
+        torch.nn.utils.clip_grad_norm_ = clip
+        trainer.step_inputs = saved["step_inputs"]
+        trainer.ema.update = ema_update
+
+
+def build_counting_trainer(cfg: Config, device: torch.device):
+    from .trainer import Trainer
+
+    trainer = Trainer(cfg, device=device)
+    dtype = torch.bfloat16 if cfg.train.precision == "bf16" else None
+    trainer.autocast = lambda: CudaAutocast(dtype)
+    optimizer = getattr(trainer.engine, "optimizer", None)
+    if device.type == "meta" and isinstance(optimizer, torch.optim.Optimizer):
+        # the implementation the engine picks on CUDA; the state is made here, as torch makes it, because
+        # torch's check before a fused optimizer's first step rejects meta tensors
+        for group in optimizer.param_groups:
+            if "fused" in group:
+                group["fused"] = fused_adamw(cfg, torch.device("cuda"))
+                group["foreach"] = None if group["fused"] else True
+                for p in group["params"]:
+                    adam_state(optimizer, p, 0)
+    return trainer
+
+
+def _summary(counter: OpCounter, micro_batch: int, depth: int) -> dict:
+    phases: Dict[str, Counter] = {}
+    blocks, block_ids = Counter(), set()
+    for (phase, block), c in counter.totals.items():
+        phases.setdefault(phase, Counter()).update(c)
+        if block is not None:
+            blocks.update(c)
+            block_ids.add(block)
+    total = sum(phases.values(), Counter())
+    out = {k: int(total[k]) for k in ("gemm_flops", "attention_flops", "gemm_kernels", "attention_kernels")}
+    out["non_gemm"] = {p: {"kernels": int(c["kernels"]), "bytes": int(c["bytes"])} for p, c in sorted(phases.items())}
+    out["non_gemm_total"] = {"kernels": int(total["kernels"]), "bytes": int(total["bytes"])}
+    out["blocks"] = {"count": len(block_ids), "kernels": int(blocks["kernels"]), "bytes": int(blocks["bytes"]),
+                     "gemm_flops": int(blocks["gemm_flops"]), "attention_flops": int(blocks["attention_flops"]),
+                     "kernels_per_block": blocks["kernels"] / depth,
+                     "bytes_per_sample_per_block": blocks["bytes"] / micro_batch / depth}
+    out["top_ops"] = dict(counter.ops.most_common(25))
+    return out
+
+
+def _syncs(counter: OpCounter) -> dict:
+    return {"count": sum(counter.syncs.values()),
+            "where": [{"op": op, "where": where, "count": n} for (op, where), n in counter.syncs.most_common()]}
+
+
+def count_step(cfg: Config, micro_batch: Optional[int] = None, device: str = "meta") -> dict:
+    """Counts of one eager training step of ``cfg`` at ``micro_batch`` on ``device`` (``meta`` or ``cpu``)."""
+    micro_batch = micro_batch or default_micro_batch(cfg)
+    device = torch.device(device)
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = counting_config(cfg, micro_batch, tmp)
+        trainer = build_counting_trainer(cfg, device)
+        batches = iter(trainer.loader())
+        with OpCounter(device):  # warm-up step: optimizer state created (on meta: syncs answered)
+            trainer.train_step(next(batches))
+        tracker = ModuleTracker()
+        counter = OpCounter(device, tracker)
+        with tracker, counter, _phases(counter, trainer):
+            trainer.train_step(next(batches))
+        log = OpCounter(device)
+        with log, _phases(log, trainer):
+            metrics = trainer.train_step(next(batches))
+            for value in metrics.values():  # the run logger reads the log step's metrics on the host
+                if isinstance(value, torch.Tensor):
+                    float(value)
+    args = model_args(cfg)
+    out = {"device": device.type, "micro_batch": micro_batch, "depth": args.depth,
+           "params": sum(p.numel() for p in trainer.model.parameters()),
+           "model_flops": training_flops_per_image(args) * micro_batch,
+           "precision": cfg.train.precision, "engine": cfg.parallel.engine}
+    out.update(_summary(counter, micro_batch, args.depth))
+    step, log_step = _syncs(counter), _syncs(log)
+    every = max(cfg.train.log_every, 1)
+    out["syncs"] = {"step": step, "log_step": log_step, "log_every": every,
+                    "per_log_interval": (every - 1) * step["count"] + log_step["count"],
+                    "between_log_steps": (every - 1) * step["count"]}
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- compile
+def _explain_args(args: ModelArgs) -> ModelArgs:
+    per_block = 12 * args.hidden_size ** 2
+    if args.depth * per_block <= EXPLAIN_MAX_PARAMS:
+        return args
+    return dataclasses.replace(args, depth=2, repa_depth=min(args.repa_depth, 2))
+
+
+def _inputs(args: ModelArgs, batch: int):
+    x = torch.randn(batch, args.in_channels, args.input_size, args.input_size)
+    t = torch.rand(batch)
+    t = (t, t.clone()) if args.dual_time_embed else t
+    return x, t, torch.randint(0, args.num_classes, (batch,))
+
+
+def _cpu_autocast(precision: str):
+    return torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
+
+
+def graph_breaks(cfg: Config) -> dict:
+    """``torch._dynamo.explain`` of the training forward ``model(xt, t, y)`` (train mode, TP = 1, real CPU
+    tensors, micro-batch 2, under CPU autocast when training in bf16)."""
+    args = _explain_args(model_args(cfg))
+    torch.manual_seed(0)
+    model = LightningDiT(args).train()
+    torch._dynamo.reset()
+    with _cpu_autocast(cfg.train.precision):
+        explained = torch._dynamo.explain(model)(*_inputs(args, 2))
+    torch._dynamo.reset()
+    return {"graph_breaks": explained.graph_break_count, "graphs": explained.graph_count,
+            "model_depth": args.depth, "reasons": sorted({str(b.reason) for b in explained.break_reasons})[:10]}
+
+
+_GEMM_EXTERN = re.compile(r"mm|conv|linear|matmul")
+_ATTENTION_EXTERN = re.compile(r"attention|sdpa|flash")
+
+
+class _SchedulerCounts:
+    """Kernels and bytes of every graph inductor generates code for while active, from its scheduler."""
+
+    def __init__(self):
+        self.counts = Counter()
+
+    def __enter__(self):
+        from torch._inductor import metrics
+        from torch._inductor.graph import GraphLowering
+
+        metrics.reset()
+        self._lowering, self._codegen = GraphLowering, GraphLowering.codegen
+        counts = self.counts
+
+        def codegen(graph, *a, **kw):
+            result = self._codegen(graph, *a, **kw)
+            for node in graph.scheduler.nodes:
+                kind = type(node).__name__
+                if kind == "NopKernelSchedulerNode" or type(getattr(node, "node", None)).__name__ == "MultiOutput":
+                    continue  # views, and the unpacking of a multi-output kernel's results: no kernel
+                nbytes = node.get_read_write_buffers_sizes()
+                if node.is_extern():
+                    ir = node.node
+                    name = str(getattr(ir, "op_overload", None) or getattr(ir, "python_kernel_name", "") or ir)
+                    kind = ("attention" if _ATTENTION_EXTERN.search(name) else
+                            "gemm" if _GEMM_EXTERN.search(name) else "extern_other")
+                    counts[f"{kind}_kernels"] += 1
+                    counts[f"{kind}_bytes"] += nbytes
+                else:
+                    counts["fused_kernels"] += 1
+                    counts["fused_bytes"] += nbytes
+            return result
+
+        GraphLowering.codegen = codegen
+        return self
+
+    def __exit__(self, *exc):
+        from torch._inductor import metrics
+
+        self._lowering.codegen = self._codegen
+        self.counts["cpp_generated_kernels"] = metrics.generated_kernel_count
+        return False
+
+
+def compiled_block(cfg: Config, micro_batches=(1, 2)) -> dict:
+    """Inductor's kernels and bytes for one block's forward + backward at each micro-batch, compiled afresh."""
+    args = model_args(cfg)
+    rope = Rope2D(args.hidden_size // args.num_heads, args.grid) if args.use_rope else None
+    tensor_parallel_size()  # megatron's layers need a (one-process) layout
+    runs = {}
+    for b in micro_batches:
+        torch.manual_seed(0)
+        block = LightningDiTBlock(args, parallel_config()).train()
+        compiled = torch.compile(block, dynamic=False)
+        x = torch.randn(b, args.grid ** 2, args.hidden_size, requires_grad=True)
+        c = torch.randn(b, args.hidden_size, requires_grad=True)
+        torch._dynamo.reset()
+        # no cache: a cached graph skips the code generation whose scheduler is read
+        with _SchedulerCounts() as sc, torch._inductor.config.patch(fx_graph_cache=False, autotune_local_cache=False), \
+                torch._functorch.config.patch(enable_autograd_cache=False):
+            with _cpu_autocast(cfg.train.precision):
+                out = compiled(x, c, rope)
+            out.float().square().mean().backward()
+        runs[b] = dict(sc.counts)
+    torch._dynamo.reset()
+    return runs
+
+
+def compiled_per_block(runs: dict, micro_batch: int) -> dict:
+    """Per block at ``micro_batch``: kernels (as at micro-batch 2) and non-GEMM bytes extrapolated linearly
+    from micro-batch 1 and 2 (per-step traffic, e.g. weight casts, stays once), then per sample."""
+    one, two = runs[1], runs[2]
+
+    def non_gemm_bytes(r):
+        return r.get("fused_bytes", 0) + r.get("extern_other_bytes", 0)
+
+    total = non_gemm_bytes(one) + (micro_batch - 1) * (non_gemm_bytes(two) - non_gemm_bytes(one))
+    return {"kernels_per_block": two.get("fused_kernels", 0) + two.get("extern_other_kernels", 0),
+            "cpp_kernels_per_block": two.get("cpp_generated_kernels", 0),
+            "bytes_per_sample_per_block": total / micro_batch}
+
+
+# ----------------------------------------------------------------------------------------------- predict
+def predict(counts: dict, compiled: Optional[dict] = None) -> dict:
+    """H100 step time (s) and MFU from the counts (eager) or with the blocks compiled (``compiled_per_block``)."""
+    b, depth, blocks = counts["micro_batch"], counts["depth"], counts["blocks"]
+    ng = counts["non_gemm"]
+    opt = [ng.get(p, {"kernels": 0, "bytes": 0}) for p in ("optimizer", "ema")]
+    opt_bytes = sum(p["bytes"] for p in opt)
+    act_bytes = counts["non_gemm_total"]["bytes"] - opt_bytes
+    kernels = counts["non_gemm_total"]["kernels"]
+    if compiled is not None:
+        act_bytes += compiled["bytes_per_sample_per_block"] * b * depth - blocks["bytes"]
+        kernels += compiled["kernels_per_block"] * depth - blocks["kernels"]
+    kernels += counts["gemm_kernels"] + counts["attention_kernels"]
+    parts = {"gemm_s": counts["gemm_flops"] / GEMM_FLOPS, "attention_s": counts["attention_flops"] / ATTENTION_FLOPS,
+             "non_gemm_s": act_bytes / NON_GEMM_BYTES_PER_S, "optimizer_ema_s": opt_bytes / OPTIMIZER_BYTES_PER_S,
+             "launch_s": kernels * LAUNCH_S}
+    step = sum(parts.values())
+    return {**parts, "kernels": int(kernels), "step_s": step,
+            "mfu": counts["model_flops"] / (step * H100_PEAK_FLOPS) if step else math.nan}
+
+
+# ----------------------------------------------------------------------------------------------- report
+def report(cfg: Config, micro_batch: Optional[int] = None, device: str = "meta", compile_block: bool = True) -> dict:
+    """Everything the cost model says about one config: counts, graph breaks, compiled block, predictions."""
+    counts = count_step(cfg, micro_batch, device)
+    out = {"model": cfg.model.name, "micro_batch": counts["micro_batch"], "device": device,
+           "constants": CONSTANTS, "counts": counts, "graph_breaks": graph_breaks(cfg),
+           "flops_check": (counts["gemm_flops"] + counts["attention_flops"]) / counts["model_flops"],
+           "prediction": {"eager": predict(counts)}}
+    if compile_block:
+        out["compiled_block"] = compiled_block(cfg)
+        out["compiled"] = compiled_per_block(out["compiled_block"], counts["micro_batch"])
+        out["prediction"]["compiled"] = predict(counts, out["compiled"])
+    return out
+
+
+def headline(r: dict) -> Dict[str, str]:
+    """The figures the issue's acceptance reads, formatted, by row name."""
+    c, p, s = r["counts"], r["prediction"], r["counts"]["syncs"]
+    compiled = r.get("compiled")
+    opt = sum(c["non_gemm"].get(k, {}).get("bytes", 0) for k in ("optimizer", "ema"))
+    rows = {
+        "GEMM / attention GFLOP per step": f"{c['gemm_flops'] / 1e9:.1f} / {c['attention_flops'] / 1e9:.1f}",
+        "counted / formula model FLOPs": f"{r['flops_check']:.4f}",
+        "non-GEMM kernels per block, eager": f"{c['blocks']['kernels_per_block']:.1f}",
+        "non-GEMM kernels per block, compiled": f"{compiled['kernels_per_block']}" if compiled else "-",
+        "non-GEMM MB per sample per block, eager": f"{c['blocks']['bytes_per_sample_per_block'] / 1e6:.1f}",
+        "non-GEMM MB per sample per block, compiled":
+            f"{compiled['bytes_per_sample_per_block'] / 1e6:.1f}" if compiled else "-",
+        "non-GEMM kernels per step (all phases)": f"{c['non_gemm_total']['kernels']}",
+        "optimizer + EMA GB per step": f"{opt / 1e9:.1f}",
+        "host-device syncs per step / per log interval": f"{s['step']['count']} / {s['per_log_interval']}",
+        "host-device syncs between two log steps": f"{s['between_log_steps']}",
+        "graph breaks (training forward, TP=1)": f"{r['graph_breaks']['graph_breaks']}",
+    }
+    for variant in ("eager", "compiled"):
+        if variant in p:
+            rows[f"predicted H100 ms/step, {variant}"] = f"{p[variant]['step_s'] * 1e3:.1f}"
+            rows[f"predicted MFU, {variant}"] = f"{p[variant]['mfu'] * 100:.1f} %"
+    return rows
+
+
+def markdown_tables(runs: Dict[str, dict], baseline: Optional[Dict[str, dict]] = None) -> str:
+    """One table per run: its figures, beside the baseline's when the baseline has the same run."""
+    lines = []
+    for name, r in runs.items():
+        before = (baseline or {}).get(name)
+        lines += [f"### {name}: {r['model']}, micro-batch {r['micro_batch']}, counted on {r['device']}", ""]
+        now = headline(r)
+        if before is None:
+            lines += ["| figure | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in now.items()]
+        else:
+            old = headline(before)
+            lines += ["| figure | before | after |", "|---|---|---|"]
+            lines += [f"| {k} | {old.get(k, '-')} | {v} |" for k, v in now.items()]
+        syncs = r["counts"]["syncs"]
+        lines += ["", "Host-device syncs (per step; log step):", ""]
+        for which in ("step", "log_step"):
+            for s in syncs[which]["where"]:
+                lines.append(f"- {which}: {s['count']} x `{s['op']}` at `{s['where']}`")
+        if not syncs["step"]["where"] and not syncs["log_step"]["where"]:
+            lines.append("- none")
+        eager = r["prediction"]["eager"]
+        lines += ["", "Eager prediction parts (ms): " + ", ".join(
+            f"{k[:-2]} {eager[k] * 1e3:.1f}" for k in ("gemm_s", "attention_s", "non_gemm_s", "optimizer_ema_s",
+                                                       "launch_s")),
+                  "", "Top non-GEMM ops (kernels per step): " + ", ".join(
+                      f"{k} {v}" for k, v in list(r["counts"]["top_ops"].items())[:12]), ""]
+    return "\n".join(lines)

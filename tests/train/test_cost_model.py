@@ -1,0 +1,130 @@
+"""The CPU cost model: FLOPs as the formula and torch count them, syncs found where they are, meta = real."""
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+
+from sfd_scale.config import load_config, model_args
+from sfd_scale.models.flops import forward_flops
+from sfd_scale.models.lightningdit import LightningDiT
+from sfd_scale.train import cost_model
+from sfd_scale.train.dispatch_count import CudaAutocast, OpCounter
+from sfd_scale.train.trainer import Trainer
+from tools.cost_model import main as cost_model_main
+
+TINY = ["model.depth=2", "model.hidden_size=32", "model.num_heads=2", "train.global_batch_size=4",
+        "logging.wandb_mode=disabled", "logging.progress=false", "train.log_every=10"]
+
+
+def tiny(*extra):
+    return load_config(["configs/demo/digits.yaml"], TINY + list(extra))
+
+
+@pytest.fixture(scope="module")
+def counts():
+    cfg = tiny("train.precision=bf16")
+    return cfg, cost_model.count_step(cfg, 4, "cpu"), cost_model.count_step(cfg, 4, "meta")
+
+
+def test_gemm_flops_equal_the_formula_less_the_input_gradients_nobody_needs(counts):
+    cfg, real, _ = counts
+    args, b = model_args(cfg), 4
+    parts = forward_flops(args)
+    # GEMMs: backward = 2x forward, except the input gradients of the first layers (the latents and the
+    # time frequencies need none): the patch embedding's and each time MLP's first linear
+    attention = args.depth * 4 * args.grid ** 4 * args.hidden_size
+    patch = 2 * args.grid ** 2 * args.patch_size ** 2 * args.in_channels * args.hidden_size
+    time_first = sum(2 * 256 * w for w in [args.hidden_size // 2] * 2)
+    assert real["gemm_flops"] == b * (3 * (sum(parts.values()) - attention) - patch - time_first)
+    # attention: torch counts the fused backward as 2.5x the forward (it recomputes QK^T)
+    assert real["attention_flops"] == b * 3.5 * attention
+    assert real["model_flops"] == b * 3 * sum(parts.values())
+
+
+def test_counter_flops_equal_torch_flop_counter():
+    cfg = tiny()
+    args = model_args(cfg)
+    torch.manual_seed(0)
+    model = LightningDiT(args).train()
+    x = torch.randn(3, args.in_channels, args.input_size, args.input_size)
+    t = (torch.rand(3), torch.rand(3))
+    counter = OpCounter(torch.device("cpu"))
+    with FlopCounterMode(display=False) as reference, counter, CudaAutocast(None):
+        model(x, t, torch.randint(0, 10, (3,))).square().mean().backward()
+    gemm = sum(c["gemm_flops"] for c in counter.totals.values())
+    attention = sum(c["attention_flops"] for c in counter.totals.values())
+    assert gemm == reference.get_total_flops() > 0  # torch's counter has no formula for CPU's fused SDPA
+    shape = (3, args.num_heads, args.grid ** 2, args.hidden_size // args.num_heads)
+    assert attention == args.depth * (sdpa_flop_count(shape, shape, shape)
+                                      + sdpa_backward_flop_count(shape, shape, shape, shape))
+
+
+def test_meta_and_real_tensor_counts_agree(counts):
+    _, real, meta = counts
+    for key in ("gemm_flops", "attention_flops", "gemm_kernels", "attention_kernels", "blocks", "model_flops"):
+        assert real[key] == meta[key], key
+    assert real["non_gemm"]["ema"] == meta["non_gemm"]["ema"]
+    assert real["blocks"]["count"] == 2 and real["blocks"]["kernels"] > 50
+    # the step's host work (draws) is GPU work on a CPU run only; the model's ops agree exactly
+    assert meta["non_gemm"]["inputs"]["kernels"] < real["non_gemm"]["inputs"]["kernels"]
+
+
+def test_injected_syncs_are_counted_at_their_caller(monkeypatch):
+    plain_loss = Trainer.loss_fn
+
+    def loss_with_syncs(self, model, mb):
+        loss = plain_loss(self, model, mb)
+        x1 = mb[0]
+        value = loss.detach().item()  # SYNC item
+        host = x1.cpu()  # SYNC cpu
+        picked = x1[x1 > 0]  # SYNC mask
+        return loss + 0 * (value + host.sum().item() + picked.sum())
+
+    monkeypatch.setattr(Trainer, "loss_fn", loss_with_syncs)
+    counted = cost_model.count_step(tiny(), 4, "meta")
+    lines = {tag: i + 1 for i, line in enumerate(open(__file__).read().splitlines())
+             for tag in ("SYNC item", "SYNC cpu", "SYNC mask") if f"# {tag}" in line}
+    where = {(s["op"], s["where"].split(" ")[0]) for s in counted["syncs"]["step"]["where"]}
+    here = "tests/train/test_cost_model.py"
+    assert ("_local_scalar_dense", f"{here}:{lines['SYNC item']}") in where
+    assert ("copy to host", f"{here}:{lines['SYNC cpu']}") in where
+    assert ("boolean-mask indexing", f"{here}:{lines['SYNC mask']}") in where
+    # the engine's own loss read stays counted; a log interval of 10 steps repeats the step's syncs
+    assert any(w.startswith("sfd_scale/parallel/engines.py") for _, w in where)
+    syncs = counted["syncs"]
+    assert syncs["per_log_interval"] == 9 * syncs["step"]["count"] + syncs["log_step"]["count"]
+
+
+def test_prediction_arithmetic_with_the_fixed_constants():
+    counts = {"micro_batch": 2, "depth": 4, "model_flops": 989e12 * 0.5,
+              "gemm_flops": 692e12 * 0.2, "attention_flops": 495e12 * 0.05, "gemm_kernels": 100,
+              "attention_kernels": 50,
+              "non_gemm": {"step": {"kernels": 800, "bytes": 2.6e12 * 0.1},
+                           "optimizer": {"kernels": 40, "bytes": 2.6e12 * 0.02},
+                           "ema": {"kernels": 10, "bytes": 2.6e12 * 0.01}},
+              "non_gemm_total": {"kernels": 850, "bytes": 2.6e12 * 0.13},
+              "blocks": {"kernels": 400, "bytes": 2.6e12 * 0.08}}
+    eager = cost_model.predict(counts)
+    launch = (850 + 150) * 4e-6
+    assert eager["step_s"] == pytest.approx(0.2 + 0.05 + 0.1 + 0.03 + launch)
+    assert eager["mfu"] == pytest.approx(0.5 / eager["step_s"])
+    # compiled: the 4 blocks' 400 kernels and 0.08 s of traffic become 4 x 20 kernels and 8 x 1e9 bytes
+    compiled = cost_model.predict(counts, {"kernels_per_block": 20, "bytes_per_sample_per_block": 1e9})
+    assert compiled["kernels"] == 850 - 400 + 80 + 150
+    assert compiled["non_gemm_s"] == pytest.approx(0.1 - 0.08 + 8e9 / 2.6e12)
+
+
+def test_compiled_block_bytes_extrapolate_to_the_micro_batch():
+    runs = {1: {"fused_kernels": 30, "fused_bytes": 500, "extern_other_bytes": 100},
+            2: {"fused_kernels": 31, "fused_bytes": 800, "extern_other_bytes": 100, "extern_other_kernels": 2}}
+    per = cost_model.compiled_per_block(runs, 4)
+    assert per["kernels_per_block"] == 33
+    assert per["bytes_per_sample_per_block"] == (600 + 3 * 300) / 4
+
+
+def test_cli_unknown_key_exits_2_with_one_line(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cost_model_main(["--config", "configs/demo/digits.yaml", "train.no_such_key=1"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no_such_key" in err[0]
