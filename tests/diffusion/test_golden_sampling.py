@@ -86,5 +86,8 @@ def test_ode_sampling(golden_dir, models, name):
     grid = clock_grid(spec, case["num_steps"], case["timestep_shift"])
     assert max_err(grid, g[f"tgrid_{name}"]) <= 1e-6
     assert len(calls) == record["nfe_model_calls"]
-    assert max_err(torch.tensor(calls), torch.tensor(record["model_call_times"])) <= 1e-6
-    assert max_err(final, g[f"final_{name}"]) <= SAMPLING_TOL
+    # exact where the forward is; an adaptive solver on another CPU within the amplified tolerance (golden.py)
+    loose = case["sampling_method"] == "dopri5" and not golden.forward_is_bitwise(golden_dir)
+    assert max_err(torch.tensor(calls), torch.tensor(record["model_call_times"])) <= (
+        golden.ADAPTIVE_TIMES_TOL if loose else 1e-6)
+    assert max_err(final, g[f"final_{name}"]) <= (golden.ADAPTIVE_FINAL_TOL if loose else SAMPLING_TOL)
