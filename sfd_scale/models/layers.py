@@ -4,6 +4,17 @@ Every layer here computes exactly what the official LightningDiT layer computes;
 parameter names are kept (``qkv``, ``proj``, ``w12``, ``w3``, ...) so an official state dict maps 1:1
 at TP=1. Tensor-parallel layers hold a *local shard*; they do not know the TP degree — megatron's
 parallel_state does (see ``sfd_scale/parallel``).
+
+Precision under bf16 training (fp32 weights + bf16 autocast on the plain engine, bf16 weights on megatron /
+DeepSpeed). The official code, run that way, hands attention fp32 q, k with a bf16 v: its RMSNorm returns
+``x_hat.type_as(x) * weight`` (a bf16 q times an fp32 weight is fp32) and its RoPE multiplies by fp32 tables;
+only autocast's cast inside SDPA brings them back to bf16 (an extra read and write of q and k, and the
+flash-attn package never applies). Here QK-norm (``rms_norm``, ``_QKLayerNorm``) and RoPE
+(``embeddings.Rope2D``) compute in fp32 inside (norm statistics, rotation) and round their OUTPUT once to the
+input's dtype, so q, k, v reach ``attention`` in the compute dtype. Everything else keeps the official dtype
+rules: the block norms see the fp32 residual stream and return fp32, ``modulate`` promotes like the official
+one (its output only feeds an autocast linear), the residual adds stay fp32. In fp32 every added cast is a
+no-op and the products keep the official order, so fp32 results are bitwise unchanged.
 """
 from __future__ import annotations
 
