@@ -115,7 +115,8 @@ class TrainConfig:
     sample_every: int = 0           # 0: only at the end
     device: str = "auto"            # auto | cpu | cuda
     activation_checkpointing: bool = False  # recompute block activations in backward (parallel/optimizations.py)
-    compile: bool = False           # torch.compile every transformer block of the training model
+    compile: Optional[bool] = None  # torch.compile the training model's blocks (parallel/optimizations.py);
+                                    # None = on when training on CUDA (off on CPU: tests, demos)
     # Preemption: on any of these signals every rank finishes its step, a checkpoint is written and the
     # process exits with status 75 (``trainer.REQUEUE_EXIT``), which slurm/ launchers turn into a requeue.
     requeue_signals: List[str] = field(default_factory=lambda: ["SIGUSR1", "SIGTERM"])
@@ -311,6 +312,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(str(err)) from None
     model_args(cfg)
     need(cfg.train.precision in ("fp32", "bf16"), f"train.precision must be 'fp32' or 'bf16', got {cfg.train.precision!r}")
+    need(cfg.train.compile in (None, True, False),
+         f"train.compile must be true, false or null (= on when training on CUDA), got {cfg.train.compile!r}")
     need(cfg.train.device in ("auto", "cpu", "cuda"), f"train.device must be auto, cpu or cuda, got {cfg.train.device!r}")
     need(cfg.train.global_batch_size > 0, f"train.global_batch_size must be > 0, got {cfg.train.global_batch_size}")
     mb = cfg.train.micro_batch_size

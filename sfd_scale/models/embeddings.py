@@ -55,7 +55,12 @@ class Rope2D(nn.Module):
         return torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.freqs_cos + self.rotate_half(x) * self.freqs_sin
+        # The rotation is computed in float32 against the float32 tables (the official precision) and its
+        # OUTPUT cast back to the input's dtype: the official code returns float32 for a bf16 q / k, so
+        # attention never got bf16 inputs. In float32 the casts are no-ops (bitwise the official result);
+        # under compile they fuse into the rotation kernel.
+        xf = x.float()
+        return (xf * self.freqs_cos + self.rotate_half(xf) * self.freqs_sin).to(x.dtype)
 
 
 def timestep_features(t: torch.Tensor, dim: int = 256, max_period: float = 10000.0) -> torch.Tensor:

@@ -4,6 +4,17 @@ Every layer here computes exactly what the official LightningDiT layer computes;
 parameter names are kept (``qkv``, ``proj``, ``w12``, ``w3``, ...) so an official state dict maps 1:1
 at TP=1. Tensor-parallel layers hold a *local shard*; they do not know the TP degree — megatron's
 parallel_state does (see ``sfd_scale/parallel``).
+
+Precision under bf16 training (fp32 weights + bf16 autocast on the plain engine, bf16 weights on megatron /
+DeepSpeed). The official code, run that way, hands attention fp32 q, k with a bf16 v: its RMSNorm returns
+``x_hat.type_as(x) * weight`` (a bf16 q times an fp32 weight is fp32) and its RoPE multiplies by fp32 tables;
+only autocast's cast inside SDPA brings them back to bf16 (an extra read and write of q and k, and the
+flash-attn package never applies). Here QK-norm (``rms_norm``, ``_QKLayerNorm``) and RoPE
+(``embeddings.Rope2D``) compute in fp32 inside (norm statistics, rotation) and round their OUTPUT once to the
+input's dtype, so q, k, v reach ``attention`` in the compute dtype. Everything else keeps the official dtype
+rules: the block norms see the fp32 residual stream and return fp32, ``modulate`` promotes like the official
+one (its output only feeds an autocast linear), the residual adds stay fp32. In fp32 every added cast is a
+no-op and the products keep the official order, so fp32 results are bitwise unchanged.
 """
 from __future__ import annotations
 
@@ -18,9 +29,10 @@ from megatron.core.tensor_parallel import (ColumnParallelLinear, RowParallelLine
 from megatron.core.utils import get_pg_size
 
 try:  # optional GPU extra: used only on CUDA tensors in half precision
+    from flash_attn import __version__ as flash_attn_version  # type: ignore
     from flash_attn import flash_attn_func  # type: ignore
 except Exception:  # pragma: no cover - flash-attn needs CUDA to build
-    flash_attn_func = None
+    flash_attn_func, flash_attn_version = None, None
 
 
 def xavier_uniform(weight: torch.Tensor) -> None:
@@ -93,8 +105,15 @@ class RMSNorm(nn.Module):
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Statistics, normalisation and the weight product in float32, ONE cast back to ``x``'s dtype.
+
+    The official ``(x_hat).type_as(x) * weight`` promotes a bf16 input to float32 when the weight is
+    float32 (fp32 weights + autocast), which made QK-norm hand fp32 q, k to attention. Here the output
+    always has the input's dtype (bf16 in, bf16 out: one rounding instead of two). In float32 both orders
+    are the same two multiplications, so fp32 results are bitwise those of the official code.
+    """
     xf = x.float()
-    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).type_as(x) * weight
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight).to(x.dtype)
 
 
 class _HeadSharedRMSNorm(RMSNorm):
@@ -111,8 +130,16 @@ class _HeadSharedRMSNorm(RMSNorm):
         return rms_norm(x, copy_to_tensor_model_parallel_region(self.weight, group=self.tp_group), self.eps)
 
 
-class _HeadSharedLayerNorm(nn.LayerNorm):
-    """Affine LayerNorm QK-norm under TP (non-RMSNorm models); gradients summed as in _HeadSharedRMSNorm."""
+class _QKLayerNorm(nn.LayerNorm):
+    """Affine LayerNorm QK-norm (non-RMSNorm models) whose output keeps the input's dtype: autocast runs
+    ``layer_norm`` in float32 and would hand fp32 q, k to attention (a no-op cast in fp32)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x).to(x.dtype)
+
+
+class _HeadSharedLayerNorm(_QKLayerNorm):
+    """Affine LayerNorm QK-norm under TP; gradients summed as in _HeadSharedRMSNorm."""
 
     def __init__(self, dim: int, tp_group):
         super().__init__(dim)
@@ -120,7 +147,7 @@ class _HeadSharedLayerNorm(nn.LayerNorm):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w, b = (copy_to_tensor_model_parallel_region(p, group=self.tp_group) for p in (self.weight, self.bias))
-        return F.layer_norm(x, self.normalized_shape, w, b, self.eps)
+        return F.layer_norm(x, self.normalized_shape, w, b, self.eps).to(x.dtype)
 
 
 def make_norm(dim: int, use_rmsnorm: bool) -> nn.Module:
@@ -128,16 +155,53 @@ def make_norm(dim: int, use_rmsnorm: bool) -> nn.Module:
 
 
 def modulate(x: torch.Tensor, shift: Optional[torch.Tensor], scale: torch.Tensor) -> torch.Tensor:
+    """x * (1 + scale) + shift in the official order and dtype rule: its output only feeds a linear, which
+    autocast casts to the compute dtype anyway (a fused cast under compile), so nothing is forced here."""
     x = x * (1 + scale.unsqueeze(1))
     return x if shift is None else x + shift.unsqueeze(1)
 
 
+def _uses_flash_attn(device: torch.device, dtype: torch.dtype) -> bool:
+    return flash_attn_func is not None and device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Softmax attention over (B, heads, T, d_h): flash-attn on CUDA half precision, else SDPA."""
-    if flash_attn_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+    """Softmax attention over (B, heads, T, d_h): flash-attn on CUDA half precision, else SDPA.
+
+    q, k and v arrive in the compute dtype (bf16 under bf16 training: see ``rms_norm`` and ``Rope2D``),
+    which is what flash-attn and SDPA's flash kernel need.
+    """
+    if _uses_flash_attn(q.device, q.dtype):
         out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
         return out.transpose(1, 2)
     return F.scaled_dot_product_attention(q, k, v)
+
+
+# SDPA's CUDA kernels in torch's default priority order: (name, user switch, input check); math always fits.
+_SDPA_CUDA_KERNELS = (
+    ("flash", torch.backends.cuda.flash_sdp_enabled, torch.backends.cuda.can_use_flash_attention),
+    ("efficient", torch.backends.cuda.mem_efficient_sdp_enabled, torch.backends.cuda.can_use_efficient_attention),
+    ("math", torch.backends.cuda.math_sdp_enabled, lambda params: True),
+    ("cudnn", torch.backends.cuda.cudnn_sdp_enabled, torch.backends.cuda.can_use_cudnn_attention),
+)
+
+
+def sdpa_cuda_kernel(q: torch.Tensor) -> str:
+    """The SDPA kernel torch picks for CUDA self-attention on inputs like ``q`` (switches + torch's own
+    input checks, first fit in priority order); ``q`` on another device fits only "math"."""
+    params = torch.backends.cuda.SDPAParams(q, q, q, None, 0.0, False, False)
+    return next((name for name, enabled, fits in _SDPA_CUDA_KERNELS if enabled() and fits(params)), "none enabled")
+
+
+def attention_backend(device: torch.device, dtype: torch.dtype, head_dim: int = 64) -> str:
+    """What ``attention()`` runs for (B, heads, T, ``head_dim``) inputs of this device and dtype, for the
+    start-up log: "flash-attn <version>", "SDPA <kernel>" on CUDA, "SDPA (CPU)" (or the device type)."""
+    device = torch.device(device)
+    if _uses_flash_attn(device, dtype):
+        return f"flash-attn {flash_attn_version}"
+    if device.type != "cuda":
+        return f"SDPA ({device.type.upper()})"
+    return f"SDPA {sdpa_cuda_kernel(torch.zeros(1, 1, 8, head_dim, device=device, dtype=dtype))}"
 
 
 class Attention(nn.Module):
@@ -155,7 +219,7 @@ class Attention(nn.Module):
         self.qkv = column_linear(dim, 3 * dim, config, gather_output=False, stride=3)
         # official QK-norm: RMSNorm with use_rmsnorm, else an *affine* LayerNorm (torch default eps)
         if tp_size == 1:
-            norm = ((lambda: RMSNorm(self.head_dim) if use_rmsnorm else nn.LayerNorm(self.head_dim))
+            norm = ((lambda: RMSNorm(self.head_dim) if use_rmsnorm else _QKLayerNorm(self.head_dim))
                     if qk_norm else nn.Identity)
         else:  # the norm weights are shared by heads on several ranks: gradients summed over TP
             group = parallel_state.get_tensor_model_parallel_group()

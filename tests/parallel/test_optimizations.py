@@ -6,7 +6,8 @@ import torch
 from sfd_scale.config import load_config, model_args, objective_config, sfd_spec
 from sfd_scale.diffusion.sfd import SFDObjective
 from sfd_scale.models.lightningdit import LightningDiT
-from sfd_scale.parallel.optimizations import apply_activation_checkpointing, apply_compile
+from sfd_scale.parallel.optimizations import (apply_activation_checkpointing, apply_compile, compile_enabled,
+                                             compiled_modules)
 
 
 def _setup(*overrides):
@@ -44,8 +45,16 @@ def test_compiled_blocks_match_eager_and_keep_their_names():
     model, objective, batch = _setup("model.depth=1")
     twin = _setup("model.depth=1")[0]
     apply_compile([twin])
+    assert compiled_modules(twin) == [*twin.blocks, twin.final_layer]  # no REPA projector in this model
+    assert all(m._compiled_call_impl is not None for m in compiled_modules(twin))
     assert [n for n, _ in twin.named_parameters()] == [n for n, _ in model.named_parameters()]
     loss, grads = _loss_and_grads(model, objective, batch)
     loss_c, grads_c = _loss_and_grads(twin, objective, batch)
     assert torch.allclose(loss, loss_c, atol=1e-6, rtol=1e-5)
     assert all(torch.allclose(grads[k], grads_c[k], atol=1e-6, rtol=1e-4) for k in grads)
+
+
+def test_compile_default_is_on_for_cuda_only():
+    assert compile_enabled(None, torch.device("cuda")) and not compile_enabled(None, torch.device("cpu"))
+    assert not compile_enabled(None, torch.device("meta"))
+    assert compile_enabled(True, torch.device("cpu")) and not compile_enabled(False, torch.device("cuda"))
