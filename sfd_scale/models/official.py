@@ -221,13 +221,16 @@ def check_fits(own: Mapping[str, torch.Tensor], sd: Mapping[str, torch.Tensor]) 
         raise ValueError("state dict does not fit the model: " + "; ".join(parts))
 
 
-def export_official_state_dict(model: LightningDiT) -> StateDict:
+def export_official_state_dict(model: LightningDiT, copy: bool = True) -> StateDict:
     """Our weights under the official key names (what the official LightningDiT.load_state_dict takes).
 
-    Under TP this is a collective over the model's TP group: every rank gets the full tensors.
+    Under TP this is a collective over the model's TP group: every rank gets the full tensors (new ones).
+    ``copy=False`` at TP = 1 returns the live (detached) tensors themselves, for a caller that copies them
+    at once anyway (a checkpoint save stages them into host memory): no device-side copy.
     """
     _, tp_size, group = model_tp(model)
     if tp_size > 1:
         local = {k: v for k, v in model.state_dict().items() if not _is_extra_state(k)}
         return gather_state_dict(local, model.args, group=group)
-    return {k: v.detach().clone() for k, v in model.state_dict().items() if not _is_extra_state(k)}
+    return {k: v.detach().clone() if copy else v.detach() for k, v in model.state_dict().items()
+            if not _is_extra_state(k)}
