@@ -30,3 +30,15 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+OFFICIAL_CODE = Path(os.environ.get("SFD_OFFICIAL_CODE", REPO.parent / "shared" / "reference" / "sfd-official-cde82a6"))
+
+
+@pytest.fixture(scope="session")
+def official_code() -> Path:
+    """The official SFD code (``shared/reference/sfd-official-cde82a6``), imported from its path by the
+    baseline benchmark. Missing is a test failure, as for the golden files."""
+    if not (OFFICIAL_CODE / "models" / "lightningdit.py").is_file():
+        pytest.fail(f"official code not found at {OFFICIAL_CODE} (set SFD_OFFICIAL_CODE to its directory)")
+    return OFFICIAL_CODE

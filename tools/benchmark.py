@@ -6,6 +6,11 @@ official-style training step of the same model, for one setting or a sweep (``sf
         --sweep train.activation_checkpointing=false,true --json xxl.json train.precision=bf16 model.use_repa=true
     python tools/benchmark.py --mode fwd-bwd --count-flops --config configs/experiments/sfd_xxl.yaml \\
         data.path=unused model.use_repa=true         # one XXL forward/backward, e.g. on a CPU
+    python tools/benchmark.py --config configs/bench/cpu_small.yaml --official-code \\
+        ../shared/reference/sfd-official-cde82a6 --paired 5 --out benchmarks/official_step_cpu.md \\
+        --json benchmarks/official_step_cpu.json     # ours vs the REAL official step, eager and compiled
+
+Without ``--official-code`` the "official" column is an official-style eager stand-in (labelled so).
 """
 import argparse
 import json
@@ -31,7 +36,16 @@ def main(argv=None) -> int:
                         help="run every value of a config key (repeatable: all combinations)")
     parser.add_argument("--data", choices=("synthetic", "real"), default="synthetic",
                         help="synthetic: one random batch reused (the step alone); real: the run's loader")
-    parser.add_argument("--no-official", action="store_true", help="skip the official-style step")
+    parser.add_argument("--no-official", action="store_true", help="skip the official step")
+    parser.add_argument("--official-code", default=None, metavar="DIR",
+                        help="the official SFD code (e.g. ../shared/reference/sfd-official-cde82a6): time its real "
+                             "training step instead of the eager stand-in")
+    parser.add_argument("--paired", type=int, default=0, metavar="N",
+                        help="with --official-code: N pairs of (ours, official), each a fresh 1-process run with "
+                             "--threads-per-rank threads, for every --compile-modes mode; medians and median ratio")
+    parser.add_argument("--compile-modes", default="eager,compiled", help="--paired: eager, compiled or both")
+    parser.add_argument("--checkpoint", action="store_true",
+                        help="also time two saves of the full training state (blocking part, background write)")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads-per-rank", type=int, default=1)
@@ -50,10 +64,15 @@ def main(argv=None) -> int:
         axes[key] = values.split(",")
     if args.mode == "fwd-bwd":
         return _forward_backward(args, overrides)
+    if args.paired:
+        if not args.official_code:
+            parser.error("--paired needs --official-code DIR")
+        return _paired(args, overrides, argv)
     base = CPU_LAYOUTS if args.layouts == "cpu" else [Setting(f"{args.ranks} rank(s)", args.ranks)]
     try:
         rows = benchmark(sweep(base, axes), args.config, overrides, args.steps, args.warmup, args.data == "synthetic",
-                         not args.no_official, args.threads_per_rank, args.peak_tflops)
+                         not args.no_official, args.threads_per_rank, args.peak_tflops, args.official_code,
+                         args.checkpoint)
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
@@ -68,6 +87,38 @@ def main(argv=None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"command": command, "rows": rows}, f, indent=1)
+    return 0
+
+
+def _paired(args, overrides, argv) -> int:
+    from sfd_scale.config import load_config
+    from sfd_scale.train.official_step import paired, paired_markdown
+
+    modes = [m.strip() for m in args.compile_modes.split(",") if m.strip()]
+    if not modes or set(modes) - {"eager", "compiled"}:
+        print(f"--compile-modes wants eager and/or compiled, got {args.compile_modes!r}", file=sys.stderr)
+        return 2
+    try:
+        load_config(args.config, overrides)
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        return 2
+    results = [paired(args.config, overrides, args.official_code, args.paired, args.steps, args.warmup,
+                      args.threads_per_rank, mode == "compiled") for mode in modes]
+    command = "python tools/benchmark.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    text = paired_markdown(results, f"Ours vs the official SFD training step on {device_name()}, torch "
+                                    f"{torch.__version__}, {args.threads_per_rank} thread(s), 1 process, synthetic "
+                                    f"batch reused; each run a fresh process: median of {args.steps} steps after "
+                                    f"{args.warmup} warm-up steps; {args.paired} pairs, alternating which goes first."
+                                    f"\n\nCommand: `{command}`")
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"command": command, "device": device_name(), "torch": torch.__version__,
+                       "results": results}, f, indent=1)
     return 0
 
 

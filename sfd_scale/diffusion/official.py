@@ -31,6 +31,15 @@ def objective_from_official(path_type: str = "Linear", prediction: str = "veloci
                            use_lognorm=use_lognorm, repa_weight=repa_weight, repa_mode=repa_mode)
 
 
+def official_transport_kwargs(objective: ObjectiveConfig, semantic_chans: int, delta_t: float) -> dict:
+    """The official ``create_transport(...)`` keyword arguments of an objective (the SFD setting; inverse of
+    ``objective_from_official`` plus the channel split the official transport also takes)."""
+    return dict(path_type="Linear", prediction="velocity", loss_weight=None, train_eps=None, sample_eps=None,
+                use_cosine_loss=objective.use_cosine_loss, use_lognorm=objective.use_lognorm,
+                semantic_weight=objective.semantic_weight, semantic_chans=semantic_chans, semfirst_delta_t=delta_t,
+                repa_weight=objective.repa_weight, repa_mode=objective.repa_mode)
+
+
 def sampler_from_official(sampling_method: str = "dopri5", num_steps: int = 250, atol: float = 1e-6,
                           rtol: float = 1e-3, timestep_shift: float = 0.0, **ignored) -> SamplerConfig:
     return SamplerConfig(method=sampling_method, num_steps=num_steps, atol=atol, rtol=rtol,

@@ -1,7 +1,8 @@
 """Official SFD / LightningDiT checkpoints <-> our model.
 
 * ``args_from_official(**kwargs)``: the official ``LightningDiT(...)`` constructor arguments -> ``ModelArgs``
-  (plus ``sfd_spec_from_official`` for the channel split and dt).
+  (plus ``sfd_spec_from_official`` for the channel split and dt); ``official_kwargs(args, spec)`` the way
+  back (the benchmark builds the official model of the same size from it).
 * ``build_official(**kwargs)``: a ready model from those arguments.
 * ``read_checkpoint(path, which='ema')``: an official container (``.pt`` from train.py with
   ``model``/``ema``/``opt``/``config``, a bare state dict, or ``.safetensors``) -> official state dict.
@@ -69,6 +70,25 @@ def args_from_official(**kwargs) -> ModelArgs:
     spec = sfd_spec_from_official(**kwargs)
     return ModelArgs(**{k: kw[k] for k in _DIRECT}, dual_time_embed=spec.is_async,
                      repa_feature_dim=repa_feature_dim(kw["repa_dino_version"]))
+
+
+def official_kwargs(args: ModelArgs, spec: SFDSpec, use_checkpoint: bool = False) -> dict:
+    """The official ``LightningDiT(...)`` constructor arguments of our ``args`` + ``spec`` (the inverse of
+    ``args_from_official``); ``use_checkpoint`` is the official activation checkpointing switch."""
+    if args.dual_time_embed != spec.is_async:
+        raise ValueError(f"dual_time_embed={args.dual_time_embed} does not match the SFD spec {spec} (the official "
+                         "model has separate time embedders exactly when semantic_chans > 0 and delta_t > 0)")
+    if args.in_channels != spec.channels:
+        raise ValueError(f"in_channels={args.in_channels} but the SFD spec has {spec.channels} channels")
+    kwargs = {k: getattr(args, k) for k in _DIRECT}
+    kwargs.update(semantic_chans=spec.semantic_chans, semfirst_delta_t=spec.delta_t, use_checkpoint=use_checkpoint,
+                  repa_dino_version=None)
+    if args.use_repa:
+        versions = [v for v, dim in REPA_FEATURE_DIMS.items() if dim == args.repa_feature_dim]
+        if not versions:
+            raise ValueError(f"repa_feature_dim={args.repa_feature_dim} matches no DINOv2 width {REPA_FEATURE_DIMS}")
+        kwargs["repa_dino_version"] = versions[0]
+    return kwargs
 
 
 def build_official(**kwargs) -> LightningDiT:
@@ -201,13 +221,16 @@ def check_fits(own: Mapping[str, torch.Tensor], sd: Mapping[str, torch.Tensor]) 
         raise ValueError("state dict does not fit the model: " + "; ".join(parts))
 
 
-def export_official_state_dict(model: LightningDiT) -> StateDict:
+def export_official_state_dict(model: LightningDiT, copy: bool = True) -> StateDict:
     """Our weights under the official key names (what the official LightningDiT.load_state_dict takes).
 
-    Under TP this is a collective over the model's TP group: every rank gets the full tensors.
+    Under TP this is a collective over the model's TP group: every rank gets the full tensors (new ones).
+    ``copy=False`` at TP = 1 returns the live (detached) tensors themselves, for a caller that copies them
+    at once anyway (a checkpoint save stages them into host memory): no device-side copy.
     """
     _, tp_size, group = model_tp(model)
     if tp_size > 1:
         local = {k: v for k, v in model.state_dict().items() if not _is_extra_state(k)}
         return gather_state_dict(local, model.args, group=group)
-    return {k: v.detach().clone() for k, v in model.state_dict().items() if not _is_extra_state(k)}
+    return {k: v.detach().clone() if copy else v.detach() for k, v in model.state_dict().items()
+            if not _is_extra_state(k)}

@@ -7,11 +7,17 @@ after a barrier per step (the slowest rank decides). Data: ``synthetic`` reuses 
 right shapes (the step alone); ``real`` draws every batch from the trainer's loader and reports the share
 of the wall time spent waiting for it.
 
-The official-style step is what the official ``train.py`` does per step, written plainly in one process:
-eager model with PyTorch SDPA, ``torch.optim.AdamW`` (its default implementation), the loss, backward,
-step, then the EMA updated parameter by parameter; bf16 autocast when ``train.precision`` is bf16. The
-network is sfd_scale's (equal to the official one, ``tests/models/test_golden_forward.py``), so the ratio
-measures the training step around it. Speed goals live in results files, never in tests.
+The baseline ("ours / official") is the REAL official training step when ``official_code`` names the
+official code's directory (``train/official_step.py``: its model with its own ``@torch.compile`` wrappers,
+its transport, train.py's loop; timed in a fresh process with the setting's thread count, compiled when
+the setting compiles ours). Without it, an **official-style eager stand-in** is timed instead and labelled
+as such: what train.py does per step written plainly around sfd_scale's network (eager, SDPA, torch AdamW,
+per-parameter EMA, bf16 autocast when ``train.precision`` is bf16); it flatters us against the real, compiled
+official step. Speed goals live in results files, never in tests.
+
+``checkpoint=True`` also saves the full training state of the benchmarked model twice after the timed
+steps (``Trainer.save``: the first save allocates the host staging buffers, the second reuses them) and
+reports the time training was blocked by each (``save_blocking_s``) and the background write.
 
 FLOPs per image: ``models/flops.py`` (matmuls, 3x forward for a training step). MFU = model FLOP/s per
 device / the device's dense bf16 peak (``PEAK_TFLOPS`` by device name, or ``peak_tflops``).
@@ -102,7 +108,7 @@ def synthetic_batch(cfg: Config, per_rank: int) -> dict:
 
 
 def _time_steps(rank: int, world_size: int, config_files: List[str], overrides: List[str], steps: int,
-                warmup: int, synthetic: bool) -> dict:
+                warmup: int, synthetic: bool, checkpoint: bool = False) -> dict:
     from .trainer import Trainer
 
     trainer = Trainer(load_config(config_files, overrides))
@@ -121,14 +127,30 @@ def _time_steps(rank: int, world_size: int, config_files: List[str], overrides: 
         if i >= warmup:
             step_times.append(time.perf_counter() - t0)
             wait_times.append(t1 - t0)
+    saves = _time_saves(trainer) if checkpoint else None
     trainer.data.close()
     return {"step_s": sum(step_times) / steps, "loader_share": sum(wait_times) / sum(step_times),
             "global_batch": trainer.cfg.train.global_batch_size, "peak_memory_gb": _peak_memory_gb(device),
-            "device": str(device)}
+            "device": str(device), "saves": saves}
+
+
+def _time_saves(trainer) -> List[dict]:
+    """Two saves of the full training state: seconds training was blocked (the whole ``Trainer.save`` call,
+    and the checkpointer's own part of it), then the background write until published."""
+    out = []
+    for _ in range(2):
+        t0 = time.perf_counter()
+        trainer.save()
+        _sync(trainer.device)
+        blocked = time.perf_counter() - t0
+        trainer.checkpointer.wait()
+        out.append({"blocking_s": blocked, "checkpointer": dict(trainer.checkpointer.last_save),
+                    "until_published_s": time.perf_counter() - t0})
+    return out
 
 
 def official_style_step_time(cfg: Config, steps: int, warmup: int) -> float:
-    """Seconds per step of the official-style single-process step (module docstring) at the global batch."""
+    """Seconds per step of the official-style eager STAND-IN (module docstring) at the global batch."""
     from ..diffusion.sfd import SFDObjective
     from ..models.lightningdit import LightningDiT
     from ..parallel.layout import ensure_initialized
@@ -210,40 +232,70 @@ def forward_backward(cfg: Config, micro_batch: int, steps: int, warmup: int, cou
     return row
 
 
+def compiles(cfg: Config) -> bool:
+    """Whether the trainer compiles this config's model (``train.compile``; unset = on when training on CUDA)."""
+    value = getattr(cfg.train, "compile", None)
+    if value is not None:
+        return bool(value)
+    return torch.cuda.is_available() and cfg.train.device != "cpu"
+
+
+def _official_seconds(cfg: Config, config_files, all_overrides, steps: int, warmup: int, threads: int,
+                      official_code: Optional[str]) -> float:
+    """Mean seconds per step of the real official step (fresh process), or of the eager stand-in."""
+    if official_code:
+        from .official_step import run_isolated
+
+        result = run_isolated("official", list(config_files), all_overrides, steps, warmup, threads, compiles(cfg),
+                              official_code)
+        return sum(result["step_s"]) / len(result["step_s"])
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)  # as each rank of ours
+    try:
+        return official_style_step_time(cfg, steps, warmup)
+    finally:
+        torch.set_num_threads(previous)
+
+
 def benchmark(settings: Sequence[Setting], config_files: Sequence[str], overrides: Sequence[str], steps: int = 10,
               warmup: int = 3, synthetic: bool = True, official: bool = True, threads_per_rank: int = 1,
-              peak_tflops: Optional[float] = None) -> List[dict]:
-    """One row per setting; the official-style step is timed once per distinct model / batch / precision."""
+              peak_tflops: Optional[float] = None, official_code: Optional[str] = None,
+              checkpoint: bool = False) -> List[dict]:
+    """One row per setting; the official step (real with ``official_code``, else the eager stand-in) is timed
+    once per distinct model / batch / precision / compile."""
     rows, official_cache = [], {}
     peak = device_peak_tflops(peak_tflops)
     for setting in settings:
         all_overrides = list(overrides) + list(setting.overrides)
         cfg = load_config(config_files, all_overrides)
         result = run_local(_time_steps, setting.world_size, threads_per_rank=threads_per_rank,
-                           args=(list(config_files), all_overrides, steps, warmup, synthetic))[0]
+                           args=(list(config_files), all_overrides, steps, warmup, synthetic, checkpoint))[0]
         flops = training_flops_per_image(model_args(cfg))
         images_per_s = result["global_batch"] / result["step_s"]
         per_device = images_per_s / setting.world_size
         row = {"setting": setting.name, "ranks": setting.world_size, "model": cfg.model.name,
                "global_batch": result["global_batch"], "micro_batch": cfg.train.micro_batch_size,
-               "activation_checkpointing": cfg.train.activation_checkpointing, "compile": cfg.train.compile,
+               "activation_checkpointing": cfg.train.activation_checkpointing, "compile": compiles(cfg),
                "precision": cfg.train.precision, "step_ms": 1000 * result["step_s"], "images_per_s": images_per_s,
                "images_per_s_per_device": per_device, "gflop_per_image": flops / 1e9,
                "tflops_per_device": per_device * flops / 1e12,
                "mfu": per_device * flops / 1e12 / peak if peak else None,
                "peak_memory_gb": result["peak_memory_gb"],
                "loader_share": None if synthetic else result["loader_share"], "device": device_name()}
+        if result["saves"]:
+            row.update(save_blocking_s=[s["blocking_s"] for s in result["saves"]],
+                       save_until_published_s=[s["until_published_s"] for s in result["saves"]],
+                       save_checkpointer=[s["checkpointer"] for s in result["saves"]])
         if official:
-            key = (str(asdict(cfg.model)), cfg.train.global_batch_size, cfg.train.precision)
+            key = (str(asdict(cfg.model)), cfg.train.global_batch_size, cfg.train.precision, compiles(cfg),
+                   cfg.train.activation_checkpointing, cfg.optim.grad_clip)
             if key not in official_cache:
-                threads = torch.get_num_threads()
-                torch.set_num_threads(threads_per_rank)  # as each rank of ours
-                try:
-                    official_cache[key] = official_style_step_time(cfg, steps, warmup)
-                finally:
-                    torch.set_num_threads(threads)
+                official_cache[key] = _official_seconds(cfg, config_files, all_overrides, steps, warmup,
+                                                        threads_per_rank, official_code)
             official_images = cfg.train.global_batch_size / official_cache[key]
-            row.update(official_images_per_s=official_images, speedup_vs_official=images_per_s / official_images)
+            row.update(official_images_per_s=official_images, speedup_vs_official=images_per_s / official_images,
+                       official_kind=("official code, " + ("compiled" if compiles(cfg) else "eager") if official_code
+                                      else "official-style eager stand-in"))
         rows.append(row)
     return rows
 
@@ -253,14 +305,23 @@ def _fmt(value, spec: str, scale: float = 1.0, unit: str = "") -> str:
 
 
 def markdown(rows: List[dict], header: str) -> str:
+    kinds = sorted({r["official_kind"] for r in rows if "official_kind" in r})
+    official = " / ".join(kinds) if kinds else "official"
+    saves = any("save_blocking_s" in r for r in rows)
     lines = [header, "",
              "| setting | ranks | ms / step | images / s | per device | GFLOP / image | TFLOP/s / device | MFU | "
-             "peak mem GB | loader share | official-style images / s | ours / official |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             f"peak mem GB | loader share | {official} images / s | ours / official |"
+             + (" save blocking s (1st, 2nd) | save until published s |" if saves else ""),
+             "|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if saves else "")]
     for r in rows:
-        lines.append(f"| {r['setting']} | {r['ranks']} | {r['step_ms']:.1f} | {r['images_per_s']:.1f} | "
-                     f"{r['images_per_s_per_device']:.1f} | {r['gflop_per_image']:.2f} | {r['tflops_per_device']:.3f} | "
-                     f"{_fmt(r['mfu'], '.1f', 100, '%')} | {r['peak_memory_gb']:.2f} | "
-                     f"{_fmt(r['loader_share'], '.1f', 100, '%')} | {_fmt(r.get('official_images_per_s'), '.1f')} | "
-                     f"{_fmt(r.get('speedup_vs_official'), '.2f')} |")
+        line = (f"| {r['setting']} | {r['ranks']} | {r['step_ms']:.1f} | {r['images_per_s']:.1f} | "
+                f"{r['images_per_s_per_device']:.1f} | {r['gflop_per_image']:.2f} | {r['tflops_per_device']:.3f} | "
+                f"{_fmt(r['mfu'], '.1f', 100, '%')} | {r['peak_memory_gb']:.2f} | "
+                f"{_fmt(r['loader_share'], '.1f', 100, '%')} | {_fmt(r.get('official_images_per_s'), '.1f')} | "
+                f"{_fmt(r.get('speedup_vs_official'), '.2f')} |")
+        if saves:
+            blocking, published = r.get("save_blocking_s"), r.get("save_until_published_s")
+            line += (f" {', '.join(f'{v:.3f}' for v in blocking)} | {', '.join(f'{v:.2f}' for v in published)} |"
+                     if blocking else " n/a | n/a |")
+        lines.append(line)
     return "\n".join(lines) + "\n"

@@ -17,7 +17,10 @@ Every rank passes the tensors it holds (a TP group's ranks hold them gathered, p
 blocks, DP replicas the same); DCP writes each key once, spreading the keys over the ranks that hold them.
 Loading reads only the keys a rank needs, so a run resumes on another layout.
 
-The save (``Checkpointer.save``) waits for the state to be copied to CPU memory; DCP then writes in a
+The save (``Checkpointer.save``) waits for the state to be copied to host memory (``StateStager``: device
+tensors into pinned host buffers allocated at the first save and reused by every later one, host tensors
+by DCP's plain stager; the caller passes its live tensors, no device-side copies), records how long
+training was blocked (``Checkpointer.last_save``, one report line per save); DCP then writes in a
 background thread into ``.tmp_step_…`` while training goes on. Rank 0 finishes in that thread: once DCP
 has every rank's writes it writes the manifest (size + sha256 of every file) last and renames the
 directory into place, then prunes (``checkpoint.keep_last`` newest + every ``checkpoint.keep_every``
@@ -36,6 +39,7 @@ import random
 import shutil
 import subprocess
 import threading
+import time
 from pathlib import Path
 from typing import Callable, Dict, Iterable, Optional
 
@@ -44,6 +48,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.staging import AsyncStager, BlockingAsyncStager, DefaultStager, StagingOptions
 
 log = logging.getLogger(__name__)
 
@@ -207,10 +212,53 @@ def remove_unfinished(output_dir: str | os.PathLike) -> list:
     return gone
 
 
+# ----------------------------------------------------------------------------------------------- staging
+class StateStager(AsyncStager):
+    """What ``dcp.async_save`` copies before it returns, so that training may change the live tensors next.
+
+    Device tensors (CUDA) go into pinned host buffers that the first save allocates and every later save
+    reuses (DCP's ``BlockingAsyncStager`` with its cached staged state dict: no pinning, no allocation, no
+    device memory per save; the copy runs at pinned-memory bandwidth). The cache is keyed by name, so it
+    holds whether the caller passes live tensors or fresh ones; a state of another layout (names, shapes,
+    dtypes) gets new buffers. Reusing the buffers is safe because ``Checkpointer.save`` first waits for the
+    previous save's background write. Host tensors (all of them on CPU; the packed objects otherwise) are
+    copied by DCP's plain stager, which also reuses its copy of a tensor it has seen (live CPU weights)."""
+
+    _synchronize_after_execute = False  # stage() returns only once everything is copied
+
+    def __init__(self):
+        self._host = DefaultStager(StagingOptions(use_pinned_memory=False, use_shared_memory=False,
+                                                  use_async_staging=False, use_non_blocking_copy=False))
+        self._device: Optional[BlockingAsyncStager] = None
+        self._layout: Optional[list] = None
+
+    def stage(self, state_dict: Dict[str, object]) -> Dict[str, object]:
+        on_device = {k: v for k, v in state_dict.items() if torch.is_tensor(v) and v.device.type != "cpu"}
+        staged = self._host.stage({k: v for k, v in state_dict.items() if k not in on_device})
+        if on_device:
+            layout = [(k, tuple(v.shape), v.dtype, v.device) for k, v in on_device.items()]
+            if layout != self._layout:
+                self._device, self._layout = BlockingAsyncStager(cache_staged_state_dict=True), layout
+            staged.update(self._device.stage(on_device))
+        return staged
+
+    def synchronize_staging(self) -> None:  # staging is blocking: nothing in flight
+        pass
+
+    def close(self) -> None:
+        self._host.close()
+        self._device = self._layout = None
+
+
 # ----------------------------------------------------------------------------------------------- save
 class Checkpointer:
     """Collective saves through DCP on a process group of its own (the background writer's collectives
-    must not interleave with training's). One save in flight at a time."""
+    must not interleave with training's). One save in flight at a time.
+
+    ``last_save`` holds the seconds the latest ``save`` blocked its caller: ``blocking_s`` in all, of which
+    ``waited_s`` waiting for the previous save's write and ``staging_s`` copying the state to host memory
+    (with ``asynchronous=False``: the whole write); ``report`` gets one line per save (the trainer points it
+    at the run log)."""
 
     def __init__(self, output_dir: str | os.PathLike, keep_last: int = 3, keep_every: int = 0,
                  asynchronous: bool = True):
@@ -219,11 +267,16 @@ class Checkpointer:
         self.group = dist.new_group(backend="gloo") if dist.is_initialized() else None
         self._pending: Optional[threading.Thread] = None
         self._error: Optional[BaseException] = None
+        self.stager = StateStager() if asynchronous else None
+        self.last_save: Dict[str, float] = {}
+        self.report: Callable[[str], None] = log.info
 
     def save(self, step: int, state: Dict[str, object], info: dict) -> Path:
-        """Start saving ``state`` (this rank's keys) as step ``step``; returns the final directory. ``info``
-        goes into the manifest (rank 0's)."""
+        """Start saving ``state`` (this rank's keys; live tensors: they are staged before this returns) as
+        step ``step``; returns the final directory. ``info`` goes into the manifest (rank 0's)."""
+        started = time.perf_counter()
         self.wait()
+        waited = time.perf_counter() - started
         final = checkpoint_dir(self.out, step)
         tmp = final.parent / f".tmp_{final.name}"
         if self.rank == 0:
@@ -232,11 +285,17 @@ class Checkpointer:
         if self.group is not None:
             dist.barrier(group=self.group)
         kwargs = dict(checkpoint_id=str(tmp), process_group=self.group, no_dist=self.group is None)
+        staging = time.perf_counter()
         if self.asynchronous:
-            future = dcp.async_save(state, **kwargs)  # returns once the state is staged in CPU memory
+            future = dcp.async_save(state, async_stager=self.stager, **kwargs)  # returns once staged in host memory
         else:
             dcp.save(state, **kwargs)
             future = None
+        done = time.perf_counter()
+        self.last_save = {"step": step, "blocking_s": done - started, "waited_s": waited, "staging_s": done - staging}
+        self.report(f"checkpoint step {step}: training blocked {done - started:.3f} s (waiting for the previous save "
+                    f"{waited:.3f} s, {'staging to host memory' if self.asynchronous else 'writing'} "
+                    f"{done - staging:.3f} s)" + ("; writing in the background" if self.asynchronous else ""))
 
         def finish() -> None:
             try:

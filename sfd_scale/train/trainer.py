@@ -139,9 +139,11 @@ class Trainer:
     def _ema_chunks(self):
         return list(self.ema.model) if self.pipelined else [self.ema.model]
 
-    def stage_weights(self, chunks) -> dict:
-        """This pipeline stage's weights, full over TP (the export gathers), under official global names."""
-        return {global_key(chunk, k): v for chunk in chunks for k, v in export_official_state_dict(chunk).items()}
+    def stage_weights(self, chunks, copy: bool = True) -> dict:
+        """This pipeline stage's weights, full over TP (the export gathers), under official global names;
+        ``copy=False``: the live tensors where there is nothing to gather (a save stages them itself)."""
+        return {global_key(chunk, k): v for chunk in chunks
+                for k, v in export_official_state_dict(chunk, copy=copy).items()}
 
     def full_state_dict(self, chunks) -> dict:
         """Official-named full weights on every rank: gathered over TP by the export, over pipeline stages
@@ -166,7 +168,7 @@ class Trainer:
         over TP here and over DP by the engine."""
         state: Dict[str, torch.Tensor] = {}
         for which, chunks in (("model", self.chunks), ("ema", self._ema_chunks())):
-            state.update({f"{which}/{k}": v for k, v in self.stage_weights(chunks).items()})
+            state.update({f"{which}/{k}": v for k, v in self.stage_weights(chunks, copy=False).items()})
         engine_state = self.engine.state_dict()
         for chunk, params in zip(self.chunks, engine_state["params"], strict=True):
             _, tp_size, group = model_tp(chunk)
@@ -377,6 +379,7 @@ class Trainer:
                      + (" (modified)" if self.code.get("git_modified") else ""))
         for note in self.notes:
             logger.write(note)
+        self.checkpointer.report = logger.write  # one line per save: how long it blocked training
         logger.write(f"model {cfg.model.name} ({n_params / 1e6:.2f}M params per TP rank) on {self.device}, "
                      f"engine {self.engine.name}, TP {cfg.parallel.tensor_parallel} x PP {cfg.parallel.pipeline_parallel}"
                      f" x DP {self.dp_size}; data: {self.data.description}"

@@ -12,7 +12,8 @@ from safetensors.torch import load_file, save_file
 
 from sfd_scale.models.lightningdit import args_for
 from sfd_scale.models.official import (args_from_official, build_official, export_official_state_dict,
-                                       load_official_state_dict, read_checkpoint, sfd_spec_from_official)
+                                       load_official_state_dict, official_kwargs, read_checkpoint,
+                                       sfd_spec_from_official)
 
 
 @pytest.fixture(scope="module")
@@ -110,6 +111,23 @@ def test_export_round_trip(golden_sd, kwargs, fmt):
     # exported tensors are copies: changing them must not touch the model
     out["pos_embed"].add_(1)
     assert torch.equal(net.pos_embed, golden_sd["pos_embed"])
+
+
+def test_export_without_copy_gives_the_live_tensors(golden_sd, kwargs):
+    net = build_official(**kwargs)
+    load_official_state_dict(net, golden_sd)
+    live = export_official_state_dict(net, copy=False)
+    assert live["pos_embed"].data_ptr() == net.pos_embed.data_ptr() and not live["pos_embed"].requires_grad
+
+
+@pytest.mark.parametrize("change", [{}, {"use_repa": True, "repa_depth": 4, "repa_dino_version": "dinov2_vitl14"},
+                                    {"semfirst_delta_t": 0.0}, {"semantic_chans": 0, "semfirst_delta_t": 0.0}])
+def test_official_kwargs_inverts_args_from_official(kwargs, change):
+    given = {**kwargs, **change}
+    args, spec = args_from_official(**given), sfd_spec_from_official(**given)
+    back = official_kwargs(args, spec, use_checkpoint=True)
+    assert args_from_official(**back) == args and sfd_spec_from_official(**back) == spec
+    assert back["use_checkpoint"] is True
 
 
 # ----------------------------------------------------------------------------------------------- (d)
