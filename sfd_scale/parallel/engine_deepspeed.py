@@ -35,7 +35,7 @@ import torch.distributed as dist
 
 from ..config import Config, ConfigError
 from .engines import (ADAM_KINDS, Engine, LossFn, adam_state, fused_adamw, is_fused_adam, lambda_lr_at,
-                      micro_batch_layout, nonfinite_flag, set_lr, state_kinds, warmup_factor)
+                      micro_batch_layout, set_lr, state_kinds, warmup_factor)
 
 _COUNTERS = ("global_steps", "global_samples", "micro_steps", "skipped_steps")
 
@@ -129,16 +129,20 @@ class DeepSpeedEngine(Engine):
             self.model.step()  # boundary: clip, optimizer step (skipped by the kernel on a bad loss), LR schedule
         elif bad_loss.device.type != "meta" and bool(bad_loss):  # non-fused: read on the host (module docstring)
             self._discard(counters_before)
+            return self._metrics(mean, lr, bad_loss, None)
         else:
             self.model.step()
-        if getattr(self.model.optimizer, "overflow", False):  # DeepSpeed skipped it and held the LR schedule
+        overflow = bool(getattr(self.model.optimizer, "overflow", False))  # a Python bool DeepSpeed already read
+        if overflow:  # DeepSpeed skipped the inner step itself and held the LR schedule back
             self.model.lr_scheduler.step()
-        norm = self.model.get_global_grad_norm()
-        norm = torch.as_tensor(float("nan") if norm is None else norm, dtype=torch.float32).to(mean.device)
-        nonfinite = nonfinite_flag(mean, norm if self.cfg.optim.grad_clip > 0 else torch.zeros_like(norm))
+        nonfinite = torch.clamp(bad_loss + float(overflow), max=1.0)  # exactly the steps whose update was skipped
+        return self._metrics(mean, lr, nonfinite, self.model.get_global_grad_norm())
+
+    def _metrics(self, mean: torch.Tensor, lr: float, nonfinite: torch.Tensor, norm) -> dict:
         self._count_nonfinite(nonfinite)
-        return {"loss": mean, "grad_norm": norm if self.cfg.optim.grad_clip > 0 else None, "lr": lr,
-                "nonfinite": nonfinite}
+        clip = self.cfg.optim.grad_clip > 0 and norm is not None
+        return {"loss": mean, "grad_norm": torch.as_tensor(norm, dtype=torch.float32).to(mean.device) if clip else None,
+                "lr": lr, "nonfinite": nonfinite}
 
     def torch_optimizers(self) -> list:
         return [self.model.optimizer.optimizer]
