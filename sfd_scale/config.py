@@ -85,7 +85,8 @@ class ParallelConfig:
     virtual_stages: int = 1         # model chunks per pipeline rank (interleaved 1F1B when > 1)
     engine: str = "megatron"        # megatron (DDP + megatron optimizer) | deepspeed (ZeRO) | plain (one process)
     distributed_optimizer: bool = True  # megatron: shard optimizer state over DP ranks (ZeRO-1 style)
-    overlap_grad_reduce: bool = False   # megatron: reduce gradient buckets during the backward pass
+    overlap_grad_reduce: Optional[bool] = None  # megatron: reduce gradient buckets during the backward pass;
+                                                # None = on when data-parallel size > 1
     zero_stage: int = 2             # deepspeed: ZeRO stage 1, 2 or 3
 
 
@@ -121,8 +122,11 @@ class TrainConfig:
     # process exits with status 75 (``trainer.REQUEUE_EXIT``), which slurm/ launchers turn into a requeue.
     requeue_signals: List[str] = field(default_factory=lambda: ["SIGUSR1", "SIGTERM"])
     time_budget_s: float = 0.0      # wall-clock seconds for this process; then save and exit 75 (0 = off)
-    max_nonfinite_steps: int = 20   # steps with a NaN / Inf loss are skipped (no update) and counted; at
-                                    # this many the run saves a checkpoint and stops with an error
+    max_nonfinite_steps: int = 20   # steps with a NaN / Inf loss or gradients are skipped (no update) and counted
+                                    # at the next log step; at this many the run saves a checkpoint and stops
+                                    # with an error
+    stop_check_every: int = 10      # ranks agree on stop requests (signals, time budget) every this many steps
+                                    # and at checkpoint steps (one gloo all-reduce); one process: every step
 
 
 @dataclass
@@ -331,6 +335,7 @@ def validate(cfg: Config) -> None:
     need(not bad, f"train.requeue_signals: unknown signal name(s) {bad} (e.g. SIGUSR1, SIGTERM)")
     need(cfg.train.time_budget_s >= 0, f"train.time_budget_s must be >= 0 (0 = off), got {cfg.train.time_budget_s}")
     need(cfg.train.max_nonfinite_steps >= 1, f"train.max_nonfinite_steps must be >= 1, got {cfg.train.max_nonfinite_steps}")
+    need(cfg.train.stop_check_every >= 1, f"train.stop_check_every must be >= 1, got {cfg.train.stop_check_every}")
     need(cfg.checkpoint.keep_last >= 1, f"checkpoint.keep_last must be >= 1, got {cfg.checkpoint.keep_last}")
     need(cfg.checkpoint.keep_every >= 0, f"checkpoint.keep_every must be >= 0 (0 = off), got {cfg.checkpoint.keep_every}")
     need(cfg.checkpoint.every >= 0, f"checkpoint.every must be >= 0 (0 = only at the end), got {cfg.checkpoint.every}")

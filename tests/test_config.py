@@ -39,6 +39,7 @@ def test_xxl_is_the_official_1p0b():
     ("sample.interval_mode=texture", "interval_mode"),
     ("train.precision=fp8", "train.precision"),
     ("train.compile=maybe", "train.compile"),
+    ("train.stop_check_every=0", "train.stop_check_every"),
     ("sample.guidance=autoguidance", "sample.guide_checkpoint"),
 ])
 def test_bad_values_name_the_key(override, match):

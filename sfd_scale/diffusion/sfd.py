@@ -95,9 +95,17 @@ def sample_base_time(batch: int, *, lognorm: bool, generator: Optional[torch.Gen
     distribution with a torch generator (reproducible, resumable) in float64, then cast.
     """
     if lognorm:
-        n = torch.randn(batch, generator=generator, dtype=torch.float64, device=device)
-        return torch.sigmoid(n).float()
-    return torch.rand(batch, generator=generator, dtype=torch.float64, device=device).float()
+        return base_time_from_draws(torch.randn(batch, generator=generator, dtype=torch.float64, device=device),
+                                    lognorm=True)
+    return base_time_from_draws(torch.rand(batch, generator=generator, dtype=torch.float64, device=device),
+                                lognorm=False)
+
+
+def base_time_from_draws(draw: torch.Tensor, *, lognorm: bool) -> torch.Tensor:
+    """The base-time transform of given draws (float64 in, float32 out): sigmoid of a standard normal
+    (logit-normal), or a U(0, 1) uniform as it is. ``sample_base_time`` draws with a generator; the
+    trainer's counter-based draws (``keyed_noise.py``) come here with their own."""
+    return (torch.sigmoid(draw) if lognorm else draw).float()
 
 
 # ----------------------------------------------------------------------------------------------- path

@@ -11,6 +11,13 @@
   ``train.global_batch_size``; DeepSpeed divides each micro-batch loss by the accumulation steps itself.
 * ``train.precision == 'bf16'``: DeepSpeed's bf16 mode (bf16 module, fp32 master weights in the ZeRO
   partitions); the caller's ``loss_fn`` runs the forward under autocast.
+* A non-finite loss skips the update on the device: the flag goes to the client AdamW as ``found_inf``
+  (fused kernel; ``engines.skip_unless_finite``) and DeepSpeed's boundary step runs as usual (its counters and
+  LR schedule advance, as on every engine). Non-finite gradients under a finite loss: DeepSpeed's own check
+  (fp32: ``is_invalid_grad_norm``, a host read inside DeepSpeed) skips the inner step; then the LR schedule,
+  which DeepSpeed holds back on an overflow, is advanced here so that it counts every step. In bf16 DeepSpeed
+  does not check gradients and only the loss is checked. With a non-fused optimizer (``optim.fused=false``) the
+  flag is read on the host and a skipped step is discarded as DeepSpeed discards an fp16 overflow.
 * Without a GPU DeepSpeed picks its CPU accelerator and gloo. Its first communication setup compiles a
   shared-memory op with g++ (~40 s) into ``TORCH_EXTENSIONS_DIR``; we default that to a per-user cache
   (``$XDG_CACHE_HOME or ~/.cache`` / sfd_scale/torch_extensions) so each spawned rank and each later run
@@ -27,8 +34,8 @@ import torch
 import torch.distributed as dist
 
 from ..config import Config, ConfigError
-from .engines import (ADAM_KINDS, Engine, LossFn, adam_state, fused_adamw, lambda_lr_at, micro_batch_layout, set_lr,
-                      state_kinds, warmup_factor)
+from .engines import (ADAM_KINDS, Engine, LossFn, adam_state, fused_adamw, is_fused_adam, lambda_lr_at,
+                      micro_batch_layout, set_lr, state_kinds, warmup_factor)
 
 _COUNTERS = ("global_steps", "global_samples", "micro_steps", "skipped_steps")
 
@@ -69,7 +76,7 @@ class DeepSpeedEngine(Engine):
         extensions_dir()
         import deepspeed
 
-        self.cfg = cfg
+        self.cfg, self.notes = cfg, []
         self.dp_size = dist.get_world_size() if dist.is_initialized() else 1
         self.dp_rank = dist.get_rank() if dist.is_initialized() else 0
         self.micro_batch_size, self.num_micro_batches = micro_batch_layout(cfg, self.dp_size)
@@ -104,7 +111,7 @@ class DeepSpeedEngine(Engine):
 
     def train_step(self, micro_batches: Sequence, loss_fn: LossFn) -> dict:
         n = self._check_micro_batches(micro_batches)
-        self._counters_before = {k: getattr(self.model, k) for k in _COUNTERS}
+        counters_before = {k: getattr(self.model, k) for k in _COUNTERS}
         losses = []
         for i, mb in enumerate(micro_batches):
             loss = loss_fn(self.model, mb)
@@ -112,13 +119,38 @@ class DeepSpeedEngine(Engine):
             losses.append(loss.detach())
             if i < n - 1:
                 self.model.step()  # not a boundary: only counts the micro-step
-        mean = self._mean_loss(losses)  # before the boundary step: a non-finite loss stops every rank
+        mean = self._mean_loss(losses)
+        bad_loss = (~torch.isfinite(mean)).float()
         lr = self.model.get_lr()[0]
-        self.model.step()  # boundary: clip, optimizer step, LR schedule step
-        grad_norm = self.model.get_global_grad_norm()
-        return {"loss": mean, "grad_norm": None if grad_norm is None else float(grad_norm), "lr": lr}
+        inner = self.torch_optimizers()
+        if all(is_fused_adam(o) for o in inner):
+            for o in inner:
+                o.grad_scale, o.found_inf = None, bad_loss
+            self.model.step()  # boundary: clip, optimizer step (skipped by the kernel on a bad loss), LR schedule
+        elif bad_loss.device.type != "meta" and bool(bad_loss):  # non-fused: read on the host (module docstring)
+            self._discard(counters_before)
+            return self._metrics(mean, lr, bad_loss, None)
+        else:
+            self.model.step()
+        overflow = bool(getattr(self.model.optimizer, "overflow", False))  # a Python bool DeepSpeed already read
+        if overflow:  # DeepSpeed skipped the inner step itself and held the LR schedule back
+            self.model.lr_scheduler.step()
+        nonfinite = torch.clamp(bad_loss + float(overflow), max=1.0)  # exactly the steps whose update was skipped
+        return self._metrics(mean, lr, nonfinite, self.model.get_global_grad_norm())
 
-    def discard_step(self) -> None:
+    def _metrics(self, mean: torch.Tensor, lr: float, nonfinite: torch.Tensor, norm) -> dict:
+        self._count_nonfinite(nonfinite)
+        clip = self.cfg.optim.grad_clip > 0 and norm is not None
+        return {"loss": mean, "grad_norm": torch.as_tensor(norm, dtype=torch.float32).to(mean.device) if clip else None,
+                "lr": lr, "nonfinite": nonfinite}
+
+    def torch_optimizers(self) -> list:
+        return [self.model.optimizer.optimizer]
+
+    def grad_reduce_dtype(self) -> str:
+        return str(getattr(self.model, "communication_data_type", "unknown")).replace("torch.", "")
+
+    def _discard(self, counters_before: dict) -> None:
         """What DeepSpeed's own ZeRO-1/2 step does when it skips an overflowed fp16 step (clear the partitioned
         gradients), plus its micro-step counters put back, so the next step's accumulation boundary holds."""
         zero = self.model.optimizer
@@ -130,18 +162,20 @@ class DeepSpeedEngine(Engine):
         for k in zero.averaged_gradients.keys():
             zero.averaged_gradients[k] = None
             zero.all_grad_tensors[k] = None
-        for k, v in self._counters_before.items():
+        for k, v in counters_before.items():
             setattr(self.model, k, v)
+        self.model.global_steps += 1  # every engine's step counters advance on a skipped step
+        self.model.lr_scheduler.step()
 
     def state_dict(self) -> dict:
         """Through DeepSpeed's documented per-parameter accessors (``deepspeed.utils.safe_get_full_*``), which
         assemble each parameter's full fp32 state from the ZeRO partitions (a collective over DP)."""
         from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
-        counters = {"optimizer_steps": self.model.global_steps,
+        counters = {"optimizer_steps": self.model.global_steps, "nonfinite_steps": self.nonfinite_steps(),
                     "deepspeed": {k: getattr(self.model, k) for k in _COUNTERS}}
         params = {}
-        if self.model.global_steps:
+        if self.model.global_steps > counters["nonfinite_steps"]:
             kinds = state_kinds(self.cfg)
             for name, p in _trained(self.module):
                 full = {k: safe_get_full_optimizer_state(p, k) for k in ADAM_KINDS}
@@ -155,12 +189,13 @@ class DeepSpeedEngine(Engine):
 
         counters = state["counters"]
         steps = counters["optimizer_steps"]
-        if steps:
+        adam_steps = steps - self._restore_nonfinite(counters)
+        if adam_steps:
             zero = self.model.optimizer
             flats = (zero.fp32_partitioned_groups_flat if self.zero_stage == 3  # the flat fp32 partitions
                      else [p for g in zero.optimizer.param_groups for p in g["params"]])
             for flat in flats:  # give them Adam state to load into
-                adam_state(zero.optimizer, flat, steps)
+                adam_state(zero.optimizer, flat, adam_steps)
             if hasattr(zero, "_lazy_init_hp_params_optimizer_state"):  # ZeRO-1/2 link it after a first step
                 zero._hp_optimizer_states_linked = False
                 zero._lazy_init_hp_params_optimizer_state()

@@ -16,6 +16,18 @@ params in the optimizer (``OptimizerConfig(bf16=True)``), gradients are accumula
 fp32. Weight decay applies to every parameter, as in the plain engine (``config_overrides={}`` turns off
 megatron's default of exempting biases and norms).
 
+Optimizer step, without a host sync: megatron's ``optimizer.step()`` reads the grad norm on the host
+(``get_grad_norm_fp32`` returns ``.item()``; its no-apex/TE fallback ``local_multi_tensor_l2_norm`` even
+converts every per-tensor norm to a Python float: ~350 syncs per XXL step) and clips with a host float.
+``_step`` runs megatron's own phases instead: ``prepare_grads()`` (model grads -> fp32 main grads),
+the global norm of ``get_main_grads_for_grad_norm()`` with ``torch._foreach_norm`` summed over
+``get_grad_stats_parallel_group()`` on the device, clipping by a device coefficient (``_foreach_mul_``;
+megatron's ``clip_coeff < 1`` test becomes ``min(coeff, 1)``: multiplying by 1.0 is exact), then
+``step_with_ready_grads()`` (Adam + main -> model params / all-gather) under ``skip_unless_finite``.
+Without TransformerEngine / apex megatron builds torch's AdamW with its default (foreach / single-tensor)
+kernels; ``_fuse_torch_adam`` switches those param groups to torch's fused AdamW (same arithmetic, takes
+the ``found_inf`` skip flag) and the engine notes the fallback for the run log.
+
 LR schedule: ``WarmupSchedule``, the plain engine's LambdaLR arithmetic on megatron's param groups
 (megatron's ``OptimizerParamScheduler`` starts warmup at ``init_lr`` with ``step / warmup``, which is
 not the ``(step + 1) / warmup`` of the single-process trainer).
@@ -35,7 +47,8 @@ from megatron.core.transformer import TransformerConfig
 
 from ..config import Config
 from .cpu_compat import megatron_on_cpu
-from .engines import ADAM_KINDS, Engine, LossFn, adam_state, micro_batch_layout, state_kinds, warmup_factor
+from .engines import (ADAM_KINDS, Engine, LossFn, adam_state, is_fused_adam, micro_batch_layout, nonfinite_flag,
+                      skip_unless_finite, state_kinds, warmup_factor)
 
 # Known noise from inside megatron-core: its optimizer reads ``.grad`` of shard views (non-leaf tensors)
 # to test for presence, and its DDP / distributed optimizer call the deprecated-in-torch-2.14 names of
@@ -136,6 +149,57 @@ def _fragment_tensors(sub: DistributedOptimizer, param, steps: int) -> dict:
     return {"master": t["param"], "exp_avg": t["exp_avg"], "exp_avg_sq": t["exp_avg_sq"]}
 
 
+# ----------------------------------------------------------------------------------------------- step
+def _fuse_torch_adam(optimizer) -> List[str]:
+    """Switch megatron's torch-AdamW fallback (no TE / apex) to torch's fused kernel where every parameter
+    allows it (floating point, on CPU or CUDA), before the first step. Returns notes for the run log."""
+    import megatron.core.optimizer as mcore_optimizer
+
+    if not getattr(mcore_optimizer, "USING_PYTORCH_OPTIMIZER", False):
+        return []
+    notes = ["megatron-core found neither TransformerEngine nor apex: its optimizer falls back to torch's AdamW"]
+    for sub in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(sub, "optimizer", None)
+        if not isinstance(inner, torch.optim.Adam | torch.optim.AdamW) or is_fused_adam(inner):
+            continue
+        params = [p for g in inner.param_groups for p in g["params"]]
+        if any(inner.state.get(p) for p in params):
+            raise RuntimeError("_fuse_torch_adam must run before the optimizer's first step")
+        if all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params):
+            for group in inner.param_groups:  # what AdamW(fused=True) sets; read by every step
+                group["fused"], group["foreach"] = True, False
+            inner.defaults.update(fused=True, foreach=False)
+            inner._step_supports_amp_scaling = True
+            notes[0] += " (switched to torch's fused AdamW)"
+        else:
+            notes[0] += " (torch's non-fused AdamW: its parameters do not allow the fused kernel)"
+    return notes
+
+
+@torch.no_grad()
+def _grad_norm(optimizer) -> torch.Tensor:
+    """Global L2 norm of the main grads, as megatron's ``get_grad_norm_fp32`` counts it (no shared or TP
+    duplicate parameters, summed over the grad-stats group), left on the device."""
+    subs = [s for s in getattr(optimizer, "chained_optimizers", [optimizer]) if not getattr(s, "is_stub_optimizer", False)]
+    grads = [g for sub in subs for g in sub.get_main_grads_for_grad_norm()]
+    device = grads[0].device if grads else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    squares = torch.zeros(1, dtype=torch.float32, device=device)
+    if grads:
+        squares += torch.stack(torch._foreach_norm(grads)).float().square().sum()
+    groups = {id(g): g for g in (sub.get_grad_stats_parallel_group() for sub in subs)}
+    for group in groups.values():  # one group unless the chained optimizers disagree
+        torch.distributed.all_reduce(squares, group=group)
+    return squares[0].sqrt()
+
+
+@torch.no_grad()
+def _clip_main_grads(optimizer, max_norm: float, grad_norm: torch.Tensor) -> None:
+    grads = [p.grad for sub in getattr(optimizer, "chained_optimizers", [optimizer])
+             for p in sub.get_parameters() if p.grad is not None]
+    if grads:
+        torch._foreach_mul_(grads, torch.clamp(max_norm / (grad_norm + 1.0e-6), max=1.0))
+
+
 # ----------------------------------------------------------------------------------------------- engine
 class MegatronEngine(Engine):
     name = "megatron"
@@ -154,7 +218,8 @@ class MegatronEngine(Engine):
             for chunk in chunks:
                 chunk.bfloat16()
         p, o = cfg.parallel, cfg.optim
-        ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=bf16, overlap_grad_reduce=p.overlap_grad_reduce,
+        overlap = p.overlap_grad_reduce if p.overlap_grad_reduce is not None else self.dp_size > 1
+        ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=bf16, overlap_grad_reduce=overlap,
                                                    use_distributed_optimizer=p.distributed_optimizer)
         opt_config = OptimizerConfig(optimizer="adam", lr=o.lr, min_lr=o.lr, weight_decay=o.weight_decay,
                                      adam_beta1=o.beta1, adam_beta2=o.beta2, adam_eps=o.eps, clip_grad=o.grad_clip,
@@ -165,6 +230,9 @@ class MegatronEngine(Engine):
             for ddp in self.chunks:
                 ddp.broadcast_params()  # replicas start identical even if their init RNG did not
             self.optimizer = get_megatron_optimizer(opt_config, self.chunks, config_overrides={})
+        self.notes = _fuse_torch_adam(self.optimizer)
+        self.bf16, self.overlap_grad_reduce = bf16, overlap
+        self._ema_sources = None
         self.model = self.chunks[0]
         self.local_modules = chunks
         self.module = chunks if self.pipelined else chunks[0]
@@ -186,7 +254,7 @@ class MegatronEngine(Engine):
 
             with _quiet():
                 terms = forward_backward(self.chunks, micro_batches, loss_fn)
-            losses = [self._pipeline_loss(terms)]
+            losses = [self._pipeline_loss(terms, micro_batches[0].x1.device)]
         else:
             losses = []
             for i, mb in enumerate(micro_batches):  # (overlap_grad_reduce: bucket reduces start in backward)
@@ -198,17 +266,49 @@ class MegatronEngine(Engine):
             finalize_model_grads(self.chunks)
             mean = self._mean_loss(losses, self.dp_group)
             lr = self.optimizer.param_groups[0]["lr"]
-            ok, grad_norm, _ = self.optimizer.step()
-        if not ok:  # only with an fp16 loss scaler, which we never configure
-            raise FloatingPointError("megatron optimizer skipped the step (inf / nan gradients)")
+            grad_norm, nonfinite = self._step(mean)
         self.scheduler.step()
-        return {"loss": mean, "grad_norm": None if grad_norm is None else float(grad_norm), "lr": lr}
+        self._count_nonfinite(nonfinite)
+        return {"loss": mean, "grad_norm": grad_norm if self.cfg.optim.grad_clip > 0 else None, "lr": lr,
+                "nonfinite": nonfinite}
+
+    def _step(self, mean_loss: torch.Tensor):
+        """megatron's optimizer step by its phases, with the grad norm, clipping and the skip on the device
+        (module docstring). Returns (pre-clip grad norm, non-finite flag)."""
+        if self.optimizer.prepare_grads():  # only with an fp16 loss scaler, which we never configure
+            raise RuntimeError("megatron's grad scaler found inf / nan: sfd_scale configures no fp16 loss scaling")
+        grad_norm = _grad_norm(self.optimizer)
+        nonfinite = nonfinite_flag(mean_loss, grad_norm)
+        if self.cfg.optim.grad_clip > 0:
+            _clip_main_grads(self.optimizer, self.cfg.optim.grad_clip, grad_norm)
+        skip_unless_finite(self.torch_optimizers(), nonfinite, self.optimizer.step_with_ready_grads)
+        return grad_norm, nonfinite
+
+    def torch_optimizers(self) -> list:
+        return [s.optimizer for s in self._sub_optimizers() if not getattr(s, "is_stub_optimizer", False)]
+
+    def ema_sources(self) -> List[torch.Tensor]:
+        """fp32 masters of the non-distributed bf16 optimizer (whole on every rank); the parameters otherwise
+        (fp32 runs: they are the masters; distributed optimizer: each rank holds a shard of the masters)."""
+        if self._ema_sources is None:
+            main = _main_params(self.optimizer)
+            self._ema_sources = [main[p][1] if p in main else p for named in self._named_parameters() for _, p in named]
+        return self._ema_sources
+
+    def grad_reduce_dtype(self) -> str:
+        how = "reduce-scatter" if self.cfg.parallel.distributed_optimizer else "all-reduce"
+        overlap = ", overlapped with backward" if self.overlap_grad_reduce else ""
+        return f"{'float32' if self.bf16 else 'float32 (weights)'} {how}{overlap}"
 
     @staticmethod
-    def _pipeline_loss(terms: dict) -> torch.Tensor:
+    def _pipeline_loss(terms: dict, device: torch.device) -> torch.Tensor:
         """The step's mean total loss on every stage: the last stage's main terms plus the REPA term of
-        the stage owning the projector (when that is not the last), summed over the pipeline group."""
-        local = torch.tensor([terms.get("total", 0.0) + terms.get("repa_loss_aux", 0.0)], dtype=torch.float64)
+        the stage owning the projector (when that is not the last), summed over the pipeline group (on the
+        device: no host read)."""
+        local = torch.zeros(1, dtype=torch.float64, device=device)
+        for key in ("total", "repa_loss_aux"):
+            if key in terms:
+                local += terms[key].detach().double().to(device)
         torch.distributed.all_reduce(local, group=parallel_state.get_pipeline_model_parallel_group())
         return local[0]
 
@@ -217,7 +317,8 @@ class MegatronEngine(Engine):
 
     def state_dict(self) -> dict:
         steps = self.scheduler.steps
-        counters = {"optimizer_steps": steps}
+        counters = {"optimizer_steps": steps, "nonfinite_steps": self.nonfinite_steps()}
+        steps -= counters["nonfinite_steps"]  # Adam's own step count
         if not steps:
             return {"params": [{} for _ in self.local_modules], "counters": counters}
         kinds, main = state_kinds(self.cfg), _main_params(self.optimizer)
@@ -246,7 +347,7 @@ class MegatronEngine(Engine):
 
     def load_state_dict(self, state: dict) -> None:
         counters = state["counters"]
-        steps = counters["optimizer_steps"]
+        steps = counters["optimizer_steps"] - self._restore_nonfinite(counters)  # Adam's own step count
         if steps:
             main = _main_params(self.optimizer)
             with _megatron_call(), torch.no_grad():
@@ -267,4 +368,4 @@ class MegatronEngine(Engine):
                             sub, r = frag
                             for k, t in _fragment_tensors(sub, p, steps).items():
                                 t.view(-1).copy_(src[k].reshape(-1)[r.start:r.end])
-        self.scheduler.load_state_dict({"steps": steps})
+        self.scheduler.load_state_dict({"steps": counters["optimizer_steps"]})

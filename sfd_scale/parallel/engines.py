@@ -14,6 +14,14 @@
 Every engine sees the same split of a global batch: ``micro_batch_layout`` gives (micro batch size,
 number of micro-batches per rank) and ``local_micro_batches`` cuts a global batch into this rank's
 micro-batches, so a run at DP = 1 and one at DP = 2 process the same samples per optimizer step.
+No host sync inside a step: ``train_step`` returns device tensors (loss, grad norm, a ``nonfinite`` flag) and a
+step whose loss or gradients are not finite skips its update on the device, as AMP's ``found_inf`` does
+(``skip_unless_finite``): torch's fused AdamW takes the flag (``optimizer.found_inf``), leaves parameters,
+moments and its step count as they were, and every engine uses it where the device allows. The LR schedule
+and the engines' step counters advance on every step, skipped or not (as under AMP); each engine counts its
+skipped steps on the device (``nonfinite_steps``), and Adam's step count = optimizer steps - skipped steps,
+which is what a checkpoint restores.
+
 Model *weights* are not part of ``state_dict()``: the trainer saves / loads them through ``module``
 (the unwrapped LightningDiT) before calling ``load_state_dict``.
 
@@ -28,8 +36,7 @@ reshards it over TP / PP like the weights (``train/checkpoint.py``).
 from __future__ import annotations
 
 import contextlib
-import math
-from typing import Callable, List, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -75,6 +82,59 @@ def fused_adamw(cfg: Config, device: torch.device) -> bool:
     return cfg.optim.fused if cfg.optim.fused is not None else device.type in ("cuda", "cpu")
 
 
+# ----------------------------------------------------------------------------------------------- skip
+def nonfinite_flag(loss: torch.Tensor, grad_norm: torch.Tensor) -> torch.Tensor:
+    """0-dim float32 on the device: 1 when the step's loss or its global grad norm is NaN / Inf."""
+    bad = ~torch.isfinite(loss) | ~torch.isfinite(grad_norm)
+    return bad.to(device=grad_norm.device, dtype=torch.float32)
+
+
+def is_fused_adam(optimizer) -> bool:
+    """torch Adam / AdamW running its fused kernel: the one that honours ``found_inf``."""
+    return isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW) and all(
+        g.get("fused") for g in optimizer.param_groups)
+
+
+def skip_unless_finite(optimizers: Sequence, nonfinite: torch.Tensor, step: Callable[[], object]) -> None:
+    """Run ``step`` (the optimizer step over ``optimizers``, the torch optimizers doing the arithmetic) so that
+    nothing changes when ``nonfinite`` is 1. Fused torch Adam(W): the flag goes in as ``found_inf`` (the kernel
+    returns early and takes back its step increment): no sync. Any other optimizer (foreach torch Adam, TE /
+    apex FusedAdam: none takes a device flag) reads the flag on the host first: one sync per step, named in
+    ``optimizer_impl``. On the meta device (counting runs) there is no value to read: the step runs."""
+    if optimizers and all(is_fused_adam(o) for o in optimizers):
+        for o in optimizers:
+            o.grad_scale, o.found_inf = None, nonfinite
+        step()
+        return
+    if nonfinite.device.type == "meta" or not bool(nonfinite):
+        step()
+
+
+def optimizer_name(optimizer) -> str:
+    """What runs the update: 'torch fused AdamW', 'torch foreach AdamW', 'TransformerEngine FusedAdam', ..."""
+    module = type(optimizer).__module__
+    if module.startswith("transformer_engine"):
+        return f"TransformerEngine {type(optimizer).__name__}"
+    if module.startswith("apex"):
+        return f"apex {type(optimizer).__name__}"
+    if isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW):
+        group = optimizer.param_groups[0] if optimizer.param_groups else {"params": []}
+        foreach = group.get("foreach")  # None: torch's default, foreach when every parameter is on CUDA
+        if foreach is None:
+            foreach = bool(group["params"]) and all(p.device.type == "cuda" for p in group["params"])
+        kind = "fused" if group.get("fused") else "foreach" if foreach else "single-tensor"
+        return f"torch {kind} {type(optimizer).__name__}"
+    return f"{module}.{type(optimizer).__name__}"
+
+
+def describe_optimizers(optimizers: Sequence) -> str:
+    names = sorted({optimizer_name(o) for o in optimizers})
+    text = " + ".join(names) if names else "none"
+    if not all(is_fused_adam(o) for o in optimizers):
+        text += " (the non-finite check reads a flag on the host every step)"
+    return text
+
+
 # ----------------------------------------------------------------------------------------------- interface
 class Engine:
     """What the trainer talks to. ``model``: call forward on it; ``module``: the unwrapped LightningDiT."""
@@ -86,16 +146,39 @@ class Engine:
     dp_size: int = 1
     micro_batch_size: int
     num_micro_batches: int
+    notes: List[str]  # warnings for the run log (e.g. an optimizer fallback)
+    _nonfinite_total: Optional[torch.Tensor] = None
 
     def train_step(self, micro_batches: Sequence, loss_fn: LossFn) -> dict:
         """Accumulate grads over ``micro_batches`` (each loss scaled by 1/len), reduce over DP, clip
-        (optim.grad_clip, 0 = off), optimizer step, LR-schedule step. Returns {'loss': mean loss over
-        micro-batches and DP ranks, 'grad_norm': pre-clip global norm or None, 'lr': the LR this step used}."""
+        (optim.grad_clip, 0 = off), optimizer step, LR-schedule step. Returns device tensors and no host
+        sync: {'loss': 0-dim mean loss over micro-batches and DP ranks, 'grad_norm': pre-clip global norm
+        (0-dim) or None without clipping, 'lr': the LR this step used (float), 'nonfinite': 0-dim float, 1
+        when the loss or the gradients were not finite and the update was skipped}."""
         raise NotImplementedError
 
+    @property
+    def optimizer_impl(self) -> str:
+        """The optimizer implementation actually running the update (``describe_optimizers``)."""
+        return describe_optimizers(self.torch_optimizers())
+
+    def torch_optimizers(self) -> list:
+        """The optimizer objects doing the arithmetic (inside megatron / DeepSpeed wrappers)."""
+        raise NotImplementedError
+
+    def ema_sources(self) -> List[torch.Tensor]:
+        """One tensor per trainable parameter of ``module`` (pipeline chunks in order), for the EMA: the fp32
+        master copy where this rank holds it whole, else the parameter itself."""
+        return [p for chunk in self._chunks() for p in chunk.parameters() if p.requires_grad]
+
+    def grad_reduce_dtype(self) -> str:
+        """The dtype gradients are reduced over data-parallel ranks in (start-up log)."""
+        return "none (one process)"
+
     def state_dict(self) -> dict:
-        """{'params': [per chunk: {param name: {kind: tensor}}] (empty before the first step), 'counters':
-        {'optimizer_steps': n, engine extras}}. Collective over DP for engines that shard the optimizer."""
+        """{'params': [per chunk: {param name: {kind: tensor}}] (empty while Adam has no step), 'counters':
+        {'optimizer_steps': n, 'nonfinite_steps': skipped, engine extras}}. Collective over DP for engines
+        that shard the optimizer."""
         raise NotImplementedError
 
     def load_state_dict(self, state: dict) -> None:
@@ -103,17 +186,15 @@ class Engine:
         engines with fp32 master copies take them from there when the state has no 'master'."""
         raise NotImplementedError
 
-    def discard_step(self) -> None:
-        """Forget a step that raised before its optimizer step (a non-finite loss, ``_mean_loss``): nothing was
-        updated, and the next step must start from clean gradients. The plain and megatron engines clear
-        gradients at the start of every step already."""
-
     @contextlib.contextmanager
     def full_parameters(self):
         """``module`` with every parameter materialised in full (ZeRO-3 gathers; others: no-op)."""
         yield self.module
 
     # ------------------------------------------------------------------------------------------ helpers
+    def _chunks(self) -> list:
+        return list(self.module) if isinstance(self.module, (list, tuple)) else [self.module]
+
     def _check_micro_batches(self, micro_batches: Sequence) -> int:
         n = len(micro_batches)
         if n != self.num_micro_batches:
@@ -122,16 +203,25 @@ class Engine:
                              f"train.micro_batch_size / data-parallel size), got {n}")
         return n
 
-    def _mean_loss(self, losses: List[torch.Tensor], group=None) -> float:
-        """Mean over micro-batches and DP ranks; raises on every rank alike when it is not finite."""
+    def _mean_loss(self, losses: List[torch.Tensor], group=None) -> torch.Tensor:
+        """Mean over micro-batches and DP ranks, on the device (0-dim float64; no check, no sync)."""
         # on the loss's device (NCCL reduces CUDA tensors only), in float64 so the mean is exact enough
-        total = torch.stack([l.detach().double() for l in losses]).sum().reshape(1)
+        total = torch.stack([l.detach().double().reshape(()) for l in losses]).sum().reshape(1)
         if self.dp_size > 1:
             dist.all_reduce(total, group=group)
-        mean = total.item() / (len(losses) * self.dp_size)
-        if not math.isfinite(mean):
-            raise FloatingPointError(f"non-finite loss {mean} (mean over micro-batches and data-parallel ranks)")
-        return mean
+        return total[0] / (len(losses) * self.dp_size)
+
+    def _count_nonfinite(self, flag: torch.Tensor) -> None:
+        self._nonfinite_total = flag.clone() if self._nonfinite_total is None else self._nonfinite_total + flag
+
+    def nonfinite_steps(self) -> int:
+        """Steps skipped so far (reads the device counter: for checkpoints)."""
+        return 0 if self._nonfinite_total is None else int(self._nonfinite_total.item())
+
+    def _restore_nonfinite(self, counters: dict) -> int:
+        skipped = int(counters.get("nonfinite_steps", 0))
+        self._nonfinite_total = None if not skipped else torch.tensor(float(skipped))
+        return skipped
 
 
 # ----------------------------------------------------------------------------------------------- state
@@ -184,7 +274,7 @@ class PlainEngine(Engine):
 
     def __init__(self, model: torch.nn.Module, cfg: Config):
         self.model = self.module = model
-        self.cfg = cfg
+        self.cfg, self.notes = cfg, []
         self.micro_batch_size, self.num_micro_batches = micro_batch_layout(cfg, 1)
         o = cfg.optim
         device = next(model.parameters()).device
@@ -204,25 +294,36 @@ class PlainEngine(Engine):
             losses.append(loss.detach())
         mean = self._mean_loss(losses)
         clip = self.cfg.optim.grad_clip
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), clip) if clip > 0 else None
+        params = [p for p in self.module.parameters() if p.requires_grad]
+        if clip > 0:
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
+        else:  # not reported, but a non-finite gradient must skip the step as a non-finite loss does
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+        nonfinite = nonfinite_flag(mean, grad_norm)
         lr = self.optimizer.param_groups[0]["lr"]
-        self.optimizer.step()
+        skip_unless_finite([self.optimizer], nonfinite, self.optimizer.step)
         self.scheduler.step()
-        return {"loss": mean, "grad_norm": None if grad_norm is None else grad_norm.item(), "lr": lr}
+        self._count_nonfinite(nonfinite)
+        return {"loss": mean, "grad_norm": grad_norm if clip > 0 else None, "lr": lr, "nonfinite": nonfinite}
+
+    def torch_optimizers(self) -> list:
+        return [self.optimizer]
 
     def state_dict(self) -> dict:
         steps = self.scheduler.last_epoch
+        skipped = self.nonfinite_steps()
         params = {name: {k: self.optimizer.state[p][k].detach().clone() for k in ADAM_KINDS}
-                  for name, p in self.module.named_parameters() if p.requires_grad} if steps else {}
-        return {"params": [params], "counters": {"optimizer_steps": steps}}
+                  for name, p in self.module.named_parameters() if p.requires_grad} if steps > skipped else {}
+        return {"params": [params], "counters": {"optimizer_steps": steps, "nonfinite_steps": skipped}}
 
     def load_state_dict(self, state: dict) -> None:
         steps = state["counters"]["optimizer_steps"]
-        if steps:
+        adam_steps = steps - self._restore_nonfinite(state["counters"])
+        if adam_steps:
             saved = state["params"][0]
             for name, p in self.module.named_parameters():
                 if p.requires_grad:
-                    own = adam_state(self.optimizer, p, steps)
+                    own = adam_state(self.optimizer, p, adam_steps)
                     for k in ADAM_KINDS:
                         own[k].copy_(saved[name][k])
         lambda_lr_at(self.scheduler, steps)

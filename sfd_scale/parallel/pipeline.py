@@ -107,16 +107,17 @@ def global_key(chunk: LightningDiT, local: str) -> str:
 
 
 def forward_backward(chunks: Sequence[LightningDiT], micro_batches: Sequence[MicroBatch], objective: SFDObjective,
-                     forward_only: bool = False) -> Dict[str, float]:
+                     forward_only: bool = False) -> Dict[str, torch.Tensor]:
     """One pass of megatron's pipeline schedule over ``micro_batches``; gradients accumulate in the chunks.
 
     Returns the mean loss terms over micro-batches on the last stage (empty dict on other stages) plus
     ``repa_loss_aux`` on the stage owning the REPA projector when that is not the last stage (its term
-    is then not part of the last stage's ``total``).
+    is then not part of the last stage's ``total``): 0-dim tensors on the device, never read on the host
+    here (the trainer reads losses once per log step).
     """
     n = len(micro_batches)
     MoEAuxLossAutoScaler.set_loss_scale(torch.ones(1))  # aux losses come pre-divided by n (below)
-    repa_values: List[float] = []
+    repa_values: List[torch.Tensor] = []
 
     def forward_step(data_iterator, model):
         mb: MicroBatch = next(data_iterator)
@@ -125,7 +126,7 @@ def forward_backward(chunks: Sequence[LightningDiT], micro_batches: Sequence[Mic
 
         def repa_loss(projection):
             loss = objective.repa_term(projection, mb.repa_target).mean()
-            repa_values.append(loss.item())
+            repa_values.append(loss.detach())
             return loss / n
 
         inputs = (batch["xt"], batch["t"], mb.y) if stage.pre_process else (None,)
@@ -145,7 +146,7 @@ def forward_backward(chunks: Sequence[LightningDiT], micro_batches: Sequence[Mic
             forward_step_func=forward_step, data_iterator=iterators,
             model=list(chunks) if len(chunks) > 1 else chunks[0], num_microbatches=n, seq_length=args.grid ** 2 + 1,
             micro_batch_size=micro_batches[0].x1.shape[0], forward_only=forward_only)
-    out = {k: sum(r[k].item() for r in reduced) / n for k in reduced[0]} if reduced else {}
+    out = {k: torch.stack([r[k].reshape(()).double() for r in reduced]).sum() / n for k in reduced[0]} if reduced else {}
     if repa_values:  # REPA on a stage before the last: its term is not in the last stage's total
-        out["repa_loss_aux"] = sum(repa_values) / len(repa_values)
+        out["repa_loss_aux"] = torch.stack(repa_values).double().sum() / len(repa_values)
     return out

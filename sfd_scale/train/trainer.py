@@ -5,11 +5,19 @@ behind ``parallel/engines.py`` differs, this file does not. Global batch k is a 
 (train.seed, k) (``data/sources.py``) and every random draw of step k (base time, noise, label dropout)
 is keyed by (train.seed, k, sample index): a resumed run repeats exactly what an uninterrupted one would
 have done, and DP = 2 trains on exactly what DP = 1 trains on, whichever rank reads which sample.
+
+No host sync between log steps: the draws are made on the device (``diffusion/keyed_noise.py``), the next
+batch is copied on a side stream (``step_io.DevicePrefetcher``), the engines return device tensors and skip
+a non-finite step on the device, the EMA folds the skip into its weight, and the metrics of a window of
+steps are read once (``step_io.StepWindow``) at each ``train.log_every`` step, checkpoint and at the end.
+A non-finite step is therefore reported (log.txt names it) and counted against
+``train.max_nonfinite_steps`` at the next such read, up to ``log_every - 1`` steps later; reaching the limit
+still saves a checkpoint and stops with an error. Stop requests (signals, time budget) are agreed between
+ranks every ``train.stop_check_every`` steps and at every checkpoint step (one process: every step).
 """
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import signal
 import time
@@ -17,7 +25,6 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Dict, Optional
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -25,7 +32,8 @@ from megatron.core import parallel_state
 
 from ..config import Config, ConfigError, model_args, objective_config, sfd_spec, to_yaml
 from ..data.sources import Placement, build_training_data
-from ..diffusion.sfd import SFDObjective, sample_base_time
+from ..diffusion.keyed_noise import keyed_draws
+from ..diffusion.sfd import SFDObjective
 from ..eval.generate import save_sample_grid
 from ..logging import RunLogger
 from ..models.lightningdit import LightningDiT, count_parameters
@@ -37,6 +45,7 @@ from ..parallel.pipeline import MicroBatch, build_stages, global_key, stage_stat
 from ..parallel.tensor_parallel import gather_state_dict, model_tp, shard_state_dict
 from . import checkpoint as ckpt
 from .ema import EMA
+from .step_io import DevicePrefetcher, StepWindow, log_line
 
 
 REQUEUE_EXIT = 75  # EX_TEMPFAIL ("try again later"): checkpoint written on a signal or at the time budget;
@@ -52,19 +61,6 @@ def _device(name: str) -> torch.device:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device(name)
-
-
-def sample_draws(seed: int, step: int, indices: torch.Tensor, shape: tuple, lognorm: bool, dropout: float):
-    """(t_base, x0, drop) for each sample, keyed by (seed, step, sample index): the same sample gets the same
-    draws at the same step on any rank of any layout."""
-    t, x0, drop = [], [], []
-    for index in indices.tolist():
-        key = np.random.SeedSequence([seed, step, index]).generate_state(1, np.uint64)[0]
-        g = torch.Generator().manual_seed(int(key) & 0x7FFF_FFFF_FFFF_FFFF)
-        t.append(sample_base_time(1, lognorm=lognorm, generator=g))
-        x0.append(torch.randn(shape, generator=g))
-        drop.append(torch.rand(1, generator=g) < dropout)
-    return torch.cat(t), torch.stack(x0), torch.cat(drop)
 
 
 class Trainer:
@@ -116,14 +112,15 @@ class Trainer:
         self.model = nn.ModuleList(chunks) if self.pipelined else chunks[0]
         self.ema = EMA(self.model, cfg.train.ema_decay)
         apply_activation_checkpointing(chunks, cfg.train.activation_checkpointing)
-        if cfg.train.compile:  # after the EMA copy: it stays eager
+        self.compiled = cfg.train.compile if cfg.train.compile is not None else self.device.type == "cuda"
+        if self.compiled:  # after the EMA copy: it stays eager
             apply_compile(chunks)
         self.objective = SFDObjective(self.spec, objective_config(cfg))
         self.step, self.nonfinite_steps, self.notes = 0, 0, []
         self.code = ckpt.code_version()  # once: the run log and every checkpoint
         c = cfg.checkpoint
         self.checkpointer = ckpt.Checkpointer(self.out, c.keep_last, c.keep_every, c.asynchronous)
-        # stop requests (signals, time budget) are agreed on every step over a CPU group of their own
+        # stop requests (signals, time budget) are agreed over a CPU group of their own (``stop_reason``)
         self.control_group = dist.new_group(backend="gloo") if dist.get_world_size() > 1 else None
         self._stop_signal: Optional[str] = None
         self._saved_step: Optional[int] = None
@@ -262,15 +259,17 @@ class Trainer:
         return contextlib.nullcontext()
 
     def step_inputs(self, batch: dict) -> tuple:
-        """(x1, y with dropped labels, t_base, x0[, repa]) for this rank's samples (``sample_draws``)."""
-        x1 = batch["latent"]
-        t_base, x0, drop = sample_draws(self.cfg.train.seed, self.step, batch["index"], tuple(x1.shape[1:]),
-                                        self.objective.config.use_lognorm, self.label_dropout)
-        y = torch.where(drop, torch.full_like(batch["label"], self.cfg.model.num_classes), batch["label"])
-        parts = [x1, y, t_base, x0.to(x1.dtype)] + ([batch["repa"]] if self.cfg.model.use_repa else [])
-        parts = [p.to(self.device, non_blocking=True) for p in parts]
+        """(x1, y with dropped labels, t_base, x0[, repa]) for this rank's samples, on the device; the draws
+        are keyed by (train.seed, step, sample index) and made there (``keyed_noise.keyed_draws``)."""
+        x1 = batch["latent"].to(self.device, non_blocking=True)
+        index = batch["index"].to(self.device, non_blocking=True)
+        t_base, x0, drop = keyed_draws(self.cfg.train.seed, self.step, index, tuple(x1.shape[1:]),
+                                       lognorm=self.objective.config.use_lognorm, dropout=self.label_dropout)
+        label = batch["label"].to(self.device, non_blocking=True)
+        y = torch.where(drop, torch.full_like(label, self.cfg.model.num_classes), label)
+        parts = [x1, y, t_base, x0.to(x1.dtype)]
         if self.cfg.model.use_repa:  # shards keep REPA features in their stored dtype (float16) until here
-            parts[4] = parts[4].float()
+            parts.append(batch["repa"].to(self.device, non_blocking=True).float())
         return tuple(parts)
 
     def loss_fn(self, model, mb) -> torch.Tensor:
@@ -281,33 +280,31 @@ class Trainer:
         return terms["total"]
 
     def train_step(self, batch) -> dict:
-        """One optimizer step. A step whose loss is NaN / Inf on any rank changes nothing (no update, no EMA
-        step; the engines raise before their optimizer step) and is counted; its batch counts as consumed."""
+        """One optimizer step; returns the engine's device metrics (no host sync). A step whose loss or
+        gradients are NaN / Inf on any rank changes nothing (the engine skips the update, the EMA its step,
+        by a device flag, ``metrics['nonfinite']``); it is counted when the trainer next reads its metrics."""
         self.model.train()
         micro = local_micro_batches(self.step_inputs(batch), self.engine.micro_batch_size, 0, 1)
-        try:
-            if self.pipelined:  # the schedule runs the objective on the stages; micro-batches carry the draws
-                micro = [MicroBatch(*mb) for mb in micro]
-                with self.autocast():
-                    metrics = self.engine.train_step(micro, self.objective)
-            else:
-                metrics = self.engine.train_step(micro, self.loss_fn)
-        except FloatingPointError as err:
-            self.engine.discard_step()
-            self.step += 1
-            self.nonfinite_steps += 1
-            return {"skipped": str(err)}
-        self.ema.update()
+        if self.pipelined:  # the schedule runs the objective on the stages; micro-batches carry the draws
+            micro = [MicroBatch(*mb) for mb in micro]
+            with self.autocast():
+                metrics = self.engine.train_step(micro, self.objective)
+        else:
+            metrics = self.engine.train_step(micro, self.loss_fn)
+        self.ema.update(self.engine.ema_sources(), skip=metrics["nonfinite"])
         self.step += 1
-        return {k: v for k, v in metrics.items() if v is not None}
+        return metrics
 
     def _on_signal(self, signum, frame) -> None:  # only notes it: the step in progress finishes first
         self._stop_signal = signal.Signals(signum).name
 
-    def stop_reason(self, started: float) -> Optional[str]:
-        """Collective: why every rank stops after this step (a signal reached any rank, or rank 0's wall-clock
-        budget ran out), or None."""
+    def stop_reason(self, started: float, agree: bool = False) -> Optional[str]:
+        """Why every rank stops after this step (a signal reached any rank, or rank 0's wall-clock budget ran
+        out), or None. One process decides every step; several agree (a gloo all-reduce, collective) every
+        ``train.stop_check_every`` steps and whenever ``agree`` (checkpoint steps); otherwise None."""
         budget = self.cfg.train.time_budget_s
+        if self.control_group is not None and not agree and self.step % self.cfg.train.stop_check_every:
+            return None
         flags = torch.tensor([self._stop_signal is not None,
                               self.rank == 0 and budget > 0 and time.monotonic() - started >= budget], dtype=torch.int32)
         if self.control_group is not None:
@@ -361,6 +358,29 @@ class Trainer:
                         fid_method="fast", device=self.device)
 
     # ------------------------------------------------------------------------------------------ loop
+    def _settle(self, window: StepWindow, logger: RunLogger) -> None:
+        """Read the pending steps' device metrics (one host sync); count and report the skipped ones."""
+        for record in window.settle():
+            if record.nonfinite:
+                self.nonfinite_steps += 1
+                logger.write(f"step {record.step}: skipped, no update (non-finite loss or gradients, seen at step "
+                             f"{self.step}); {self.nonfinite_steps} of "
+                             f"train.max_nonfinite_steps={self.cfg.train.max_nonfinite_steps}")
+
+    def hot_path_line(self) -> str:
+        """The start-up line naming what the step runs: attention backend, optimizer, compile, precision."""
+        from ..models import layers
+
+        bf16 = self.cfg.train.precision == "bf16"
+        backend = getattr(layers, "attention_backend", None)  # the model's own report (INTERFACES.md #3)
+        attention = (backend(self.device, torch.bfloat16 if bf16 else torch.float32) if backend is not None
+                     else "unknown (sfd_scale.models.layers.attention_backend is not available)")
+        weights = str(next(self.chunks[0].parameters()).dtype).replace("torch.", "")
+        compiled = "on (torch.compile of every transformer block)" if self.compiled else "off"
+        return (f"hot path: attention {attention}; optimizer {self.engine.optimizer_impl}; compile {compiled}; "
+                f"precision: weights {weights}, autocast {'bfloat16' if bf16 else 'off'}, "
+                f"grad reduce {self.engine.grad_reduce_dtype()}")
+
     def fit(self) -> dict:
         """Train to ``train.max_steps``. Returns a summary; its ``exit_status`` is ``REQUEUE_EXIT`` when the run
         stopped early on a signal or its time budget (after writing a checkpoint), else 0."""
@@ -384,33 +404,37 @@ class Trainer:
                      f"engine {self.engine.name}, TP {cfg.parallel.tensor_parallel} x PP {cfg.parallel.pipeline_parallel}"
                      f" x DP {self.dp_size}; data: {self.data.description}"
                      + (f"; resumed from {self.resumed_from} (step {self.step})" if self.resumed_from else "; from scratch"))
-        start_step, t0, first_loss, last = self.step, time.time(), None, {}
-        started, window, exit_status, grid, final_ckpt = time.monotonic(), [], 0, None, None
+        logger.write(self.hot_path_line())
+        for note in self.engine.notes:
+            logger.write(f"warning: {note}")
+        start_step, t0, first_loss, last_loss = self.step, time.time(), None, None
+        started, window, exit_status, grid, final_ckpt = time.monotonic(), StepWindow(), 0, None, None
         handlers = {name: signal.signal(getattr(signal, name), self._on_signal) for name in cfg.train.requeue_signals}
         try:
-            for batch in self.loader():
+            for batch in DevicePrefetcher(self.loader(), self.device):
                 if self.step >= cfg.train.max_steps:
                     break
-                last = self.train_step(batch)
+                metrics = self.train_step(batch)
+                window.add(self.step, metrics)
                 logger.advance()
-                if "skipped" in last:
-                    logger.write(f"step {self.step}: skipped, no update ({last['skipped']}); "
-                                 f"{self.nonfinite_steps} of train.max_nonfinite_steps={cfg.train.max_nonfinite_steps}")
-                    logger.log(self.step, {"loss": math.nan, "skipped_steps": self.nonfinite_steps})
-                    if self.nonfinite_steps >= cfg.train.max_nonfinite_steps:
-                        self.save()
-                        self.checkpointer.wait()
-                        raise FloatingPointError(f"{self.nonfinite_steps} steps had a non-finite loss "
-                                                 f"(train.max_nonfinite_steps={cfg.train.max_nonfinite_steps}); "
-                                                 f"stopped at step {self.step} with a checkpoint in {self.out}")
-                else:
-                    first_loss = last["loss"] if first_loss is None else first_loss
-                    window.append(last["loss"])
-                    if self.step % cfg.train.log_every == 0 or self.step == cfg.train.max_steps:
-                        last["loss_avg"] = sum(window) / len(window)
-                        last["steps/s"] = (self.step - start_step) / max(time.time() - t0, 1e-9)
-                        logger.log(self.step, last)
-                        window = []
+                if self.step % cfg.train.log_every == 0 or self.step == cfg.train.max_steps:
+                    self._settle(window, logger)  # the one host read of this log interval
+                    records = window.take()
+                    finite = [r.loss for r in records if not r.nonfinite]
+                    first_loss = finite[0] if first_loss is None and finite else first_loss
+                    last_loss = finite[-1] if finite else last_loss
+                    line = log_line(records, self.nonfinite_steps)
+                    line["steps/s"] = (self.step - start_step) / max(time.time() - t0, 1e-9)
+                    logger.log(self.step, line)
+                checkpoint_step = bool(cfg.checkpoint.every) and self.step % cfg.checkpoint.every == 0
+                if checkpoint_step:
+                    self._settle(window, logger)  # the checkpoint counts the skipped steps
+                if self.nonfinite_steps >= cfg.train.max_nonfinite_steps:
+                    self.save()
+                    self.checkpointer.wait()
+                    raise FloatingPointError(f"{self.nonfinite_steps} steps had a non-finite loss or gradients "
+                                             f"(train.max_nonfinite_steps={cfg.train.max_nonfinite_steps}); "
+                                             f"stopped at step {self.step} with a checkpoint in {self.out}")
                 if cfg.eval.fid_every and self.step % cfg.eval.fid_every == 0:
                     scores = self.evaluate_fid()
                     if main:
@@ -420,14 +444,18 @@ class Trainer:
                     grid = self.sample_grid(f"step_{self.step:07d}")
                     if main and grid:
                         logger.log_image(self.step, "samples", grid)
-                if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0:
+                if checkpoint_step:
                     self.save()
-                reason = self.stop_reason(started)
+                reason = self.stop_reason(started, agree=checkpoint_step)
                 if reason is not None:
                     logger.write(f"stopping at step {self.step}: {reason}; writing a checkpoint, then exit status "
                                  f"{REQUEUE_EXIT} (requeue)")
                     exit_status = REQUEUE_EXIT
                     break
+            self._settle(window, logger)
+            finite = [r.loss for r in window.take() if not r.nonfinite]
+            first_loss = finite[0] if first_loss is None and finite else first_loss
+            last_loss = finite[-1] if finite else last_loss
             if self._saved_step != self.step:
                 self.save()
             final_ckpt = ckpt.checkpoint_dir(self.out, self.step)
@@ -445,7 +473,7 @@ class Trainer:
             self.data.close()
         elapsed = time.time() - t0
         return {"steps": self.step, "steps_this_run": self.step - start_step, "seconds": round(elapsed, 1),
-                "params_M": round(n_params / 1e6, 3), "first_loss": first_loss, "last_loss": last.get("loss"),
+                "params_M": round(n_params / 1e6, 3), "first_loss": first_loss, "last_loss": last_loss,
                 "checkpoint": str(final_ckpt), "samples": grid, "exit_status": exit_status,
                 "nonfinite_steps": self.nonfinite_steps}
 

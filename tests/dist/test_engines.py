@@ -9,6 +9,7 @@ the engines' own arithmetic are compared bit for bit.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import time
 
@@ -60,9 +61,13 @@ def new_model(cfg, weights=None):
 
 
 def train(engine, cfg, batches):
+    """Metrics per step, read on the host here (engines return device tensors)."""
     loss_fn = loss_fn_for(cfg)
-    return [engine.train_step(local_micro_batches(b, engine.micro_batch_size, engine.dp_rank, engine.dp_size),
-                              loss_fn) for b in batches]
+    out = []
+    for b in batches:
+        m = engine.train_step(local_micro_batches(b, engine.micro_batch_size, engine.dp_rank, engine.dp_size), loss_fn)
+        out.append({k: v.item() if torch.is_tensor(v) else v for k, v in m.items()})
+    return out
 
 
 def weights(engine):
@@ -108,6 +113,51 @@ def _assert_equal(a: dict, b: dict, what: str) -> None:
     assert not bad, f"{what}: differs in {bad[:5]} (max |diff| {_max_diff(a, b):.3g})"
 
 
+def skip_step_changes_nothing(cfg, precision_autocast: bool = False) -> dict:
+    """Step 1 normal, step 2 with a NaN loss, step 3 normal. Returns what the test checks: step 2 left weights,
+    EMA sources, Adam moments and Adam's step count as they were; the checkpoint counts the skipped step; a
+    resume from it continues bit-identically; the engine's metrics say which step was skipped."""
+    batches, loss_fn = global_batches(), loss_fn_for(cfg)
+    engine = build_engine(new_model(cfg), cfg)
+
+    def poisoned(model, mb):
+        return loss_fn(model, mb) * float("nan")
+
+    def step(batch, fn):
+        with torch.autocast("cpu", dtype=torch.bfloat16) if precision_autocast else contextlib.nullcontext():
+            return engine.train_step(local_micro_batches(batch, engine.micro_batch_size, engine.dp_rank,
+                                                         engine.dp_size), fn)
+
+    step(batches[0], loss_fn)
+    before = (weights(engine), [s.detach().clone() for s in engine.ema_sources()], engine.state_dict())
+    metrics = step(batches[1], poisoned)
+    after = (weights(engine), [s.detach().clone() for s in engine.ema_sources()], engine.state_dict())
+    out = {"nonfinite": metrics["nonfinite"].item(), "loss_is_nan": bool(torch.isnan(metrics["loss"])),
+           "weights_same": _max_diff(before[0], after[0]) == 0.0,
+           "sources_same": all(torch.equal(a, b) for a, b in zip(before[1], after[1])),
+           "moments_same": all(torch.equal(before[2]["params"][0][n][k], after[2]["params"][0][n][k])
+                               for n in before[2]["params"][0] for k in ("exp_avg", "exp_avg_sq")),
+           "counters": after[2]["counters"], "impl": engine.optimizer_impl, "notes": list(engine.notes)}
+    buf = io.BytesIO()
+    torch.save({"weights": after[0], "engine": after[2]}, buf)
+    step(batches[2], loss_fn)
+    buf.seek(0)
+    saved = torch.load(buf, weights_only=True)
+    fresh = build_engine(new_model(cfg, saved["weights"]), cfg)
+    fresh.load_state_dict(saved["engine"])
+    engine, straight = fresh, weights(engine)
+    step(batches[2], loss_fn)
+    out["resume_exact"] = _max_diff(weights(fresh), straight) == 0.0
+    return out
+
+
+def check_skip(result: dict) -> None:
+    assert result["nonfinite"] == 1.0 and result["loss_is_nan"], result
+    assert result["weights_same"] and result["sources_same"] and result["moments_same"], result
+    assert result["counters"]["optimizer_steps"] == 2 and result["counters"]["nonfinite_steps"] == 1, result
+    assert result["resume_exact"], result
+
+
 # ----------------------------------------------------------------------------------------------- ranks
 MEGATRON = {  # name -> overrides; all at the same global batch of 8
     "ddp": ["parallel.distributed_optimizer=false"],
@@ -129,6 +179,9 @@ def _megatron_ranks(rank, world_size):
         out[f"resumed_{name}"] = resumed(tiny_config("parallel.engine=megatron", *MEGATRON[name]))
     # a checkpoint before the first step (megatron's own DistributedOptimizer.state_dict() asserts there)
     out["resumed0_distopt"] = resumed(tiny_config("parallel.engine=megatron", *MEGATRON["distopt"]), at=0)
+    out["skip_distopt"] = skip_step_changes_nothing(tiny_config("parallel.engine=megatron", *MEGATRON["distopt"]))
+    out["skip_bf16_ddp"] = skip_step_changes_nothing(
+        tiny_config("parallel.engine=megatron", "parallel.distributed_optimizer=false", "train.precision=bf16"), True)
     cfg = tiny_config("parallel.engine=megatron", "train.precision=bf16")
     engine = build_engine(new_model(cfg), cfg)
     with torch.autocast("cpu", dtype=torch.bfloat16):  # what the trainer does in bf16
@@ -157,6 +210,7 @@ def _deepspeed_ranks(rank, world_size):
         out[f"zero{stage}"] = run(cfg)
         if stage in (2, 3):
             out[f"resumed_zero{stage}"] = resumed(cfg)
+    out["skip_zero2"] = skip_step_changes_nothing(tiny_config("parallel.engine=deepspeed", "parallel.zero_stage=2"))
     cfg = tiny_config("parallel.engine=deepspeed", "parallel.zero_stage=2", "train.precision=bf16")
     engine = build_engine(new_model(cfg), cfg)
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -189,6 +243,12 @@ def test_megatron_dp2_matches_dp1_and_resumes_exactly():
     assert bf16["param_dtype"] == "torch.bfloat16" and bf16["main_dtypes"] == ["torch.float32"], bf16
     assert all(torch.isfinite(torch.tensor(m["loss"])) for m in bf16["metrics"])
     assert "parallel.engine='plain' runs in one process, but the world size is 2" in two[0]["plain_error"]
+    for name in ("skip_distopt", "skip_bf16_ddp"):  # a NaN step skipped on the device, on both ranks alike
+        check_skip(two[0][name])
+        assert two[1][name] == two[0][name]
+    # no TE / apex here: megatron's torch fallback, switched to the fused kernel, and the run log is told
+    assert two[0]["skip_distopt"]["impl"] == "torch fused AdamW", two[0]["skip_distopt"]["impl"]
+    assert "falls back to torch's AdamW (switched to torch's fused AdamW)" in two[0]["skip_distopt"]["notes"][0]
     print("megatron DP=2 vs DP=1 max |diff|:", diffs)
 
 
@@ -204,6 +264,8 @@ def test_deepspeed_zero_matches_plain_and_resumes_exactly():
             assert m_ds["grad_norm"] == pytest.approx(m_plain["grad_norm"], rel=1e-5)
     for stage in (2, 3):
         _assert_equal(ranks[0][f"resumed_zero{stage}"], ranks[0][f"zero{stage}"][0], f"ZeRO-{stage} resume")
+    check_skip(ranks[0]["skip_zero2"])
+    assert ranks[0]["skip_zero2"]["impl"] == "torch fused AdamW"
     bf16 = ranks[0]["bf16"]
     assert bf16["param_dtype"] == "torch.bfloat16" and torch.isfinite(torch.tensor(bf16["metrics"][0]["loss"]))
     print("DeepSpeed vs plain max |diff|:", diffs, "rank time", round(ranks[0]["seconds"], 1))
@@ -229,6 +291,16 @@ def test_plain_engine_is_the_trainer_arithmetic():
         sched.step()
     _assert_equal(engine_weights, {k: v.detach().float() for k, v in model.state_dict().items() if torch.is_tensor(v)},
                   "plain vs trainer")
+
+
+def test_plain_engine_skips_a_nonfinite_step_on_the_device():
+    result = skip_step_changes_nothing(tiny_config("parallel.engine=plain"))
+    check_skip(result)
+    assert result["impl"] == "torch fused AdamW" and result["notes"] == []
+    # a non-fused optimizer cannot take the flag: the engine reads it on the host, and says so
+    result = skip_step_changes_nothing(tiny_config("parallel.engine=plain", "optim.fused=false"))
+    check_skip(result)
+    assert result["impl"] == "torch single-tensor AdamW (the non-finite check reads a flag on the host every step)"
 
 
 def test_gradient_accumulation_matches_one_batch():

@@ -77,3 +77,31 @@ def test_tensor_and_pipeline_parallel_step_matches_one_process(tmp_path):
     for loss2, model2, _ in results:
         assert abs(loss2 - loss1) <= 1e-5
         assert set(model2) == set(model1) and _max_diff(model1, model2) <= 1e-5
+
+
+def _signal_on_rank_1(rank, world_size, out_dir, overrides):
+    from sfd_scale.train.trainer import Trainer
+
+    trainer = Trainer(tiny_config(out_dir, *overrides))
+    step = trainer.train_step
+
+    def step_then_signal(batch):  # only rank 1 sees the signal, while step 2 runs
+        out = step(batch)
+        if rank == 1 and trainer.step == 2:
+            trainer._on_signal(10, None)  # SIGUSR1
+        return out
+
+    trainer.train_step = step_then_signal
+    summary = trainer.fit()
+    return summary["steps"], summary["exit_status"]
+
+
+def test_ranks_agree_on_a_stop_signal_every_stop_check_every_steps(tmp_path):
+    """The signal reaches rank 1 at step 2; the ranks compare notes at step 3 (train.stop_check_every=3) and
+    both stop there with a checkpoint and the requeue status."""
+    from sfd_scale.train.trainer import REQUEUE_EXIT
+
+    common = ["parallel.engine=megatron", "train.max_steps=6", "train.stop_check_every=3"]
+    results = run_ranks(_signal_on_rank_1, 2, args=(tmp_path, common))
+    assert results == [(3, REQUEUE_EXIT), (3, REQUEUE_EXIT)]
+    assert "stopping at step 3: signal received by another rank" in (tmp_path / "log.txt").read_text()
