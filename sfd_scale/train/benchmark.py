@@ -36,6 +36,7 @@ import torch.distributed as dist
 from ..config import Config, load_config, model_args, objective_config, sfd_spec
 from ..models.flops import training_flops_per_image
 from ..parallel.launch import run_local
+from ..parallel.optimizations import compile_enabled
 
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0}
 
@@ -234,10 +235,8 @@ def forward_backward(cfg: Config, micro_batch: int, steps: int, warmup: int, cou
 
 def compiles(cfg: Config) -> bool:
     """Whether the trainer compiles this config's model (``train.compile``; unset = on when training on CUDA)."""
-    value = getattr(cfg.train, "compile", None)
-    if value is not None:
-        return bool(value)
-    return torch.cuda.is_available() and cfg.train.device != "cpu"
+    device = "cuda" if torch.cuda.is_available() and cfg.train.device != "cpu" else "cpu"
+    return compile_enabled(cfg.train.compile, torch.device(device))
 
 
 def _official_seconds(cfg: Config, config_files, all_overrides, steps: int, warmup: int, threads: int,

@@ -43,6 +43,7 @@ from ..models.embeddings import Rope2D
 from ..parallel.layout import tensor_parallel_size
 from ..parallel.engines import adam_state, fused_adamw
 from .dispatch_count import CudaAutocast, OpCounter
+from .step_io import StepWindow
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 from torch.utils.module_tracker import ModuleTracker
 
@@ -172,10 +173,9 @@ def count_step(cfg: Config, micro_batch: Optional[int] = None, device: str = "me
             trainer.train_step(next(batches))
         log = OpCounter(device)
         with log, _phases(log, trainer):
-            metrics = trainer.train_step(next(batches))
-            for value in metrics.values():  # the run logger reads the log step's metrics on the host
-                if isinstance(value, torch.Tensor):
-                    float(value)
+            window = StepWindow()  # the trainer's own log-step read of the interval's device metrics
+            window.add(trainer.step, trainer.train_step(next(batches)))
+            window.settle()
     args = model_args(cfg)
     out = {"device": device.type, "micro_batch": micro_batch, "depth": args.depth,
            "params": sum(p.numel() for p in trainer.model.parameters()),

@@ -105,7 +105,7 @@ def caller() -> str:
     via = None  # the outermost library frame below the caller that is not torch's dispatch machinery
     for frame in reversed(frames):
         path = os.path.abspath(frame.filename)
-        if path.startswith(_LIBRARIES) and not path.startswith(_ROOT):
+        if path.startswith(_LIBRARIES):  # site-packages, also a virtualenv inside the checkout
             if not _PRIVATE.search(path):
                 via = f"{os.path.basename(path)}:{frame.lineno} ({frame.name})"
             continue

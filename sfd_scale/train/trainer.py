@@ -36,11 +36,12 @@ from ..diffusion.keyed_noise import keyed_draws
 from ..diffusion.sfd import SFDObjective
 from ..eval.generate import save_sample_grid
 from ..logging import RunLogger
+from ..models.layers import attention_backend
 from ..models.lightningdit import LightningDiT, count_parameters
 from ..models.official import export_official_state_dict, load_official_state_dict, read_checkpoint
 from ..parallel.engines import ADAM_KINDS, build_engine, local_micro_batches
 from ..parallel.layout import ParallelLayout, initialize
-from ..parallel.optimizations import apply_activation_checkpointing, apply_compile
+from ..parallel.optimizations import apply_activation_checkpointing, apply_compile, compile_enabled, compiled_modules
 from ..parallel.pipeline import MicroBatch, build_stages, global_key, stage_state_dict
 from ..parallel.tensor_parallel import gather_state_dict, model_tp, shard_state_dict
 from . import checkpoint as ckpt
@@ -112,7 +113,7 @@ class Trainer:
         self.model = nn.ModuleList(chunks) if self.pipelined else chunks[0]
         self.ema = EMA(self.model, cfg.train.ema_decay)
         apply_activation_checkpointing(chunks, cfg.train.activation_checkpointing)
-        self.compiled = cfg.train.compile if cfg.train.compile is not None else self.device.type == "cuda"
+        self.compiled = compile_enabled(cfg.train.compile, self.device)
         if self.compiled:  # after the EMA copy: it stays eager
             apply_compile(chunks)
         self.objective = SFDObjective(self.spec, objective_config(cfg))
@@ -369,14 +370,13 @@ class Trainer:
 
     def hot_path_line(self) -> str:
         """The start-up line naming what the step runs: attention backend, optimizer, compile, precision."""
-        from ..models import layers
-
         bf16 = self.cfg.train.precision == "bf16"
-        backend = getattr(layers, "attention_backend", None)  # the model's own report (INTERFACES.md #3)
-        attention = (backend(self.device, torch.bfloat16 if bf16 else torch.float32) if backend is not None
-                     else "unknown (sfd_scale.models.layers.attention_backend is not available)")
+        args = self.chunks[0].args
+        attention = attention_backend(self.device, torch.bfloat16 if bf16 else torch.float32,
+                                      args.hidden_size // args.num_heads)
         weights = str(next(self.chunks[0].parameters()).dtype).replace("torch.", "")
-        compiled = "on (torch.compile of every transformer block)" if self.compiled else "off"
+        modules = sum(len(compiled_modules(chunk)) for chunk in self.chunks)
+        compiled = f"on (torch.compile of {modules} modules: blocks, final layer, REPA projector)" if self.compiled else "off"
         return (f"hot path: attention {attention}; optimizer {self.engine.optimizer_impl}; compile {compiled}; "
                 f"precision: weights {weights}, autocast {'bfloat16' if bf16 else 'off'}, "
                 f"grad reduce {self.engine.grad_reduce_dtype()}")

@@ -28,14 +28,20 @@ def test_rms_norm_in_fp32_is_the_official_two_step_product():
     assert torch.equal(layers.rms_norm(x, w, 1e-6), official)
 
 
+def _official_rope(rope: Rope2D, x: torch.Tensor) -> torch.Tensor:
+    """The official VisionRotaryEmbeddingFast arithmetic: x * cos + rotate_half(x) * sin, rotate_half by stack."""
+    pairs = x.unflatten(-1, (-1, 2))
+    rotated = torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)
+    return x * rope.freqs_cos + rotated * rope.freqs_sin
+
+
 def test_rope_rotates_in_fp32_and_returns_the_input_dtype():
     rope = Rope2D(8, 4)
     x = torch.randn(2, 3, 16, 8)
-    official = x * rope.freqs_cos + rope.rotate_half(x) * rope.freqs_sin
-    assert torch.equal(rope(x), official)  # fp32: bitwise the official formula
+    assert torch.equal(rope(x), _official_rope(rope, x))  # fp32: bitwise the official formula
     out = rope(x.bfloat16())
-    assert out.dtype == torch.bfloat16 and torch.equal(out, (x.bfloat16().float() * rope.freqs_cos + rope.rotate_half(
-        x.bfloat16().float()) * rope.freqs_sin).bfloat16())  # computed in fp32, rounded once
+    assert out.dtype == torch.bfloat16  # computed in fp32, rounded once
+    assert torch.equal(out, _official_rope(rope, x.bfloat16().float()).bfloat16())
 
 
 @pytest.mark.parametrize("use_rmsnorm", [True, False])
