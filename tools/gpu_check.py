@@ -10,7 +10,9 @@
      off/on, compile on): images/s, MFU, peak memory (``sfd_scale/train/benchmark.py``);
   5. the official training step of the same model in the same run (``--official-code``), compiled;
   6. the async-checkpoint stall (time training is blocked) for the full XXL training state;
-  7. the cost model's prediction error: ``tools/cost_model.py --config ... --json`` vs the measured step.
+  7. the cost model's prediction error: ``tools/cost_model.py --device meta`` (fixed constants) vs the
+     measured step at micro-batch 64, compiled;
+  8. the device-side keyed draws on CUDA equal those on the CPU (``diffusion/keyed_noise.py``).
 
 ``--cpu-smoke`` runs every step that can run on a CPU at tiny sizes in about a minute (the test suite runs
 it). A step that fails is reported in the file and makes the exit status 1; the others still run.
@@ -121,14 +123,24 @@ def attention_agreement(device: torch.device, shape=(4, 24, 256, 64)) -> dict:
         out["flash_vs_sdpa_max_abs"] = (flash.float() - F.scaled_dot_product_attention(qb, kb, vb).float()).abs().max().item()
     except ImportError as err:
         out["flash_attn"] = f"not importable ({err})"
-    try:
-        from sfd_scale.models.layers import attention_backend
-        out["backend"] = attention_backend(device, torch.bfloat16)
-    except ImportError:
-        out["backend"] = "n/a (attention_backend not on this branch)"
+    from sfd_scale.models.layers import attention_backend
+    out["backend"] = attention_backend(device, torch.bfloat16)
     out["ok"] = all(v <= ATTN_ATOL for k, v in out.items() if k.endswith("_max_abs"))
     out["tolerance_abs"] = ATTN_ATOL
     return out
+
+
+def keyed_draws_on_device(device: torch.device) -> dict:
+    """The trainer's keyed draws on ``device`` equal those on the CPU: integers bitwise, floats to 1e-6."""
+    from sfd_scale.diffusion import keyed_noise
+
+    index = torch.arange(1000, 1256)
+    cpu = keyed_noise.keyed_draws(7, 3, index, (48, 16, 16), lognorm=True, dropout=0.1)
+    dev = keyed_noise.keyed_draws(7, 3, index.to(device), (48, 16, 16), lognorm=True, dropout=0.1)
+    keys_equal = torch.equal(keyed_noise.sample_keys(7, 3, index), keyed_noise.sample_keys(7, 3, index.to(device)).cpu())
+    errors = {name: (a.double() - b.cpu().double()).abs().max().item() for name, a, b in zip(("t_base", "x0", "drop"), cpu, dev)}
+    return {"ok": keys_equal and errors["drop"] == 0 and max(errors.values()) <= 1e-6, "keys_equal": keys_equal,
+            "max_abs": errors}
 
 
 def sweep(config: list, overrides: list, micro_batches: list, checkpointing: list, steps: int, warmup: int,
@@ -160,43 +172,21 @@ def official_step(config: list, overrides: list, code_dir: str, mb: int, steps: 
             "images_per_s": mb / step_s}
 
 
-def cost_model_error(config: list, overrides: list, measured_ms: float, mb: int) -> dict:
-    """Predicted (``tools/cost_model.py``, another part of issue #14) vs measured step time."""
-    tool = REPO / "tools" / "cost_model.py"
-    if not tool.is_file():  # CONNECT AFTER MERGE: the cost model's branch adds this tool
-        return {"ok": None, "note": "tools/cost_model.py is not on this branch: not compared"}
+def cost_model_error(config: list, overrides: list, measured_ms: float, mb: int, compiled: bool) -> dict:
+    """The cost model's predicted H100 step (``tools/cost_model.py``: counted on meta, fixed constants) vs the
+    step measured here at the same config and micro-batch."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "cost.json"
-        cmd = [sys.executable, str(tool), *sum((["--config", c] for c in config), []), "--json", str(out),
-               *overrides, f"train.micro_batch_size={mb}", f"train.global_batch_size={mb}"]
+        cmd = [sys.executable, str(REPO / "tools" / "cost_model.py"), *sum((["--config", c] for c in config), []),
+               "--device", "meta", "--micro-batch", str(mb), "--json", str(out), *overrides]
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600)
         if proc.returncode != 0 or not out.is_file():
             raise RuntimeError(f"{' '.join(cmd)} failed: {proc.stderr[-2000:]}")
-        data = json.loads(out.read_text())
-    predicted = _find_number(data, ("predicted_step_ms", "step_ms_predicted", "predicted_ms"))
-    if predicted is None:
-        seconds = _find_number(data, ("predicted_step_s", "step_s_predicted"))
-        predicted = None if seconds is None else 1000 * seconds
-    if predicted is None:
-        return {"ok": None, "note": "no predicted step time found in the cost model's JSON", "json": data}
-    return {"ok": True, "predicted_ms": predicted, "measured_ms": measured_ms,
+        run = next(iter(json.loads(out.read_text())["runs"].values()))
+    prediction = run["prediction"]["compiled" if compiled and "compiled" in run["prediction"] else "eager"]
+    predicted = 1000 * prediction["step_s"]
+    return {"ok": True, "predicted_ms": predicted, "predicted_mfu": prediction["mfu"], "measured_ms": measured_ms,
             "error_rel": (predicted - measured_ms) / measured_ms}
-
-
-def _find_number(data, keys):
-    if isinstance(data, dict):
-        for k, v in data.items():
-            if k in keys and isinstance(v, (int, float)):
-                return float(v)
-            found = _find_number(v, keys)
-            if found is not None:
-                return found
-    if isinstance(data, list):
-        for v in data:
-            found = _find_number(v, keys)
-            if found is not None:
-                return found
-    return None
 
 
 def _last_line(err: BaseException) -> str:
@@ -231,6 +221,7 @@ def run_checks(plan: dict, device: torch.device, golden_dir: Path, official_code
     step("golden_parity_fp32", golden_parity, device, golden_dir)
     step("bf16_vs_fp32_loss", bf16_vs_fp32, device, config, overrides, plan["bf16_batch"])
     step("attention", attention_agreement, device)
+    step("keyed_draws", keyed_draws_on_device, device)
     with tempfile.TemporaryDirectory(prefix="gpu_check_") as out_dir:
         step("sweep", lambda: {"rows": sweep(config, overrides, plan["micro_batches"], plan["activation_checkpointing"],
                                              plan["steps"], plan["warmup"], plan["compile"], out_dir)})
@@ -252,7 +243,7 @@ def run_checks(plan: dict, device: torch.device, golden_dir: Path, official_code
                                     "checkpointer": saves["save_checkpointer"], "setting": saves["setting"]}
                                    if saves else {"ok": False, "error": "the sweep's first setting did not run"})
     if ours is not None:
-        step("cost_model", cost_model_error, config, overrides, ours["step_ms"], plan["official_mb"])
+        step("cost_model", cost_model_error, config, overrides, ours["step_ms"], plan["official_mb"], plan["compile"])
     else:
         results["cost_model"] = {"ok": False, "error": "no measured step to compare with"}
     return results

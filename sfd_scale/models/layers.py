@@ -231,7 +231,9 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, rope: Optional[nn.Module] = None) -> torch.Tensor:
         b, n, _ = x.shape
         qkv, _ = self.qkv(x)
-        q, k, v = qkv.reshape(b, n, 3, self.local_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        # unbind the [q | k | v] axis in place, then view each as (B, heads, T, d_h): the same strided views as
+        # permute(2, 0, 3, 1, 4).unbind(0), but the backward stacks dq, dk, dv straight into qkv's layout
+        q, k, v = (t.transpose(1, 2) for t in qkv.reshape(b, n, 3, self.local_heads, self.head_dim).unbind(2))
         q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = rope(q), rope(k)

@@ -269,7 +269,7 @@ class MegatronEngine(Engine):
             grad_norm, nonfinite = self._step(mean)
         self.scheduler.step()
         self._count_nonfinite(nonfinite)
-        return {"loss": mean, "grad_norm": grad_norm if self.cfg.optim.grad_clip > 0 else None, "lr": lr,
+        return {"loss": mean, "grad_norm": grad_norm, "lr": lr,
                 "nonfinite": nonfinite}
 
     def _step(self, mean_loss: torch.Tensor):
@@ -277,9 +277,9 @@ class MegatronEngine(Engine):
         (module docstring). Returns (pre-clip grad norm, non-finite flag)."""
         if self.optimizer.prepare_grads():  # only with an fp16 loss scaler, which we never configure
             raise RuntimeError("megatron's grad scaler found inf / nan: sfd_scale configures no fp16 loss scaling")
-        grad_norm = _grad_norm(self.optimizer)
+        grad_norm = _grad_norm(self.optimizer) if self.cfg.optim.grad_clip > 0 else None
         nonfinite = nonfinite_flag(mean_loss, grad_norm)
-        if self.cfg.optim.grad_clip > 0:
+        if grad_norm is not None:
             _clip_main_grads(self.optimizer, self.cfg.optim.grad_clip, grad_norm)
         skip_unless_finite(self.torch_optimizers(), nonfinite, self.optimizer.step_with_ready_grads)
         return grad_norm, nonfinite

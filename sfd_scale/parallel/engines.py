@@ -83,10 +83,13 @@ def fused_adamw(cfg: Config, device: torch.device) -> bool:
 
 
 # ----------------------------------------------------------------------------------------------- skip
-def nonfinite_flag(loss: torch.Tensor, grad_norm: torch.Tensor) -> torch.Tensor:
-    """0-dim float32 on the device: 1 when the step's loss or its global grad norm is NaN / Inf."""
-    bad = ~torch.isfinite(loss) | ~torch.isfinite(grad_norm)
-    return bad.to(device=grad_norm.device, dtype=torch.float32)
+def nonfinite_flag(loss: torch.Tensor, grad_norm: Optional[torch.Tensor]) -> torch.Tensor:
+    """0-dim float32 on the device: 1 when the step's loss, or its global grad norm where one is computed
+    (with clipping), is NaN / Inf. Without clipping no norm is computed for this alone: it would read every
+    gradient once more per step (4 GB on SFD-XXL); a non-finite gradient under a finite loss then goes to
+    Adam as in the official code."""
+    bad = ~torch.isfinite(loss) if grad_norm is None else ~torch.isfinite(loss) | ~torch.isfinite(grad_norm)
+    return bad.to(device=loss.device, dtype=torch.float32)
 
 
 def is_fused_adam(optimizer) -> bool:
@@ -295,10 +298,7 @@ class PlainEngine(Engine):
         mean = self._mean_loss(losses)
         clip = self.cfg.optim.grad_clip
         params = [p for p in self.module.parameters() if p.requires_grad]
-        if clip > 0:
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
-        else:  # not reported, but a non-finite gradient must skip the step as a non-finite loss does
-            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip) if clip > 0 else None
         nonfinite = nonfinite_flag(mean, grad_norm)
         lr = self.optimizer.param_groups[0]["lr"]
         skip_unless_finite([self.optimizer], nonfinite, self.optimizer.step)

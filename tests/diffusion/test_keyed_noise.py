@@ -77,15 +77,3 @@ def test_base_time_transform_is_the_generator_path():
     n = torch.randn(16, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     assert torch.equal(sample_base_time(16, lognorm=True, generator=g), base_time_from_draws(n, lognorm=True))
     assert math.isclose(base_time_from_draws(torch.zeros(1, dtype=torch.float64), lognorm=True).item(), 0.5)
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
-def test_cuda_draws_equal_cpu_draws():
-    index = torch.arange(1000, 1256)
-    cpu = _draws(index=index)
-    gpu = _draws(index=index.cuda())
-    assert torch.equal(kn.sample_keys(0, 0, index), kn.sample_keys(0, 0, index.cuda()).cpu())
-    for a, b in zip(cpu, gpu):
-        b = b.cpu()
-        assert a.dtype == b.dtype and (torch.equal(a, b) if a.dtype == torch.bool else
-                                       (a - b).abs().max().item() <= 1e-6 * max(1.0, a.abs().max().item()))

@@ -1,5 +1,6 @@
 """The GPU check's CPU smoke run: every step that can run on a CPU (golden parity, bf16 vs fp32, attention,
-the sweep with its checkpoint stall, the official step) runs at tiny sizes and writes its results file."""
+keyed draws, the sweep with its checkpoint stall, the official step, the cost model's prediction) runs at
+tiny sizes and writes its results file."""
 import json
 
 from tools.gpu_check import main
@@ -16,5 +17,7 @@ def test_cpu_smoke_writes_every_section(tmp_path, golden_dir, official_code):
     assert results["attention"]["sdpa_max_abs"] <= 2e-2
     assert len(results["sweep"]["rows"]) == 1 and results["sweep"]["rows"][0]["images_per_s"] > 0
     assert len(results["checkpoint_stall"]["blocking_s"]) == 2 and results["official_step"]["step_ms"] > 0
+    assert results["keyed_draws"]["keys_equal"]  # on a CPU: CPU against itself, the code path runs
+    assert results["cost_model"]["predicted_ms"] > 0 and results["cost_model"]["measured_ms"] > 0
     text = out.read_text()
     assert "## golden_parity_fp32: ok" in text and "## checkpoint_stall: ok" in text
