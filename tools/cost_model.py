@@ -22,7 +22,10 @@ HEADER = """# Cost model: predicted H100 training step from counts taken on CPU
 Produced by `tools/cost_model.py` (`sfd_scale/train/cost_model.py`, `sfd_scale/train/dispatch_count.py`):
 one training step (`Trainer.train_step`: draws, objective forward + backward, engine optimizer step, EMA
 update) counted aten op by aten op, eager, on real CPU tensors or on the meta device; the training
-forward explained by dynamo; one transformer block compiled by inductor (CPU) at micro-batch 1 and 2.
+forward explained by dynamo; one transformer block compiled by inductor (CPU) at micro-batch 1 and 2,
+and the same block's forward and backward scheduled by inductor's Triton backend (fusion as on CUDA, no
+kernel generated or run): the compiled prediction uses the Triton-scheduled figures ("compiled prediction
+uses" says which), the C++ backend's stay beside them.
 
 Commands (rerun after merging; `--baseline` puts the before figures beside the new ones):
 
@@ -52,8 +55,10 @@ FLOPs: above 1 because torch counts the fused attention backward as 2.5x its for
 slightly below by the input gradients no one needs (latents, time frequencies); the test checks both
 exactly.
 
-Known limits: inductor's CPU (C++) backend fuses differently from Triton on CUDA (the compiled figures
-use its fused scheduler nodes, one Triton kernel each on CUDA; its own C++ kernel count is in the JSON);
+Known limits: inductor's CPU (C++) backend fuses differently from Triton on CUDA (a row norm is two loops
+over the row; its own C++ kernel count is in the JSON); the Triton scheduling runs on CPU nodes, so the
+fusions inductor keeps for GPU nodes (mix-order reductions: a norm's weight gradient with its row
+reduction; loop reordering) are left out, an upper bound of the CUDA bytes;
 dynamo explains CPU tensors, so branches taken on CUDA only (e.g. flash-attn) are not explained;
 the compiled block runs under CPU autocast, the eager count under CUDA autocast semantics
 (`CudaAutocast`); on meta, data-dependent results are stand-ins (0, all-True masks); the launch cost is

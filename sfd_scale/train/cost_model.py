@@ -14,9 +14,11 @@ tensors; a model over ``EXPLAIN_MAX_PARAMS`` keeps its width, heads and tokens a
 ``compiled_block`` compiles one real transformer block with inductor (CPU) at micro-batch 1 and 2 and
 reads the kernels and bytes of the generated code from inductor's scheduler (the same sum as inductor's
 ``num_bytes_accessed``, which is only filled when its metrics log is on), split into GEMM / attention
-(extern kernels) and the rest. Known limit: inductor's C++ backend fuses differently from Triton on
-CUDA (it groups fused nodes into fewer C++ kernels); the prediction uses its fused scheduler nodes (one
-Triton kernel each on CUDA) and reports the C++ kernel count beside it.
+(extern kernels) and the rest. Inductor's C++ backend fuses differently from Triton on CUDA (a row norm
+is a reduction loop plus a pointwise loop, each reading the row), so ``triton_scheduled_block`` also
+lowers the block's forward and backward with the Triton backend's scheduling (at trace time, no kernel
+generated or run) and the prediction uses its fused nodes (one Triton kernel each on CUDA), the C++
+figures kept beside them (and used when Triton scheduling fails).
 
 ``predict`` turns counts into an H100 step time and MFU with the fixed constants below, eager and with
 the blocks compiled (block non-GEMM figures replaced by ``compiled_block``'s, the rest eager).
@@ -227,6 +229,25 @@ _GEMM_EXTERN = re.compile(r"mm|conv|linear|matmul")
 _ATTENTION_EXTERN = re.compile(r"attention|sdpa|flash")
 
 
+def _count_scheduled(nodes, counts: Counter) -> None:
+    """Add one graph's scheduler nodes to ``counts``: extern kernels by kind, the rest as fused kernels."""
+    for node in nodes:
+        kind = type(node).__name__
+        if kind == "NopKernelSchedulerNode" or type(getattr(node, "node", None)).__name__ == "MultiOutput":
+            continue  # views, and the unpacking of a multi-output kernel's results: no kernel
+        nbytes = node.get_read_write_buffers_sizes()
+        if node.is_extern():
+            ir = node.node
+            name = str(getattr(ir, "op_overload", None) or getattr(ir, "python_kernel_name", "") or ir)
+            kind = ("attention" if _ATTENTION_EXTERN.search(name) else
+                    "gemm" if _GEMM_EXTERN.search(name) else "extern_other")
+            counts[f"{kind}_kernels"] += 1
+            counts[f"{kind}_bytes"] += nbytes
+        else:
+            counts["fused_kernels"] += 1
+            counts["fused_bytes"] += nbytes
+
+
 class _SchedulerCounts:
     """Kernels and bytes of every graph inductor generates code for while active, from its scheduler."""
 
@@ -243,21 +264,7 @@ class _SchedulerCounts:
 
         def codegen(graph, *a, **kw):
             result = self._codegen(graph, *a, **kw)
-            for node in graph.scheduler.nodes:
-                kind = type(node).__name__
-                if kind == "NopKernelSchedulerNode" or type(getattr(node, "node", None)).__name__ == "MultiOutput":
-                    continue  # views, and the unpacking of a multi-output kernel's results: no kernel
-                nbytes = node.get_read_write_buffers_sizes()
-                if node.is_extern():
-                    ir = node.node
-                    name = str(getattr(ir, "op_overload", None) or getattr(ir, "python_kernel_name", "") or ir)
-                    kind = ("attention" if _ATTENTION_EXTERN.search(name) else
-                            "gemm" if _GEMM_EXTERN.search(name) else "extern_other")
-                    counts[f"{kind}_kernels"] += 1
-                    counts[f"{kind}_bytes"] += nbytes
-                else:
-                    counts["fused_kernels"] += 1
-                    counts["fused_bytes"] += nbytes
+            _count_scheduled(graph.scheduler.nodes, counts)
             return result
 
         GraphLowering.codegen = codegen
@@ -271,41 +278,107 @@ class _SchedulerCounts:
         return False
 
 
-def compiled_block(cfg: Config, micro_batches=(1, 2)) -> dict:
-    """Inductor's kernels and bytes for one block's forward + backward at each micro-batch, compiled afresh."""
+def _block_and_inputs(cfg: Config, batch: int):
     args = model_args(cfg)
     rope = Rope2D(args.hidden_size // args.num_heads, args.grid) if args.use_rope else None
     tensor_parallel_size()  # megatron's layers need a (one-process) layout
+    torch.manual_seed(0)
+    block = LightningDiTBlock(args, parallel_config()).train()
+    x = torch.randn(batch, args.grid ** 2, args.hidden_size, requires_grad=True)
+    c = torch.randn(batch, args.hidden_size, requires_grad=True)
+    return block, (x, c, rope)
+
+
+def compiled_block(cfg: Config, micro_batches=(1, 2)) -> dict:
+    """Inductor's kernels and bytes for one block's forward + backward at each micro-batch, compiled afresh
+    and run with the C++ backend (its own fusion: see ``triton_scheduled_block`` for the CUDA one)."""
     runs = {}
     for b in micro_batches:
-        torch.manual_seed(0)
-        block = LightningDiTBlock(args, parallel_config()).train()
+        block, inputs = _block_and_inputs(cfg, b)
         compiled = torch.compile(block, dynamic=False)
-        x = torch.randn(b, args.grid ** 2, args.hidden_size, requires_grad=True)
-        c = torch.randn(b, args.hidden_size, requires_grad=True)
         torch._dynamo.reset()
         # no cache: a cached graph skips the code generation whose scheduler is read
         with _SchedulerCounts() as sc, torch._inductor.config.patch(fx_graph_cache=False, autotune_local_cache=False), \
                 torch._functorch.config.patch(enable_autograd_cache=False):
             with _cpu_autocast(cfg.train.precision):
-                out = compiled(x, c, rope)
+                out = compiled(*inputs)
             out.float().square().mean().backward()
         runs[b] = dict(sc.counts)
     torch._dynamo.reset()
     return runs
 
 
+class _Scheduled(Exception):
+    """Raised at the entry of kernel code generation, once the scheduler's fused nodes are counted."""
+
+
+def _schedule_only(counts: Counter):
+    """A dynamo backend that runs inductor (``compile_fx``) on the captured graph with the Triton backend
+    deciding fusion, eagerly for the backward too, stops each graph at kernel code generation (Triton has no
+    CPU driver here) after counting its scheduler nodes, and runs the graph eagerly."""
+    from torch._inductor.compile_fx import compile_fx, compile_fx_inner
+    from torch._inductor.scheduler import Scheduler
+
+    reached = []
+
+    def codegen(scheduler):
+        _count_scheduled(scheduler.nodes, counts)
+        counts["graphs"] += 1
+        reached.append(True)
+        raise _Scheduled()
+
+    def inner_compile(gm, example_inputs, **kw):
+        try:
+            with mock.patch.object(Scheduler, "codegen", codegen):
+                return compile_fx_inner(gm, example_inputs, **kw)
+        except Exception:
+            if not reached:
+                raise  # a failure before the scheduler was built: no counts, say so
+            reached.clear()
+            return lambda *a: None  # never called: the graph module runs eagerly below
+
+    def backend(gm, example_inputs):
+        with torch._inductor.config.patch(cpu_backend="triton"), \
+                torch._functorch.config.patch(force_non_lazy_backward_lowering=True):
+            compile_fx(gm, example_inputs, inner_compile=inner_compile)
+        return gm.forward
+
+    return backend
+
+
+def triton_scheduled_block(cfg: Config, micro_batches=(1, 2)) -> dict:
+    """Like ``compiled_block``, with inductor's Triton scheduling (one Triton kernel per fused node: a row norm
+    is one persistent reduction): forward and backward scheduled at trace time, no kernel generated or run.
+    Known limit: the nodes are on the CPU, so the fusions inductor allows only on GPU nodes (mix-order
+    reductions, loop reordering) are left out: an upper bound of the CUDA figure."""
+    runs = {}
+    for b in micro_batches:
+        block, inputs = _block_and_inputs(cfg, b)
+        counts = Counter()
+        torch._dynamo.reset()
+        with torch._inductor.config.patch(fx_graph_cache=False, autotune_local_cache=False), \
+                torch._functorch.config.patch(enable_autograd_cache=False):
+            with _cpu_autocast(cfg.train.precision):
+                torch.compile(block, backend=_schedule_only(counts), dynamic=False)(*inputs)
+        if counts["graphs"] != 2:
+            raise RuntimeError(f"expected a forward and a backward graph, scheduled {counts['graphs']}")
+        runs[b] = dict(counts)
+    torch._dynamo.reset()
+    return runs
+
+
 def compiled_per_block(runs: dict, micro_batch: int) -> dict:
-    """Per block at ``micro_batch``: kernels (as at micro-batch 2) and non-GEMM bytes extrapolated linearly
-    from micro-batch 1 and 2 (per-step traffic, e.g. weight casts, stays once), then per sample."""
-    one, two = runs[1], runs[2]
+    """Per block at ``micro_batch``: kernels (as at the larger of the two micro-batches counted) and non-GEMM
+    bytes extrapolated linearly from the two (per-step traffic, e.g. weight casts, stays once), per sample."""
+    lo, hi = sorted(runs)[:2]
 
     def non_gemm_bytes(r):
         return r.get("fused_bytes", 0) + r.get("extern_other_bytes", 0)
 
-    total = non_gemm_bytes(one) + (micro_batch - 1) * (non_gemm_bytes(two) - non_gemm_bytes(one))
-    return {"kernels_per_block": two.get("fused_kernels", 0) + two.get("extern_other_kernels", 0),
-            "cpp_kernels_per_block": two.get("cpp_generated_kernels", 0),
+    slope = (non_gemm_bytes(runs[hi]) - non_gemm_bytes(runs[lo])) / (hi - lo)
+    total = non_gemm_bytes(runs[lo]) + (micro_batch - lo) * slope
+    return {"kernels_per_block": runs[hi].get("fused_kernels", 0) + runs[hi].get("extern_other_kernels", 0),
+            "cpp_kernels_per_block": runs[hi].get("cpp_generated_kernels", 0),
             "bytes_per_sample_per_block": total / micro_batch}
 
 
@@ -339,25 +412,50 @@ def report(cfg: Config, micro_batch: Optional[int] = None, device: str = "meta",
            "flops_check": (counts["gemm_flops"] + counts["attention_flops"]) / counts["model_flops"],
            "prediction": {"eager": predict(counts)}}
     if compile_block:
-        out["compiled_block"] = compiled_block(cfg)
-        out["compiled"] = compiled_per_block(out["compiled_block"], counts["micro_batch"])
+        out.update(_compiled(cfg, counts["micro_batch"]))
         out["prediction"]["compiled"] = predict(counts, out["compiled"])
     return out
+
+
+def _compiled(cfg: Config, micro_batch: int) -> dict:
+    """Both compiled-block measurements; ``compiled`` (what the prediction uses): Triton-scheduled, else C++."""
+    out = {"compiled_block": compiled_block(cfg)}
+    out["compiled_cpp"] = compiled_per_block(out["compiled_block"], micro_batch)
+    try:
+        out["compiled_block_triton"] = triton_scheduled_block(cfg)
+    except Exception as e:  # an inductor version whose Triton scheduling cannot run on the CPU: fall back
+        out["compiled_triton_error"] = f"{type(e).__name__}: {e}"[:300]
+        out["compiled"] = {**out["compiled_cpp"], "scheduling": "cpp"}
+        return out
+    out["compiled_triton"] = compiled_per_block(out["compiled_block_triton"], micro_batch)
+    out["compiled"] = {**out["compiled_triton"], "scheduling": "triton"}
+    return out
+
+
+def _compiled_rows(r: dict) -> Dict[str, str]:
+    cpp = r.get("compiled_cpp", r.get("compiled"))  # reports before the Triton scheduling: C++ only
+    triton = r.get("compiled_triton")
+    used = (r.get("compiled") or {}).get("scheduling", "cpp" if cpp else None)
+    return {
+        "non-GEMM kernels per block, compiled": f"{cpp['kernels_per_block']}" if cpp else "-",
+        "non-GEMM MB per sample per block, compiled": f"{cpp['bytes_per_sample_per_block'] / 1e6:.1f}" if cpp else "-",
+        "non-GEMM kernels per block, compiled (Triton scheduling)": f"{triton['kernels_per_block']}" if triton else "-",
+        "non-GEMM MB per sample per block, compiled (Triton scheduling)":
+            f"{triton['bytes_per_sample_per_block'] / 1e6:.1f}" if triton else "-",
+        "compiled prediction uses": {"triton": "Triton scheduling", "cpp": "C++ backend", None: "-"}[used],
+    }
 
 
 def headline(r: dict) -> Dict[str, str]:
     """The figures the issue's acceptance reads, formatted, by row name."""
     c, p, s = r["counts"], r["prediction"], r["counts"]["syncs"]
-    compiled = r.get("compiled")
     opt = sum(c["non_gemm"].get(k, {}).get("bytes", 0) for k in ("optimizer", "ema"))
     rows = {
         "GEMM / attention GFLOP per step": f"{c['gemm_flops'] / 1e9:.1f} / {c['attention_flops'] / 1e9:.1f}",
         "counted / formula model FLOPs": f"{r['flops_check']:.4f}",
         "non-GEMM kernels per block, eager": f"{c['blocks']['kernels_per_block']:.1f}",
-        "non-GEMM kernels per block, compiled": f"{compiled['kernels_per_block']}" if compiled else "-",
         "non-GEMM MB per sample per block, eager": f"{c['blocks']['bytes_per_sample_per_block'] / 1e6:.1f}",
-        "non-GEMM MB per sample per block, compiled":
-            f"{compiled['bytes_per_sample_per_block'] / 1e6:.1f}" if compiled else "-",
+        **_compiled_rows(r),
         "non-GEMM kernels per step (all phases)": f"{c['non_gemm_total']['kernels']}",
         "optimizer + EMA GB per step": f"{opt / 1e9:.1f}",
         "host-device syncs per step / per log interval": f"{s['step']['count']} / {s['per_log_interval']}",
@@ -384,6 +482,8 @@ def markdown_tables(runs: Dict[str, dict], baseline: Optional[Dict[str, dict]] =
             old = headline(before)
             lines += ["| figure | before | after |", "|---|---|---|"]
             lines += [f"| {k} | {old.get(k, '-')} | {v} |" for k, v in now.items()]
+        if r.get("compiled_triton_error"):
+            lines += ["", f"Triton scheduling failed (C++ figures used): {r['compiled_triton_error']}"]
         syncs = r["counts"]["syncs"]
         lines += ["", "Host-device syncs (per step; log step):", ""]
         for which in ("step", "log_step"):

@@ -132,3 +132,32 @@ def test_cli_unknown_key_exits_2_with_one_line(capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no_such_key" in err[0]
+
+
+def test_triton_scheduling_fuses_at_least_as_much_as_the_cpp_backend():
+    # both graphs (forward and backward) reach the Triton scheduler on the CPU, without generating kernels
+    cfg = tiny("train.precision=bf16")
+    triton = cost_model.triton_scheduled_block(cfg, (2,))[2]
+    cpp = cost_model.compiled_block(cfg, (2,))[2]
+    assert triton["graphs"] == 2 and triton["fused_kernels"] > 0
+    assert triton["gemm_kernels"] == cpp["gemm_kernels"]
+    assert 0 < triton["fused_bytes"] <= cpp["fused_bytes"]
+
+
+def test_compiled_prediction_falls_back_to_the_cpp_backend(monkeypatch):
+    runs = {1: {"fused_kernels": 30, "fused_bytes": 500}, 2: {"fused_kernels": 30, "fused_bytes": 800}}
+    monkeypatch.setattr(cost_model, "compiled_block", lambda cfg: runs)
+    triton = {1: {"fused_kernels": 20, "fused_bytes": 400}, 2: {"fused_kernels": 20, "fused_bytes": 600}}
+    monkeypatch.setattr(cost_model, "triton_scheduled_block", lambda cfg: triton)
+    out = cost_model._compiled(None, 2)
+    assert out["compiled"]["scheduling"] == "triton" and out["compiled"]["bytes_per_sample_per_block"] == 300
+    assert cost_model._compiled_rows(out)["compiled prediction uses"] == "Triton scheduling"
+
+    def no_driver(cfg):
+        raise RuntimeError("0 active drivers")
+
+    monkeypatch.setattr(cost_model, "triton_scheduled_block", no_driver)
+    out = cost_model._compiled(None, 2)
+    assert out["compiled"] == {**out["compiled_cpp"], "scheduling": "cpp"}
+    assert "0 active drivers" in out["compiled_triton_error"]
+    assert cost_model._compiled_rows(out)["compiled prediction uses"] == "C++ backend"
