@@ -76,17 +76,26 @@ def main(argv=None) -> int:
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
-    command = "python tools/benchmark.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = _command(argv)
     text = markdown(rows, f"Training throughput on {device_name()}, torch {torch.__version__}, "
                           f"{args.threads_per_rank} thread(s) per rank, {args.data} data; mean of {args.steps} steps "
                           f"after {args.warmup} warm-up steps.\n\nCommand: `{command}`")
+    return _write(args, text, {"command": command, "rows": rows})
+
+
+def _command(argv) -> str:
+    return "python tools/benchmark.py " + " ".join(argv if argv is not None else sys.argv[1:])
+
+
+def _write(args, text: str, data: dict) -> int:
+    """Print the markdown, write it to --out and the data to --json."""
     print(text)
     if args.out:
         with open(args.out, "w") as f:
             f.write(text)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"command": command, "rows": rows}, f, indent=1)
+            json.dump(data, f, indent=1)
     return 0
 
 
@@ -105,21 +114,14 @@ def _paired(args, overrides, argv) -> int:
         return 2
     results = [paired(args.config, overrides, args.official_code, args.paired, args.steps, args.warmup,
                       args.threads_per_rank, mode == "compiled") for mode in modes]
-    command = "python tools/benchmark.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = _command(argv)
     text = paired_markdown(results, f"Ours vs the official SFD training step on {device_name()}, torch "
                                     f"{torch.__version__}, {args.threads_per_rank} thread(s), 1 process, synthetic "
                                     f"batch reused; each run a fresh process: median of {args.steps} steps after "
                                     f"{args.warmup} warm-up steps; {args.paired} pairs, alternating which goes first."
                                     f"\n\nCommand: `{command}`")
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"command": command, "device": device_name(), "torch": torch.__version__,
-                       "results": results}, f, indent=1)
-    return 0
+    return _write(args, text, {"command": command, "device": device_name(), "torch": torch.__version__,
+                               "results": results})
 
 
 def _forward_backward(args, overrides) -> int:

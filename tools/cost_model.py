@@ -22,7 +22,7 @@ HEADER = """# Cost model: predicted H100 training step from counts taken on CPU
 Produced by `tools/cost_model.py` (`sfd_scale/train/cost_model.py`, `sfd_scale/train/dispatch_count.py`):
 one training step (`Trainer.train_step`: draws, objective forward + backward, engine optimizer step, EMA
 update) counted aten op by aten op, eager, on real CPU tensors or on the meta device; the training
-forward explained by dynamo; one transformer block compiled by inductor (CPU) at micro-batch 1 and 2,
+forward explained by dynamo; one transformer block compiled by inductor (CPU) at micro-batch 2 and 4,
 and the same block's forward and backward scheduled by inductor's Triton backend (fusion as on CUDA, no
 kernel generated or run): the compiled prediction uses the Triton-scheduled figures ("compiled prediction
 uses" says which), the C++ backend's stay beside them.
