@@ -122,7 +122,8 @@ class TrainConfig:
     # process exits with status 75 (``trainer.REQUEUE_EXIT``), which slurm/ launchers turn into a requeue.
     requeue_signals: List[str] = field(default_factory=lambda: ["SIGUSR1", "SIGTERM"])
     time_budget_s: float = 0.0      # wall-clock seconds for this process; then save and exit 75 (0 = off)
-    max_nonfinite_steps: int = 20   # steps with a NaN / Inf loss or gradients are skipped (no update) and counted
+    max_nonfinite_steps: int = 20   # steps with a NaN / Inf loss (or grad norm, with clipping) are skipped
+                                    # (no update) and counted
                                     # at the next log step; at this many the run saves a checkpoint and stops
                                     # with an error
     stop_check_every: int = 10      # ranks agree on stop requests (signals, time budget) every this many steps

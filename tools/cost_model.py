@@ -56,9 +56,10 @@ slightly below by the input gradients no one needs (latents, time frequencies); 
 exactly.
 
 Known limits: inductor's CPU (C++) backend fuses differently from Triton on CUDA (a row norm is two loops
-over the row; its own C++ kernel count is in the JSON); the Triton scheduling runs on CPU nodes, so the
-fusions inductor keeps for GPU nodes (mix-order reductions: a norm's weight gradient with its row
-reduction; loop reordering) are left out, an upper bound of the CUDA bytes;
+over the row; its own C++ kernel count is in the JSON); the Triton scheduling runs on CPU nodes presented
+to the scheduler as CUDA ones (so the GPU-only fusions, mix-order reductions and loop reordering, apply),
+at the run's micro-batch; it is still inductor's plan, not a CUDA measurement (autotuning and Triton's own
+choices are not seen);
 dynamo explains CPU tensors, so branches taken on CUDA only (e.g. flash-attn) are not explained;
 the compiled block runs under CPU autocast, the eager count under CUDA autocast semantics
 (`CudaAutocast`); on meta, data-dependent results are stand-ins (0, all-True masks); the launch cost is

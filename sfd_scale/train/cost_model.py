@@ -16,8 +16,8 @@ reads the kernels and bytes of the generated code from inductor's scheduler (the
 ``num_bytes_accessed``, which is only filled when its metrics log is on), split into GEMM / attention
 (extern kernels) and the rest. Inductor's C++ backend fuses differently from Triton on CUDA (a row norm
 is a reduction loop plus a pointwise loop, each reading the row), so ``triton_scheduled_block`` also
-lowers the block's forward and backward with the Triton backend's scheduling (at trace time, no kernel
-generated or run) and the prediction uses its fused nodes (one Triton kernel each on CUDA), the C++
+lowers the block's forward and backward with the Triton backend's scheduling, as for CUDA nodes and at the
+run's micro-batch (at trace time, no kernel generated or run) and the prediction uses its fused nodes (one Triton kernel each on CUDA), the C++
 figures kept beside them (and used when Triton scheduling fails).
 
 ``predict`` turns counts into an H100 step time and MFU with the fixed constants below, eager and with
@@ -317,6 +317,20 @@ class _Scheduled(Exception):
     """Raised at the entry of kernel code generation, once the scheduler's fused nodes are counted."""
 
 
+@contextlib.contextmanager
+def _as_cuda_nodes():
+    """Inductor's scheduler deciding fusion for our CPU nodes as it does for CUDA ones: the fusions it allows on
+    GPU nodes only (mix-order reductions: a row reduction and a column reduction of the same tensor in one
+    kernel, e.g. a norm's backward with its weight / modulation gradients; loop reordering) are asked of the
+    node's device through these three predicates (torch 2.14 ``_inductor/scheduler.py``)."""
+    from torch._inductor import scheduler
+
+    with mock.patch.object(scheduler.BaseSchedulerNode, "is_cpu", lambda self: False), \
+            mock.patch.object(scheduler.BaseSchedulerNode, "is_gpu", lambda self: True), \
+            mock.patch.object(scheduler, "_is_gpu_triton_backend", lambda node1, node2: True):
+        yield
+
+
 def _schedule_only(counts: Counter):
     """A dynamo backend that runs inductor (``compile_fx``) on the captured graph with the Triton backend
     deciding fusion, eagerly for the backward too, stops each graph at kernel code generation (Triton has no
@@ -334,7 +348,7 @@ def _schedule_only(counts: Counter):
 
     def inner_compile(gm, example_inputs, **kw):
         try:
-            with mock.patch.object(Scheduler, "codegen", codegen):
+            with mock.patch.object(Scheduler, "codegen", codegen), _as_cuda_nodes():
                 return compile_fx_inner(gm, example_inputs, **kw)
         except Exception:
             if not reached:
@@ -352,10 +366,11 @@ def _schedule_only(counts: Counter):
 
 
 def triton_scheduled_block(cfg: Config, micro_batches=BLOCK_MICRO_BATCHES) -> dict:
-    """Like ``compiled_block``, with inductor's Triton scheduling (one Triton kernel per fused node: a row norm
-    is one persistent reduction): forward and backward scheduled at trace time, no kernel generated or run.
-    Known limit: the nodes are on the CPU, so the fusions inductor allows only on GPU nodes (mix-order
-    reductions, loop reordering) are left out: an upper bound of the CUDA figure."""
+    """Like ``compiled_block``, with inductor's Triton scheduling as for CUDA nodes (one Triton kernel per fused
+    node: a row norm is one persistent reduction; the GPU-only fusions of ``_as_cuda_nodes``): forward and
+    backward scheduled at trace time, no kernel generated (the forward runs eagerly, the backward not at all).
+    Measure at the run's own micro-batch: some fusions depend on the tensor sizes (mix-order reductions need
+    4096 rows or more)."""
     runs = {}
     for b in micro_batches:
         block, inputs = _block_and_inputs(cfg, b)
@@ -373,13 +388,17 @@ def triton_scheduled_block(cfg: Config, micro_batches=BLOCK_MICRO_BATCHES) -> di
 
 
 def compiled_per_block(runs: dict, micro_batch: int) -> dict:
-    """Per block at ``micro_batch``: kernels (as at the larger of the two micro-batches counted) and non-GEMM
-    bytes extrapolated linearly from the two (per-step traffic, e.g. weight casts, stays once), per sample."""
-    lo, hi = sorted(runs)[:2]
-
+    """Per block at ``micro_batch``: kernels and non-GEMM bytes per sample, as counted at ``micro_batch`` when it
+    was, else extrapolated linearly from two micro-batches (per-step traffic, e.g. weight casts, stays once)."""
     def non_gemm_bytes(r):
         return r.get("fused_bytes", 0) + r.get("extern_other_bytes", 0)
 
+    if micro_batch in runs:
+        r = runs[micro_batch]
+        return {"kernels_per_block": r.get("fused_kernels", 0) + r.get("extern_other_kernels", 0),
+                "cpp_kernels_per_block": r.get("cpp_generated_kernels", 0),
+                "bytes_per_sample_per_block": non_gemm_bytes(r) / micro_batch}
+    lo, hi = sorted(runs)[:2]
     slope = (non_gemm_bytes(runs[hi]) - non_gemm_bytes(runs[lo])) / (hi - lo)
     total = non_gemm_bytes(runs[lo]) + (micro_batch - lo) * slope
     return {"kernels_per_block": runs[hi].get("fused_kernels", 0) + runs[hi].get("extern_other_kernels", 0),
@@ -427,7 +446,7 @@ def _compiled(cfg: Config, micro_batch: int) -> dict:
     out = {"compiled_block": compiled_block(cfg)}
     out["compiled_cpp"] = compiled_per_block(out["compiled_block"], micro_batch)
     try:
-        out["compiled_block_triton"] = triton_scheduled_block(cfg)
+        out["compiled_block_triton"] = triton_scheduled_block(cfg, (micro_batch,))
     except Exception as e:  # an inductor version whose Triton scheduling cannot run on the CPU: fall back
         out["compiled_triton_error"] = f"{type(e).__name__}: {e}"[:300]
         out["compiled"] = {**out["compiled_cpp"], "scheduling": "cpp"}

@@ -364,7 +364,7 @@ class Trainer:
         for record in window.settle():
             if record.nonfinite:
                 self.nonfinite_steps += 1
-                logger.write(f"step {record.step}: skipped, no update (non-finite loss or gradients, seen at step "
+                logger.write(f"step {record.step}: skipped, no update (non-finite loss or grad norm, seen at step "
                              f"{self.step}); {self.nonfinite_steps} of "
                              f"train.max_nonfinite_steps={self.cfg.train.max_nonfinite_steps}")
 
@@ -432,7 +432,7 @@ class Trainer:
                 if self.nonfinite_steps >= cfg.train.max_nonfinite_steps:
                     self.save()
                     self.checkpointer.wait()
-                    raise FloatingPointError(f"{self.nonfinite_steps} steps had a non-finite loss or gradients "
+                    raise FloatingPointError(f"{self.nonfinite_steps} steps had a non-finite loss or grad norm "
                                              f"(train.max_nonfinite_steps={cfg.train.max_nonfinite_steps}); "
                                              f"stopped at step {self.step} with a checkpoint in {self.out}")
                 if cfg.eval.fid_every and self.step % cfg.eval.fid_every == 0:

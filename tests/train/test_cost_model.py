@@ -124,6 +124,8 @@ def test_compiled_block_bytes_extrapolate_to_the_micro_batch():
     per = cost_model.compiled_per_block(runs, 4)
     assert per["kernels_per_block"] == 33
     assert per["bytes_per_sample_per_block"] == (600 + 3 * 300) / 4
+    # counted at the micro-batch itself: taken as it is
+    assert cost_model.compiled_per_block(runs, 2)["bytes_per_sample_per_block"] == 900 / 2
 
 
 def test_cli_unknown_key_exits_2_with_one_line(capsys):
@@ -148,12 +150,12 @@ def test_compiled_prediction_falls_back_to_the_cpp_backend(monkeypatch):
     runs = {1: {"fused_kernels": 30, "fused_bytes": 500}, 2: {"fused_kernels": 30, "fused_bytes": 800}}
     monkeypatch.setattr(cost_model, "compiled_block", lambda cfg: runs)
     triton = {1: {"fused_kernels": 20, "fused_bytes": 400}, 2: {"fused_kernels": 20, "fused_bytes": 600}}
-    monkeypatch.setattr(cost_model, "triton_scheduled_block", lambda cfg: triton)
+    monkeypatch.setattr(cost_model, "triton_scheduled_block", lambda cfg, micro_batches: triton)
     out = cost_model._compiled(None, 2)
     assert out["compiled"]["scheduling"] == "triton" and out["compiled"]["bytes_per_sample_per_block"] == 300
     assert cost_model._compiled_rows(out)["compiled prediction uses"] == "Triton scheduling"
 
-    def no_driver(cfg):
+    def no_driver(cfg, micro_batches):
         raise RuntimeError("0 active drivers")
 
     monkeypatch.setattr(cost_model, "triton_scheduled_block", no_driver)
