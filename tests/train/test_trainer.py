@@ -35,7 +35,13 @@ def test_fit_trains_checkpoints_and_samples(tmp_path):
     assert info["step"] == 6 and info["layout"]["world_size"] == 1 and "sfd_scale" in info["code"]
     metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [2, 4, 6]
-    assert "start: job" in (tmp_path / "log.txt").read_text()
+    log = (tmp_path / "log.txt").read_text()
+    assert "start: job" in log
+    # the start-up line names what the step runs (issue #14): attention, optimizer, compile, precision
+    hot = next(line for line in log.splitlines() if "hot path:" in line)
+    for part in ("attention SDPA (CPU)", "optimizer torch fused AdamW", "compile off", "precision: weights float32"):
+        assert part in hot, (part, hot)
+    assert "training blocked" in log  # every save says how long it blocked training
 
 
 def test_resume_is_exact(tmp_path):
