@@ -35,7 +35,7 @@ import torch.distributed as dist
 
 from ..config import Config, ConfigError
 from .engines import (ADAM_KINDS, Engine, LossFn, adam_state, fused_adamw, is_fused_adam, lambda_lr_at,
-                      micro_batch_layout, set_lr, state_kinds, warmup_factor)
+                      micro_batch_layout, nonfinite_flag, set_lr, state_kinds, warmup_factor)
 
 _COUNTERS = ("global_steps", "global_samples", "micro_steps", "skipped_steps")
 
@@ -120,7 +120,7 @@ class DeepSpeedEngine(Engine):
             if i < n - 1:
                 self.model.step()  # not a boundary: only counts the micro-step
         mean = self._mean_loss(losses)
-        bad_loss = (~torch.isfinite(mean)).float()
+        bad_loss = nonfinite_flag(mean, None)
         lr = self.model.get_lr()[0]
         inner = self.torch_optimizers()
         if all(is_fused_adam(o) for o in inner):

@@ -269,8 +269,7 @@ class MegatronEngine(Engine):
             grad_norm, nonfinite = self._step(mean)
         self.scheduler.step()
         self._count_nonfinite(nonfinite)
-        return {"loss": mean, "grad_norm": grad_norm, "lr": lr,
-                "nonfinite": nonfinite}
+        return {"loss": mean, "grad_norm": grad_norm, "lr": lr, "nonfinite": nonfinite}
 
     def _step(self, mean_loss: torch.Tensor):
         """megatron's optimizer step by its phases, with the grad norm, clipping and the skip on the device

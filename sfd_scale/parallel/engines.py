@@ -304,7 +304,7 @@ class PlainEngine(Engine):
         skip_unless_finite([self.optimizer], nonfinite, self.optimizer.step)
         self.scheduler.step()
         self._count_nonfinite(nonfinite)
-        return {"loss": mean, "grad_norm": grad_norm if clip > 0 else None, "lr": lr, "nonfinite": nonfinite}
+        return {"loss": mean, "grad_norm": grad_norm, "lr": lr, "nonfinite": nonfinite}
 
     def torch_optimizers(self) -> list:
         return [self.optimizer]

@@ -42,7 +42,7 @@ class EMA:
             sources = [p for _, p in self._pairs]
         if len(sources) != len(ema):
             raise ValueError(f"EMA update got {len(sources)} source tensors for {len(ema)} trainable parameters")
-        src = [s.detach() if s.dtype == torch.float32 else s.detach().float() for s in sources]
+        src = [s.detach().float() for s in sources]  # no copy of an fp32 source
         if skip is None:
             torch._foreach_lerp_(ema, src, 1.0 - self.decay)
             return

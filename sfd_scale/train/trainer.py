@@ -281,8 +281,8 @@ class Trainer:
         return terms["total"]
 
     def train_step(self, batch) -> dict:
-        """One optimizer step; returns the engine's device metrics (no host sync). A step whose loss or
-        gradients are NaN / Inf on any rank changes nothing (the engine skips the update, the EMA its step,
+        """One optimizer step; returns the engine's device metrics (no host sync). A step whose loss (or grad
+        norm, with clipping) is NaN / Inf on any rank changes nothing (the engine skips the update, the EMA its step,
         by a device flag, ``metrics['nonfinite']``); it is counted when the trainer next reads its metrics."""
         self.model.train()
         micro = local_micro_batches(self.step_inputs(batch), self.engine.micro_batch_size, 0, 1)
@@ -420,9 +420,7 @@ class Trainer:
                 if self.step % cfg.train.log_every == 0 or self.step == cfg.train.max_steps:
                     self._settle(window, logger)  # the one host read of this log interval
                     records = window.take()
-                    finite = [r.loss for r in records if not r.nonfinite]
-                    first_loss = finite[0] if first_loss is None and finite else first_loss
-                    last_loss = finite[-1] if finite else last_loss
+                    first_loss, last_loss = _loss_span(records, first_loss, last_loss)
                     line = log_line(records, self.nonfinite_steps)
                     line["steps/s"] = (self.step - start_step) / max(time.time() - t0, 1e-9)
                     logger.log(self.step, line)
@@ -453,9 +451,7 @@ class Trainer:
                     exit_status = REQUEUE_EXIT
                     break
             self._settle(window, logger)
-            finite = [r.loss for r in window.take() if not r.nonfinite]
-            first_loss = finite[0] if first_loss is None and finite else first_loss
-            last_loss = finite[-1] if finite else last_loss
+            first_loss, last_loss = _loss_span(window.take(), first_loss, last_loss)
             if self._saved_step != self.step:
                 self.save()
             final_ckpt = ckpt.checkpoint_dir(self.out, self.step)
@@ -476,6 +472,12 @@ class Trainer:
                 "params_M": round(n_params / 1e6, 3), "first_loss": first_loss, "last_loss": last_loss,
                 "checkpoint": str(final_ckpt), "samples": grid, "exit_status": exit_status,
                 "nonfinite_steps": self.nonfinite_steps}
+
+
+def _loss_span(records, first: Optional[float], last: Optional[float]):
+    """(first, last) finite loss of the run so far, updated with newly read step records."""
+    finite = [r.loss for r in records if not r.nonfinite]
+    return (finite[0] if first is None and finite else first), (finite[-1] if finite else last)
 
 
 def summary_text(summary: dict, cfg: Config) -> str:
