@@ -231,13 +231,15 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, rope: Optional[nn.Module] = None) -> torch.Tensor:
         b, n, _ = x.shape
         qkv, _ = self.qkv(x)
-        # unbind the [q | k | v] axis in place, then view each as (B, heads, T, d_h): the same strided views as
-        # permute(2, 0, 3, 1, 4).unbind(0), but the backward stacks dq, dk, dv straight into qkv's layout
-        q, k, v = (t.transpose(1, 2) for t in qkv.reshape(b, n, 3, self.local_heads, self.head_dim).unbind(2))
+        # unbind the [q | k | v] axis in place: token-major (B, T, heads, d_h) views, the backward stacks dq, dk,
+        # dv straight into qkv's layout. QK-norm (over d_h) and RoPE run token-major, in qkv's own loop order
+        # (one fused kernel under compile, see Rope2D); attention gets the (B, heads, T, d_h) views the
+        # official permute(2, 0, 3, 1, 4) makes: the same values, strided as flash-attn and SDPA accept.
+        q, k, v = qkv.reshape(b, n, 3, self.local_heads, self.head_dim).unbind(2)
         q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = rope(q), rope(k)
-        out = attention(q, k, v).transpose(1, 2).reshape(b, n, self.local_heads * self.head_dim)
+        out = attention(*(t.transpose(1, 2) for t in (q, k, v))).transpose(1, 2).reshape(b, n, -1)
         out, _ = self.proj(out)
         return out
 

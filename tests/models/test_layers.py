@@ -29,19 +29,21 @@ def test_rms_norm_in_fp32_is_the_official_two_step_product():
 
 
 def _official_rope(rope: Rope2D, x: torch.Tensor) -> torch.Tensor:
-    """The official VisionRotaryEmbeddingFast arithmetic: x * cos + rotate_half(x) * sin, rotate_half by stack."""
+    """The official VisionRotaryEmbeddingFast arithmetic on the official (B, heads, T, d_h) layout:
+    x * cos + rotate_half(x) * sin, rotate_half by stack."""
     pairs = x.unflatten(-1, (-1, 2))
     rotated = torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)
     return x * rope.freqs_cos + rotated * rope.freqs_sin
 
 
-def test_rope_rotates_in_fp32_and_returns_the_input_dtype():
+def test_rope_rotates_token_major_in_fp32_and_returns_the_input_dtype():
     rope = Rope2D(8, 4)
-    x = torch.randn(2, 3, 16, 8)
-    assert torch.equal(rope(x), _official_rope(rope, x))  # fp32: bitwise the official formula
+    x = torch.randn(2, 16, 3, 8)  # (B, T, heads, d_h): how q and k leave the qkv projection
+    official = _official_rope(rope, x.transpose(1, 2)).transpose(1, 2)
+    assert torch.equal(rope(x), official)  # fp32: bitwise the official formula on its own layout
     out = rope(x.bfloat16())
     assert out.dtype == torch.bfloat16  # computed in fp32, rounded once
-    assert torch.equal(out, _official_rope(rope, x.bfloat16().float()).bfloat16())
+    assert torch.equal(out, _official_rope(rope, x.bfloat16().float().transpose(1, 2)).transpose(1, 2).bfloat16())
 
 
 @pytest.mark.parametrize("use_rmsnorm", [True, False])
