@@ -8,7 +8,6 @@ features (the crop happens before DINOv2); the only augmentation is the stored h
 from __future__ import annotations
 
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -19,6 +18,8 @@ import torch
 from omegaconf import OmegaConf
 from torch.optim.lr_scheduler import LambdaLR
 
+from ..atomic import atomic_path
+from ..device import resolve_device
 from ..config import ConfigError, LoggingConfig, OptimConfig, load_structured
 from ..logging import RunLogger
 from .semvae import SemanticVAE, SemVAEArgs, feature_cosine, save_semvae, semvae_loss
@@ -242,21 +243,10 @@ def _evaluate(model: SemanticVAE, feats: torch.Tensor, autocast) -> dict:
             "eval/mse": (rec.float() - feats.float()).pow(2).mean().item()}
 
 
-def _atomic_torch_save(obj, path: Path) -> None:
-    tmp = path.with_name(f".tmp_{path.name}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def train_semvae(cfg: SemVAETrainConfig) -> dict:
-    """Train (or continue training) a SemVAE; returns the run summary (see ``semvae_summary_text``)."""
-    validate_semvae(cfg)
+def _build(cfg: SemVAETrainConfig, device: torch.device, state_path: Path):
+    """(model, optimizer, LR schedule, the resumed state or None): seeded, and continued from ``state_path``
+    when ``train.resume`` and it exists."""
     o, t, args = cfg.optim, cfg.train, cfg.model
-    device = torch.device("cuda" if t.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if t.device == "auto" else t.device)
-    out = Path(t.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "semvae_config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
     with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's RNG
         torch.manual_seed(t.seed)
         model = SemanticVAE(args).to(device)
@@ -264,17 +254,30 @@ def train_semvae(cfg: SemVAETrainConfig) -> dict:
     opt = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
                             weight_decay=o.weight_decay, fused=fused)
     sched = LambdaLR(opt, lambda s: semvae_lr(s, cfg) / o.lr)
+    if not (t.resume and state_path.is_file()):
+        return model, opt, sched, None
+    state = torch.load(state_path, map_location=device, weights_only=True)
+    if state["model_args"] != asdict(args):
+        raise ConfigError(f"{state_path} was saved for model {state['model_args']}, the config has "
+                          f"{asdict(args)}: set train.output_dir elsewhere or train.resume=false")
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    return model, opt, sched, state
+
+
+def train_semvae(cfg: SemVAETrainConfig) -> dict:
+    """Train (or continue training) a SemVAE; returns the run summary (see ``semvae_summary_text``)."""
+    validate_semvae(cfg)
+    o, t, args = cfg.optim, cfg.train, cfg.model
+    device = resolve_device(t.device)
+    out = Path(t.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "semvae_config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+    model, opt, sched, state = _build(cfg, device, out / STATE_FILE)
     max_steps = o.total_steps if t.max_steps is None else t.max_steps
-    step, start_step, first_loss, state_path, state = 0, 0, None, out / STATE_FILE, None
-    if t.resume and state_path.is_file():
-        state = torch.load(state_path, map_location=device, weights_only=True)
-        if state["model_args"] != asdict(args):
-            raise ConfigError(f"{state_path} was saved for model {state['model_args']}, the config has "
-                              f"{asdict(args)}: set train.output_dir elsewhere or train.resume=false")
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        step = start_step = state["step"]
+    step = start_step = state["step"] if state else 0
+    first_loss, state_path = None, out / STATE_FILE
     source = ShardFeatures(cfg) if cfg.data.source == "shards" else RandomFeatures(cfg)
     amp = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=t.precision == "bf16")  # noqa: E731
     params_m = sum(p.numel() for p in model.parameters()) / 1e6
@@ -282,9 +285,10 @@ def train_semvae(cfg: SemVAETrainConfig) -> dict:
     loss_sum, window, t_start, t_window = torch.zeros((), device=device), 0, time.time(), time.time()
 
     def save_state():
-        _atomic_torch_save({"step": step, "model_args": asdict(args), "model": model.state_dict(),
-                            "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                            "data": source.state_dict()}, state_path)
+        with atomic_path(state_path) as tmp:
+            torch.save({"step": step, "model_args": asdict(args), "model": model.state_dict(),
+                        "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                        "data": source.state_dict()}, tmp)
 
     try:
         source.load_state_dict(state["data"] if state else {})

@@ -13,16 +13,17 @@ are written.
 from __future__ import annotations
 
 import os
-from dataclasses import asdict
 from pathlib import Path
 from typing import Dict, Optional
 
 import torch
 
+from ..atomic import atomic_path
 from ..config import Config, model_args
 from ..models.lightningdit import LightningDiT
 from ..models.official import check_fits, read_checkpoint
 from . import checkpoint as ckpt
+from .state import native_state
 
 StateDict = Dict[str, torch.Tensor]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -52,13 +53,8 @@ def write_native(out_dir: str | os.PathLike, cfg: Config, model: StateDict, ema:
     optimizer state: a run resumes from it at ``step`` with a fresh optimizer, on any layout."""
     check_against_config(model, cfg, "the model weights")
     check_against_config(ema, cfg, "the EMA weights")
-    state = {f"model/{k}": v for k, v in model.items()}
-    state.update({f"ema/{k}": v for k, v in ema.items()})
     layout = {"converted_from": source}
-    state["counters"] = ckpt.pack({"optimizer_steps": 0})
-    info = ckpt.run_info(cfg, step, layout)
-    state["trainer"] = ckpt.pack(info)
-    state["config"] = ckpt.pack(asdict(cfg))
+    state, info = native_state(cfg, model, ema, step, layout)
     saver = ckpt.Checkpointer(out_dir, keep_last=1 << 30, asynchronous=False)
     return saver.save(step, state, {"layout": layout, "code": info["code"]})
 
@@ -89,9 +85,8 @@ def native_to_official(directory: str | os.PathLike, out: str | os.PathLike) -> 
     ``inference.py`` loads (it takes ``ema``). Written aside and renamed."""
     out = Path(out)
     state = {"model": native_weights(directory, "model"), "ema": native_weights(directory, "ema")}
-    tmp = out.with_name(out.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, out)
+    with atomic_path(out) as tmp:
+        torch.save(state, tmp)
     return out
 
 
@@ -102,10 +97,9 @@ def native_to_safetensors(directory: str | os.PathLike, out: str | os.PathLike, 
 
     out = Path(out)
     sd = native_weights(directory, which, dtype)
-    tmp = out.with_name(out.name + ".tmp")
-    save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp),
-              metadata={"format": "pt", "source": str(directory), "weights": which, "dtype": dtype})
-    os.replace(tmp, out)
+    with atomic_path(out) as tmp:
+        save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp),
+                  metadata={"format": "pt", "source": str(directory), "weights": which, "dtype": dtype})
     return out
 
 

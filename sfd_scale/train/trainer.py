@@ -19,11 +19,10 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -31,6 +30,7 @@ import torch.nn as nn
 from megatron.core import parallel_state
 
 from ..config import Config, ConfigError, model_args, objective_config, sfd_spec, to_yaml
+from ..device import resolve_device
 from ..data.sources import Placement, build_training_data
 from ..diffusion.keyed_noise import keyed_draws
 from ..diffusion.sfd import SFDObjective
@@ -38,30 +38,16 @@ from ..eval.generate import save_sample_grid
 from ..logging import RunLogger
 from ..models.layers import attention_backend
 from ..models.lightningdit import LightningDiT, count_parameters
-from ..models.official import export_official_state_dict, load_official_state_dict, read_checkpoint
-from ..parallel.engines import ADAM_KINDS, build_engine, local_micro_batches
+from ..models.official import load_official_state_dict, read_checkpoint
+from ..parallel.engines import build_engine, local_micro_batches
 from ..parallel.layout import ParallelLayout, initialize
 from ..parallel.optimizations import apply_activation_checkpointing, apply_compile, compile_enabled, compiled_modules
-from ..parallel.pipeline import MicroBatch, build_stages, global_key, stage_state_dict
-from ..parallel.tensor_parallel import gather_state_dict, model_tp, shard_state_dict
+from ..parallel.pipeline import MicroBatch, build_stages, stage_state_dict
 from . import checkpoint as ckpt
 from .ema import EMA
+from .run_control import REQUEUE_EXIT, RunControl
+from .state import TrainingState, choose_checkpoint
 from .step_io import DevicePrefetcher, StepWindow, log_line
-
-
-REQUEUE_EXIT = 75  # EX_TEMPFAIL ("try again later"): checkpoint written on a signal or at the time budget;
-                   # slurm/common.sh requeues the job when the training step exits with it
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError("train.device is 'cuda' but no GPU is available")
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device(name)
 
 
 class Trainer:
@@ -73,7 +59,7 @@ class Trainer:
         # first: under srun this sets RANK / LOCAL_RANK from SLURM's variables, which the device needs
         initialize(ParallelLayout(cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel,
                                   cfg.parallel.virtual_stages))
-        self.device = torch.device(device) if device is not None else _device(cfg.train.device)
+        self.device = torch.device(device) if device is not None else resolve_device(cfg.train.device)
         self.pipelined = cfg.parallel.pipeline_parallel > 1
         self.rank = dist.get_rank()
         self.dp_rank = parallel_state.get_data_parallel_rank()
@@ -101,7 +87,7 @@ class Trainer:
         if cfg.checkpoint.init_from:
             full = read_checkpoint(cfg.checkpoint.init_from, which="ema")
             for chunk in chunks:
-                load_official_state_dict(chunk, self._part(full, chunk))
+                load_official_state_dict(chunk, stage_state_dict(full, chunk) if self.pipelined else full)
         # Label dropout is drawn by the trainer for the global batch (see step_inputs), not inside the
         # model from a per-rank RNG, so that every layout drops the same labels.
         self.label_dropout = cfg.model.class_dropout_prob
@@ -117,42 +103,19 @@ class Trainer:
         if self.compiled:  # after the EMA copy: it stays eager
             apply_compile(chunks)
         self.objective = SFDObjective(self.spec, objective_config(cfg))
-        self.step, self.nonfinite_steps, self.notes = 0, 0, []
+        self.step, self.nonfinite_steps = 0, 0
         self.code = ckpt.code_version()  # once: the run log and every checkpoint
         c = cfg.checkpoint
         self.checkpointer = ckpt.Checkpointer(self.out, c.keep_last, c.keep_every, c.asynchronous)
-        # stop requests (signals, time budget) are agreed over a CPU group of their own (``stop_reason``)
-        self.control_group = dist.new_group(backend="gloo") if dist.get_world_size() > 1 else None
-        self._stop_signal: Optional[str] = None
+        self.control = RunControl(cfg.train, self.rank, dist.get_world_size())  # signals, budget, NaN policy
         self._saved_step: Optional[int] = None
-        self.resumed_from = self._choose_checkpoint() if c.resume else None
+        self.state = TrainingState(chunks, list(self.ema.model) if self.pipelined else [self.ema.model], self.engine,
+                                   self.pipelined)
+        self.resumed_from, self.notes = choose_checkpoint(self.out, self.rank) if c.resume else (None, [])
         if self.resumed_from is not None:
             self.load_checkpoint(self.resumed_from)
 
     # ------------------------------------------------------------------------------------------ state
-    def _part(self, full: dict, chunk) -> dict:
-        """The part of a full state dict a pipeline chunk holds (all of it, checked strictly, otherwise)."""
-        return stage_state_dict(full, chunk) if self.pipelined else full
-
-    def _ema_chunks(self):
-        return list(self.ema.model) if self.pipelined else [self.ema.model]
-
-    def stage_weights(self, chunks, copy: bool = True) -> dict:
-        """This pipeline stage's weights, full over TP (the export gathers), under official global names;
-        ``copy=False``: the live tensors where there is nothing to gather (a save stages them itself)."""
-        return {global_key(chunk, k): v for chunk in chunks
-                for k, v in export_official_state_dict(chunk, copy=copy).items()}
-
-    def full_state_dict(self, chunks) -> dict:
-        """Official-named full weights on every rank: gathered over TP by the export, over pipeline stages
-        here (collective; for tests and tools, checkpoints do not need it)."""
-        local = self.stage_weights(chunks)
-        if not self.pipelined:
-            return local
-        parts = [None] * parallel_state.get_pipeline_model_parallel_world_size()
-        dist.all_gather_object(parts, local, group=parallel_state.get_pipeline_model_parallel_group())
-        return {k: v for part in parts for k, v in part.items()}
-
     def _trainer_info(self) -> dict:
         p = self.cfg.parallel
         layout = {"tensor_parallel": p.tensor_parallel, "pipeline_parallel": p.pipeline_parallel,
@@ -161,86 +124,22 @@ class Trainer:
         return ckpt.run_info(self.cfg, self.step, layout, self.nonfinite_steps, self.code)
 
     def save(self) -> Path:
-        """Collective: start writing a checkpoint of this step (``train/checkpoint.py``). Every tensor goes in
-        under its official full name: weights gathered over TP, optimizer state per parameter gathered
-        over TP here and over DP by the engine."""
-        state: Dict[str, torch.Tensor] = {}
-        for which, chunks in (("model", self.chunks), ("ema", self._ema_chunks())):
-            state.update({f"{which}/{k}": v for k, v in self.stage_weights(chunks, copy=False).items()})
-        engine_state = self.engine.state_dict()
-        for chunk, params in zip(self.chunks, engine_state["params"], strict=True):
-            _, tp_size, group = model_tp(chunk)
-            for kind in sorted({k for kinds in params.values() for k in kinds}):
-                local = {name: kinds[kind] for name, kinds in params.items()}
-                full = gather_state_dict(local, chunk.args, group=group) if tp_size > 1 else local
-                state.update({f"optim/{kind}/{global_key(chunk, name)}": t for name, t in full.items()})
-        state[ckpt.rng_key(self.rank)] = ckpt.pack(ckpt.rng_state())
+        """Collective: start writing a checkpoint of this step (contents: ``train/state.py``; directory and
+        background write: ``train/checkpoint.py``)."""
         info = self._trainer_info()
-        if self.rank == 0:
-            state["counters"] = ckpt.pack(engine_state["counters"])
-            state["trainer"] = ckpt.pack(info)
-            state["config"] = ckpt.pack(asdict(self.cfg))
+        state = self.state.collect(self.cfg, self.rank, info)
         self._saved_step = self.step
         return self.checkpointer.save(self.step, state, {"layout": info["layout"], "code": info["code"]})
 
-    def _choose_checkpoint(self) -> Optional[Path]:
-        """Rank 0 removes unfinished saves, verifies the checkpoints newest first and tells every rank."""
-        found = [None, []]
-        if self.rank == 0:
-            notes = [f"removed the unfinished checkpoint save {p}" for p in ckpt.remove_unfinished(self.out)]
-            path = ckpt.latest(self.out, report=notes.append)
-            found = [None if path is None else str(path), notes]
-        if dist.get_world_size() > 1:
-            dist.broadcast_object_list(found, src=0)
-        self.notes = found[1]
-        return None if found[0] is None else Path(found[0])
-
     def load_checkpoint(self, directory: Path) -> None:
         """Collective: continue from ``directory``, written by any layout and engine."""
-        fmt = ckpt.manifest(directory).get("format")
-        if fmt != ckpt.FORMAT:
-            raise ckpt.CheckpointError(f"checkpoint {directory} has format {fmt!r}, this sfd_scale reads {ckpt.FORMAT!r} "
-                                       f"(written by an older version): start a new train.output_dir, or take its "
-                                       f"weights with checkpoint.init_from")
-        meta = ckpt.stored_keys(directory)
-        objects = ["counters", "trainer"] + ([ckpt.rng_key(self.rank)] if ckpt.rng_key(self.rank) in meta else [])
-        kinds = [k for k in ADAM_KINDS + ("master",) if any(key.startswith(f"optim/{k}/") for key in meta)]
-        keys = list(objects)
-        for chunk in self.chunks:
-            names = [k for k in chunk.state_dict() if not k.endswith("_extra_state")]
-            keys += [f"{which}/{global_key(chunk, k)}" for which in ("model", "ema") for k in names]
-            keys += [f"optim/{kind}/{global_key(chunk, n)}" for kind in kinds
-                     for n, p in chunk.named_parameters() if p.requires_grad]
-        try:
-            state = ckpt.empty_like_stored(directory, keys, meta)
-        except ckpt.CheckpointError as err:
-            raise ckpt.CheckpointError(f"{err}: it does not fit this model (model.* settings changed?)") from None
-        ckpt.load(directory, state, self.checkpointer.group)
-        info = ckpt.unpack(state["trainer"])
+        state, kinds, info = self.state.read(directory, self.rank, self.checkpointer.group)
         for key, name in (("global_batch_size", "train.global_batch_size"), ("seed", "train.seed")):
             if info[key] != getattr(self.cfg.train, key):
                 raise ckpt.CheckpointError(f"checkpoint {directory} was trained with {name}={info[key]}, this run has "
                                            f"{getattr(self.cfg.train, key)}: the data order and random draws would "
                                            f"not continue (use a new train.output_dir, or checkpoint.init_from)")
-
-        def part(prefix: str, chunk) -> dict:
-            return self._part({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}, chunk)
-
-        params = []
-        for chunk, ema_chunk in zip(self.chunks, self._ema_chunks()):
-            load_official_state_dict(chunk, part("model/", chunk))
-            load_official_state_dict(ema_chunk, part("ema/", chunk))
-            tp_rank, tp_size, _ = model_tp(chunk)
-            per: Dict[str, dict] = {}
-            for kind in kinds:
-                full = part(f"optim/{kind}/", chunk)
-                local = shard_state_dict(full, chunk.args, tp_rank, tp_size) if tp_size > 1 else full
-                for name, t in local.items():
-                    per.setdefault(name, {})[kind] = t
-            params.append(per)
-        self.engine.load_state_dict({"params": params, "counters": ckpt.unpack(state["counters"])})
-        if ckpt.rng_key(self.rank) in state:
-            ckpt.set_rng_state(ckpt.unpack(state[ckpt.rng_key(self.rank)]))
+        self.state.restore(state, kinds, self.rank)
         self.step, self.nonfinite_steps = int(info["step"]), int(info["nonfinite_steps"])
         self._saved_step = self.step
 
@@ -296,26 +195,6 @@ class Trainer:
         self.step += 1
         return metrics
 
-    def _on_signal(self, signum, frame) -> None:  # only notes it: the step in progress finishes first
-        self._stop_signal = signal.Signals(signum).name
-
-    def stop_reason(self, started: float, agree: bool = False) -> Optional[str]:
-        """Why every rank stops after this step (a signal reached any rank, or rank 0's wall-clock budget ran
-        out), or None. One process decides every step; several agree (a gloo all-reduce, collective) every
-        ``train.stop_check_every`` steps and whenever ``agree`` (checkpoint steps); otherwise None."""
-        budget = self.cfg.train.time_budget_s
-        if self.control_group is not None and not agree and self.step % self.cfg.train.stop_check_every:
-            return None
-        flags = torch.tensor([self._stop_signal is not None,
-                              self.rank == 0 and budget > 0 and time.monotonic() - started >= budget], dtype=torch.int32)
-        if self.control_group is not None:
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.control_group)
-        if flags[0]:
-            return f"signal {self._stop_signal or 'received by another rank'}"
-        if flags[1]:
-            return f"train.time_budget_s={budget:g} reached"
-        return None
-
     def sample_grid(self, name: str) -> Optional[str]:
         """Collective under TP (every rank samples); rank 0 writes the PNG. Not with pipeline stages:
         sample those runs from their checkpoint (tools/sample.py)."""
@@ -359,15 +238,6 @@ class Trainer:
                         fid_method="fast", device=self.device)
 
     # ------------------------------------------------------------------------------------------ loop
-    def _settle(self, window: StepWindow, logger: RunLogger) -> None:
-        """Read the pending steps' device metrics (one host sync); count and report the skipped ones."""
-        for record in window.settle():
-            if record.nonfinite:
-                self.nonfinite_steps += 1
-                logger.write(f"step {record.step}: skipped, no update (non-finite loss or grad norm, seen at step "
-                             f"{self.step}); {self.nonfinite_steps} of "
-                             f"train.max_nonfinite_steps={self.cfg.train.max_nonfinite_steps}")
-
     def hot_path_line(self) -> str:
         """The start-up line naming what the step runs: attention backend, optimizer, compile, precision."""
         bf16 = self.cfg.train.precision == "bf16"
@@ -381,6 +251,49 @@ class Trainer:
                 f"precision: weights {weights}, autocast {'bfloat16' if bf16 else 'off'}, "
                 f"grad reduce {self.engine.grad_reduce_dtype()}")
 
+    def _log_start(self, logger: RunLogger, n_params: int) -> None:
+        cfg, env = self.cfg, os.environ
+        logger.write(f"start: job {env.get('SLURM_JOB_ID', '-')} restart {env.get('SLURM_RESTART_COUNT', '0')}, "
+                     f"{dist.get_world_size()} ranks, sfd_scale {self.code.get('git_commit', self.code['sfd_scale'])}"
+                     + (" (modified)" if self.code.get("git_modified") else ""))
+        for note in self.notes:
+            logger.write(note)
+        logger.write(f"model {cfg.model.name} ({n_params / 1e6:.2f}M params per TP rank) on {self.device}, "
+                     f"engine {self.engine.name}, TP {cfg.parallel.tensor_parallel} x PP {cfg.parallel.pipeline_parallel}"
+                     f" x DP {self.dp_size}; data: {self.data.description}"
+                     + (f"; resumed from {self.resumed_from} (step {self.step})" if self.resumed_from else "; from scratch"))
+        logger.write(self.hot_path_line())
+        for note in self.engine.notes:
+            logger.write(f"warning: {note}")
+
+    def _settle(self, window: StepWindow, logger: RunLogger) -> None:
+        """The pending steps' metrics read (one host sync), the skipped ones counted and reported."""
+        self.nonfinite_steps = self.control.settle(window, logger, self.step, self.nonfinite_steps)
+
+    def _between_steps(self, logger: RunLogger, window: StepWindow) -> Optional[str]:
+        """After a step: the non-finite limit, FID, sample grid and checkpoint when due; returns why the run
+        stops now (signal, time budget), or None."""
+        cfg, main = self.cfg, self.rank == 0
+        checkpoint_step = bool(cfg.checkpoint.every) and self.step % cfg.checkpoint.every == 0
+        if checkpoint_step:
+            self._settle(window, logger)  # the checkpoint counts the skipped steps
+        if self.control.nonfinite_limit_reached(self.nonfinite_steps):
+            self.save()
+            self.checkpointer.wait()
+            raise self.control.nonfinite_error(self.nonfinite_steps, self.step, self.out)
+        if cfg.eval.fid_every and self.step % cfg.eval.fid_every == 0:
+            scores = self.evaluate_fid()
+            if main:
+                logger.log(self.step, {k: v for k, v in scores.items() if isinstance(v, (int, float))})
+                logger.write(f"step {self.step}: FID {scores['fid']:.3f} ({cfg.eval.fid_images} EMA samples)")
+        if cfg.train.sample_every and self.step % cfg.train.sample_every == 0:
+            grid = self.sample_grid(f"step_{self.step:07d}")
+            if main and grid:
+                logger.log_image(self.step, "samples", grid)
+        if checkpoint_step:
+            self.save()
+        return self.control.stop_reason(self.step, agree=checkpoint_step)
+
     def fit(self) -> dict:
         """Train to ``train.max_steps``. Returns a summary; its ``exit_status`` is ``REQUEUE_EXIT`` when the run
         stopped early on a signal or its time budget (after writing a checkpoint), else 0."""
@@ -393,77 +306,43 @@ class Trainer:
                            cfg.logging.run_name, asdict(cfg), cfg.train.max_steps, self.step,
                            cfg.logging.progress and main, quiet=not main)
         n_params = sum(count_parameters(c) for c in self.chunks)
-        env = os.environ
-        logger.write(f"start: job {env.get('SLURM_JOB_ID', '-')} restart {env.get('SLURM_RESTART_COUNT', '0')}, "
-                     f"{dist.get_world_size()} ranks, sfd_scale {self.code.get('git_commit', self.code['sfd_scale'])}"
-                     + (" (modified)" if self.code.get("git_modified") else ""))
-        for note in self.notes:
-            logger.write(note)
         self.checkpointer.report = logger.write  # one line per save: how long it blocked training
-        logger.write(f"model {cfg.model.name} ({n_params / 1e6:.2f}M params per TP rank) on {self.device}, "
-                     f"engine {self.engine.name}, TP {cfg.parallel.tensor_parallel} x PP {cfg.parallel.pipeline_parallel}"
-                     f" x DP {self.dp_size}; data: {self.data.description}"
-                     + (f"; resumed from {self.resumed_from} (step {self.step})" if self.resumed_from else "; from scratch"))
-        logger.write(self.hot_path_line())
-        for note in self.engine.notes:
-            logger.write(f"warning: {note}")
+        self._log_start(logger, n_params)
         start_step, t0, first_loss, last_loss = self.step, time.time(), None, None
-        started, window, exit_status, grid, final_ckpt = time.monotonic(), StepWindow(), 0, None, None
-        handlers = {name: signal.signal(getattr(signal, name), self._on_signal) for name in cfg.train.requeue_signals}
+        window, exit_status, grid, final_ckpt = StepWindow(), 0, None, None
         try:
-            for batch in DevicePrefetcher(self.loader(), self.device):
-                if self.step >= cfg.train.max_steps:
-                    break
-                metrics = self.train_step(batch)
-                window.add(self.step, metrics)
-                logger.advance()
-                if self.step % cfg.train.log_every == 0 or self.step == cfg.train.max_steps:
-                    self._settle(window, logger)  # the one host read of this log interval
-                    records = window.take()
-                    first_loss, last_loss = _loss_span(records, first_loss, last_loss)
-                    line = log_line(records, self.nonfinite_steps)
-                    line["steps/s"] = (self.step - start_step) / max(time.time() - t0, 1e-9)
-                    logger.log(self.step, line)
-                checkpoint_step = bool(cfg.checkpoint.every) and self.step % cfg.checkpoint.every == 0
-                if checkpoint_step:
-                    self._settle(window, logger)  # the checkpoint counts the skipped steps
-                if self.nonfinite_steps >= cfg.train.max_nonfinite_steps:
+            with self.control.handling_signals():
+                for batch in DevicePrefetcher(self.loader(), self.device):
+                    if self.step >= cfg.train.max_steps:
+                        break
+                    metrics = self.train_step(batch)
+                    window.add(self.step, metrics)
+                    logger.advance()
+                    if self.step % cfg.train.log_every == 0 or self.step == cfg.train.max_steps:
+                        self._settle(window, logger)  # the one host read of this log interval
+                        records = window.take()
+                        first_loss, last_loss = _loss_span(records, first_loss, last_loss)
+                        line = log_line(records, self.nonfinite_steps)
+                        line["steps/s"] = (self.step - start_step) / max(time.time() - t0, 1e-9)
+                        logger.log(self.step, line)
+                    reason = self._between_steps(logger, window)
+                    if reason is not None:
+                        logger.write(f"stopping at step {self.step}: {reason}; writing a checkpoint, then exit "
+                                     f"status {REQUEUE_EXIT} (requeue)")
+                        exit_status = REQUEUE_EXIT
+                        break
+                self._settle(window, logger)
+                first_loss, last_loss = _loss_span(window.take(), first_loss, last_loss)
+                if self._saved_step != self.step:
                     self.save()
-                    self.checkpointer.wait()
-                    raise FloatingPointError(f"{self.nonfinite_steps} steps had a non-finite loss or grad norm "
-                                             f"(train.max_nonfinite_steps={cfg.train.max_nonfinite_steps}); "
-                                             f"stopped at step {self.step} with a checkpoint in {self.out}")
-                if cfg.eval.fid_every and self.step % cfg.eval.fid_every == 0:
-                    scores = self.evaluate_fid()
-                    if main:
-                        logger.log(self.step, {k: v for k, v in scores.items() if isinstance(v, (int, float))})
-                        logger.write(f"step {self.step}: FID {scores['fid']:.3f} ({cfg.eval.fid_images} EMA samples)")
-                if cfg.train.sample_every and self.step % cfg.train.sample_every == 0:
-                    grid = self.sample_grid(f"step_{self.step:07d}")
+                final_ckpt = ckpt.checkpoint_dir(self.out, self.step)
+                self.checkpointer.wait()
+                logger.write(f"checkpoint {final_ckpt} written")
+                if exit_status == 0:
+                    grid = self.sample_grid("final")
                     if main and grid:
                         logger.log_image(self.step, "samples", grid)
-                if checkpoint_step:
-                    self.save()
-                reason = self.stop_reason(started, agree=checkpoint_step)
-                if reason is not None:
-                    logger.write(f"stopping at step {self.step}: {reason}; writing a checkpoint, then exit status "
-                                 f"{REQUEUE_EXIT} (requeue)")
-                    exit_status = REQUEUE_EXIT
-                    break
-            self._settle(window, logger)
-            first_loss, last_loss = _loss_span(window.take(), first_loss, last_loss)
-            if self._saved_step != self.step:
-                self.save()
-            final_ckpt = ckpt.checkpoint_dir(self.out, self.step)
-            self.checkpointer.wait()
-            logger.write(f"checkpoint {final_ckpt} written")
-            if exit_status == 0:
-                grid = self.sample_grid("final")
-                if main and grid:
-                    logger.log_image(self.step, "samples", grid)
         finally:
-            for name, handler in handlers.items():
-                signal.signal(getattr(signal, name), handler)
             self.checkpointer.wait()
             logger.close()
             self.data.close()

@@ -94,7 +94,7 @@ def _train(rank, world, root, out, tp, steps, extra=()):
                            "sample.method=euler", "sample.num_steps=2", "sample.grid_images=2"])
     trainer = Trainer(cfg)
     trainer.fit()
-    return {k: v.detach().clone() for k, v in trainer.full_state_dict(trainer.chunks).items()}
+    return {k: v.detach().clone() for k, v in trainer.state.full_weights("model").items()}
 
 
 def test_trainer_on_shards_equal_on_one_and_two_ranks(root, tmp_path):

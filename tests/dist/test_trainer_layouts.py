@@ -10,7 +10,7 @@ def _train(rank, world_size, out_dir, overrides):
     trainer = Trainer(tiny_config(out_dir, *overrides))
     summary = trainer.fit()
     # full weights gathered over TP and pipeline stages (what a checkpoint holds)
-    return summary["last_loss"], trainer.full_state_dict(trainer.chunks), trainer.full_state_dict(trainer._ema_chunks())
+    return summary["last_loss"], trainer.state.full_weights("model"), trainer.state.full_weights("ema")
 
 
 def _single(out_dir, overrides):
@@ -88,7 +88,7 @@ def _signal_on_rank_1(rank, world_size, out_dir, overrides):
     def step_then_signal(batch):  # only rank 1 sees the signal, while step 2 runs
         out = step(batch)
         if rank == 1 and trainer.step == 2:
-            trainer._on_signal(10, None)  # SIGUSR1
+            trainer.control.on_signal(10, None)  # SIGUSR1
         return out
 
     trainer.train_step = step_then_signal

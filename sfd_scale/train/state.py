@@ -1,0 +1,170 @@
+"""The training state and its checkpoint key layout: the one place that says what a checkpoint holds.
+
+``train/checkpoint.py`` writes and reads a checkpoint directory (DCP, manifest, verify, prune); this module
+decides its contents. Keys are layout-free, so a run on any TP x PP x DP and any engine resumes from any
+checkpoint:
+
+  ``model/<official key>``, ``ema/<official key>``   full tensors under the official LightningDiT names
+                                                     (``pipeline.global_key``: block numbers of the whole model);
+  ``optim/<kind>/<official key>``                    Adam ``exp_avg`` / ``exp_avg_sq`` (+ fp32 ``master``
+                                                     with bf16 weights), one full tensor per parameter;
+  ``counters``                                       optimizer steps, LR schedule, engine counters;
+  ``trainer``                                        step, data position, skipped steps, layout, code version;
+  ``config``                                         the resolved config (a plain dict);
+  ``rng/rank_00000`` ...                             every rank's torch / numpy / python RNG states
+                                                     (objects are stored packed: ``checkpoint.pack``).
+
+Every rank passes the tensors it holds: a TP group's ranks hold them gathered (the export gathers weights,
+``collect`` gathers optimizer state), pipeline stages their own blocks, DP replicas the same (the engine
+gathers what it shards). Loading reads the keys this rank's chunks need and shards them over TP here, over DP
+in the engine. ``native_state`` is the weights-only form ``train/convert.py`` writes.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+from ..models.official import export_official_state_dict, load_official_state_dict
+from ..parallel.engines import ADAM_KINDS
+from ..parallel.pipeline import global_key, stage_state_dict
+from ..parallel.tensor_parallel import gather_state_dict, model_tp, shard_state_dict
+from . import checkpoint as ckpt
+
+State = Dict[str, torch.Tensor]
+
+
+def weights_key(which: str, name: str) -> str:
+    """``which``: 'model' or 'ema'; ``name``: an official (whole-model) key."""
+    return f"{which}/{name}"
+
+
+def optim_key(kind: str, name: str) -> str:
+    return f"optim/{kind}/{name}"
+
+
+def with_prefix(state: dict, prefix: str) -> dict:
+    """The entries of ``state`` under ``prefix``, the prefix removed."""
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def native_state(cfg, model: State, ema: State, step: int, layout: dict) -> Tuple[State, dict]:
+    """(state, run info) of a checkpoint with these full weights and no optimizer state (a run resumes from it
+    at ``step`` with a fresh optimizer, on any layout)."""
+    state = {weights_key("model", k): v for k, v in model.items()}
+    state.update({weights_key("ema", k): v for k, v in ema.items()})
+    info = ckpt.run_info(cfg, step, layout)
+    state.update(counters=ckpt.pack({"optimizer_steps": 0}), trainer=ckpt.pack(info), config=ckpt.pack(asdict(cfg)))
+    return state, info
+
+
+def choose_checkpoint(output_dir: Path, rank: int) -> Tuple[Optional[Path], List[str]]:
+    """Collective: rank 0 removes unfinished saves and verifies the checkpoints newest first; every rank gets
+    (the checkpoint to resume from or None, rank 0's notes on what it removed or passed over)."""
+    found = [None, []]
+    if rank == 0:
+        notes = [f"removed the unfinished checkpoint save {p}" for p in ckpt.remove_unfinished(output_dir)]
+        path = ckpt.latest(output_dir, report=notes.append)
+        found = [None if path is None else str(path), notes]
+    if dist.get_world_size() > 1:
+        dist.broadcast_object_list(found, src=0)
+    return (None if found[0] is None else Path(found[0])), found[1]
+
+
+class TrainingState:
+    """What one rank contributes to, and takes from, a checkpoint: its model chunks (one, or its pipeline
+    chunks), their EMA copies, the engine's optimizer state and counters, and its RNG states."""
+
+    def __init__(self, chunks: list, ema_chunks: list, engine, pipelined: bool):
+        self.chunks, self.ema_chunks, self.engine, self.pipelined = chunks, ema_chunks, engine, pipelined
+
+    def part(self, full: dict, chunk) -> dict:
+        """The part of a full state dict a pipeline chunk holds (all of it, checked strictly, otherwise)."""
+        return stage_state_dict(full, chunk) if self.pipelined else full
+
+    # ------------------------------------------------------------------------------------------ weights
+    @staticmethod
+    def stage_weights(chunks, copy: bool = True) -> State:
+        """These chunks' weights, full over TP (the export gathers), under official global names;
+        ``copy=False``: the live tensors where there is nothing to gather (a save stages them itself)."""
+        return {global_key(chunk, k): v for chunk in chunks
+                for k, v in export_official_state_dict(chunk, copy=copy).items()}
+
+    def full_weights(self, which: str = "model") -> State:
+        """Official-named full weights ('model' or 'ema') on every rank: gathered over TP by the export, over
+        pipeline stages here (collective; for tests and tools, checkpoints do not need it)."""
+        local = self.stage_weights(self.chunks if which == "model" else self.ema_chunks)
+        if not self.pipelined:
+            return local
+        parts = [None] * parallel_state.get_pipeline_model_parallel_world_size()
+        dist.all_gather_object(parts, local, group=parallel_state.get_pipeline_model_parallel_group())
+        return {k: v for part in parts for k, v in part.items()}
+
+    # ------------------------------------------------------------------------------------------ save
+    def collect(self, cfg, rank: int, info: dict) -> State:
+        """Collective (TP gathers of optimizer state, DP gathers in the engine): every tensor this rank
+        contributes, under its checkpoint key; rank 0 adds the run's objects (``info``: ``run_info``)."""
+        state: State = {}
+        for which, chunks in (("model", self.chunks), ("ema", self.ema_chunks)):
+            state.update({weights_key(which, k): v for k, v in self.stage_weights(chunks, copy=False).items()})
+        engine_state = self.engine.state_dict()
+        for chunk, params in zip(self.chunks, engine_state["params"], strict=True):
+            _, tp_size, group = model_tp(chunk)
+            for kind in sorted({k for kinds in params.values() for k in kinds}):
+                local = {name: kinds[kind] for name, kinds in params.items()}
+                full = gather_state_dict(local, chunk.args, group=group) if tp_size > 1 else local
+                state.update({optim_key(kind, global_key(chunk, name)): t for name, t in full.items()})
+        state[ckpt.rng_key(rank)] = ckpt.pack(ckpt.rng_state())
+        if rank == 0:
+            state["counters"] = ckpt.pack(engine_state["counters"])
+            state["trainer"] = ckpt.pack(info)
+            state["config"] = ckpt.pack(asdict(cfg))
+        return state
+
+    # ------------------------------------------------------------------------------------------ load
+    def read(self, directory: Path, rank: int, group=None) -> Tuple[State, List[str], dict]:
+        """Collective: the stored entries this rank needs, read from ``directory``, the optimizer state kinds
+        it holds and the stored run info (``trainer``). Raises ``CheckpointError`` naming the directory when
+        it is not this format or does not fit the model."""
+        fmt = ckpt.manifest(directory).get("format")
+        if fmt != ckpt.FORMAT:
+            raise ckpt.CheckpointError(f"checkpoint {directory} has format {fmt!r}, this sfd_scale reads {ckpt.FORMAT!r} "
+                                       f"(written by an older version): start a new train.output_dir, or take its "
+                                       f"weights with checkpoint.init_from")
+        meta = ckpt.stored_keys(directory)
+        keys = ["counters", "trainer"] + ([ckpt.rng_key(rank)] if ckpt.rng_key(rank) in meta else [])
+        kinds = [k for k in ADAM_KINDS + ("master",) if any(key.startswith(optim_key(k, "")) for key in meta)]
+        for chunk in self.chunks:
+            names = [k for k in chunk.state_dict() if not k.endswith("_extra_state")]
+            keys += [weights_key(which, global_key(chunk, k)) for which in ("model", "ema") for k in names]
+            keys += [optim_key(kind, global_key(chunk, n)) for kind in kinds
+                     for n, p in chunk.named_parameters() if p.requires_grad]
+        try:
+            state = ckpt.empty_like_stored(directory, keys, meta)
+        except ckpt.CheckpointError as err:
+            raise ckpt.CheckpointError(f"{err}: it does not fit this model (model.* settings changed?)") from None
+        ckpt.load(directory, state, group)
+        return state, kinds, ckpt.unpack(state["trainer"])
+
+    def restore(self, state: State, kinds: List[str], rank: int) -> None:
+        """Put ``read``'s entries into the chunks, their EMA, the engine (sharded over TP here, over DP by the
+        engine) and this rank's RNGs."""
+        params = []
+        for chunk, ema_chunk in zip(self.chunks, self.ema_chunks):
+            load_official_state_dict(chunk, self.part(with_prefix(state, "model/"), chunk))
+            load_official_state_dict(ema_chunk, self.part(with_prefix(state, "ema/"), chunk))
+            tp_rank, tp_size, _ = model_tp(chunk)
+            per: Dict[str, dict] = {}
+            for kind in kinds:
+                full = self.part(with_prefix(state, optim_key(kind, "")), chunk)
+                local = shard_state_dict(full, chunk.args, tp_rank, tp_size) if tp_size > 1 else full
+                for name, t in local.items():
+                    per.setdefault(name, {})[kind] = t
+            params.append(per)
+        self.engine.load_state_dict({"params": params, "counters": ckpt.unpack(state["counters"])})
+        if ckpt.rng_key(rank) in state:
+            ckpt.set_rng_state(ckpt.unpack(state[ckpt.rng_key(rank)]))
