@@ -5,13 +5,14 @@ checkpoints, signals) and ``metrics.jsonl`` (one line per logged step). A resume
 from __future__ import annotations
 
 import json
-import os
 import secrets
 import time
 from pathlib import Path
 from typing import Optional
 
 from tqdm.auto import tqdm
+
+from .atomic import write_text
 
 
 class RunLogger:
@@ -44,9 +45,7 @@ class RunLogger:
                     keep.append(line)
             except (ValueError, KeyError, TypeError):  # the torn last line of a killed run
                 pass
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text("".join(line + "\n" for line in keep))
-        os.replace(tmp, path)
+        write_text(path, "".join(line + "\n" for line in keep))
 
     def log(self, step: int, metrics: dict) -> None:
         if self.run is not None:

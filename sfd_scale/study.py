@@ -50,6 +50,9 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import numpy as np
 from omegaconf import MISSING
 
+from . import atomic
+from .device import resolve_device
+
 COLUMNS = ["run", "step", "images_seen", "fid", "sfid", "precision", "recall"]
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
@@ -171,15 +174,7 @@ def result_path(out, run: str, step: int) -> Path:
 
 def _write_atomic(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".tmp_{path.name}.{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic.write_bytes(path, data, sync=True)
 
 
 # ----------------------------------------------------------------------------------------------- one point
@@ -257,7 +252,6 @@ def evaluate_point(study: Study, out, run: str, step: int, evaluator: Optional[E
     """FID (sFID, precision, recall) of the EMA weights of ``run`` at ``step``: sampled into ``fid/<run>/step_N``
     (resumable), scored with ``fid_method="fast"`` and written to ``results/<run>/step_N.json``. Under srun each
     task samples its share; the task that completes the set scores it (the others return None)."""
-    import torch
 
     from .eval.fid import evaluate
     from .eval.fid_sampling import rank_and_world, sample_for_fid
@@ -279,8 +273,7 @@ def evaluate_point(study: Study, out, run: str, step: int, evaluator: Optional[E
     with warnings.catch_warnings():  # torch.distributed.checkpoint read without a process group: expected
         warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
         model, cfg = load_sampling_model(directory, overrides=study.cli_overrides + study.eval.sample)
-    name = cfg.train.device if cfg.train.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if name == "cuda" else torch.device(name)
+    device = resolve_device(cfg.train.device)
     log(f"[{study.name}] {run}: FID of step {step} ({study.eval.images} EMA samples, {cfg.sample.method} x "
         f"{cfg.sample.num_steps}, guidance {cfg.sample.guidance})")
     samples = sample_for_fid(model.to(device), cfg, Path(out) / "fid" / run / f"step_{step:07d}", study.eval.images,
@@ -459,11 +452,10 @@ def collect(study: Study, out, log: Callable[[str], None] = print) -> dict:
 
     png = None
     if curves:
-        tmp = out / f".tmp_fid_vs_images.{os.getpid()}.png"
-        plot_fid(curves, tmp, x_label="training images seen",
-                 title=f"{study.name}: FID-{_images(study.eval.images)} (EMA) vs. training images")
-        os.replace(tmp, out / "fid_vs_images.png")
         png = out / "fid_vs_images.png"
+        with atomic.atomic_path(png) as tmp:
+            plot_fid(curves, tmp, x_label="training images seen",
+                     title=f"{study.name}: FID-{_images(study.eval.images)} (EMA) vs. training images")
 
     md = [f"# Study {study.name}", "", f"Study file `{Path(study.path).name}`; FID of {study.eval.images} EMA samples "
           f"per point against `{study.eval.reference}` (Inception features, fast Frechet distance); images seen = "

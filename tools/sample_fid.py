@@ -10,7 +10,6 @@ An sfd_scale checkpoint directory brings its config (overrides apply on top); an
 --config. Non-demo data decodes with the texture VAE: --texture-vae or sample.texture_vae.
 """
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -28,9 +27,9 @@ def main(argv=None) -> int:
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_intermixed_args(argv)
 
-    import torch
 
     from sfd_scale.config import ConfigError
+    from sfd_scale.device import resolve_device
     from sfd_scale.eval.fid_sampling import FidSamplingError, rank_and_world, sample_for_fid
     from sfd_scale.eval.generate import load_sampling_model
     from sfd_scale.parallel.launch import slurm_rendezvous
@@ -42,10 +41,10 @@ def main(argv=None) -> int:
         slurm_rendezvous()  # srun tasks: RANK / WORLD_SIZE / LOCAL_RANK from SLURM's variables
         rank, world = rank_and_world()
         model, cfg = load_sampling_model(args.checkpoint, args.config, overrides)
-        name = cfg.train.device if cfg.train.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
-        if name == "cuda" and not torch.cuda.is_available():
-            raise ConfigError("train.device is 'cuda' but no GPU is available")
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if name == "cuda" else torch.device("cpu")
+        try:
+            device = resolve_device(cfg.train.device)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
         start = time.monotonic()
         result = sample_for_fid(model.to(device), cfg, args.out, args.num_images, batch_size=args.batch,
                                 rank=rank, world_size=world, device=device, png=not args.no_png,

@@ -18,13 +18,14 @@ fixed (no learned weights) and tiny:
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass
 from typing import Dict, Optional, Tuple, Union
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from ..atomic import atomic_path
 
 __all__ = [
     "load_digit_images", "PixelTextureCodec", "PatchPCASemanticEncoder", "DemoLatents",
@@ -235,7 +236,7 @@ def save_image_grid(images: Union[torch.Tensor, np.ndarray], path: Union[str, os
     ``nrow`` images per row. ``padding`` grey pixels (before scaling) separate tiles and frame the
     grid; the whole grid is then upscaled ``scale`` x with nearest neighbour so 16x16 digits stay
     crisp. Output size: width = (ncol*(W+padding)+padding)*scale, height = (nrows*(H+padding)+padding)*scale.
-    Written to a temp file in the same directory and ``os.replace``-d, so readers never see half a PNG.
+    Written atomically (``sfd_scale/atomic.py``), so readers never see half a PNG.
     """
     from PIL import Image
 
@@ -255,15 +256,7 @@ def save_image_grid(images: Union[torch.Tensor, np.ndarray], path: Union[str, os
     img = Image.fromarray(np.ascontiguousarray(grid[..., 0] if c == 1 else grid))  # uint8 2-D -> "L", HxWx3 -> "RGB"
 
     path = os.fspath(path)
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_grid_", suffix=".png", dir=parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            img.save(f, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with atomic_path(path) as tmp:
+        img.save(tmp, format="PNG")
     return path

@@ -28,6 +28,7 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from ..device import resolve_device
 from ..config import ConfigError, load_structured
 from . import shards
 
@@ -216,12 +217,6 @@ def build_encoder(cfg: ExtractConfig, device: str):
     return enc
 
 
-def resolve_device(cfg: ExtractConfig) -> str:
-    if cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available()):
-        return "cpu"
-    return f"cuda:{int(os.environ.get('LOCAL_RANK', 0)) % torch.cuda.device_count()}"
-
-
 def rank_world() -> Tuple[int, int]:
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     if world < 1 or not 0 <= rank < world:
@@ -311,7 +306,7 @@ def extract(cfg: ExtractConfig, rank: int = 0, world: int = 1, finalize_only: bo
         done = set(shards.finished_parts(root))
         todo = [k for k in range(rank, n_chunks, world) if shards.part_name(k) not in done]
     images = sum(len(chunk_range(k, cfg.chunk_size, n)) for k in todo)
-    device = resolve_device(cfg)
+    device = str(resolve_device(cfg.device, "device"))
     encoder = build_encoder(cfg, device) if todo else None  # weight errors surface before anything is written
     claim_output(root, provenance(cfg, inputs))
     if todo:

@@ -16,16 +16,16 @@ from __future__ import annotations
 
 import operator
 import os
-import tempfile
 import warnings
 from bisect import bisect_right
 from glob import glob
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Tuple
 
 import numpy as np
 import torch
 from safetensors import safe_open
 
+from ..atomic import atomic_path
 from .shards import PartWriter, composite_latent, finalize, finished_parts
 
 # Each optional block must come with its flipped twin, otherwise a flipped read would fail mid-epoch.
@@ -174,21 +174,14 @@ class OfficialLatentDataset(torch.utils.data.Dataset):
 
     @staticmethod
     def _save_stats(stats: Dict[str, torch.Tensor], path: str) -> None:
-        """Atomic write (temp file + os.replace): concurrent ranks never see a half-written file."""
-        tmp: Optional[str] = None
+        """Atomic write: concurrent ranks never see a half-written file."""
         try:
-            fd, tmp = tempfile.mkstemp(prefix=".tmp_stats_", suffix=".pt", dir=os.path.dirname(path))
-            with os.fdopen(fd, "wb") as fh:
-                torch.save(stats, fh)
-            os.replace(tmp, path)
-            tmp = None
+            with atomic_path(path) as tmp:
+                torch.save(stats, tmp)
         except OSError as exc:
             # Read-only datasets (shared storage) are common; the stats are still valid in memory.
             warnings.warn(f"could not cache latent stats at {path} ({exc}); keeping them in memory only",
                           RuntimeWarning, stacklevel=3)
-        finally:
-            if tmp is not None and os.path.exists(tmp):
-                os.remove(tmp)
 
 
 # ---------------------------------------------------------------------------------------------- import

@@ -27,11 +27,11 @@ from safetensors.torch import load_file, save_file
 from timm.models.vision_transformer import Block
 from torch import nn
 
+from ..atomic import atomic_path
+
 ARGS_KEY = "semvae_args"           # safetensors metadata key holding SemVAEArgs as JSON
 FORMAT_KEY = "format"
 FORMAT = "sfd_scale.semvae/1"
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)
 
 
 @dataclass
@@ -170,14 +170,8 @@ def save_semvae(path: str | os.PathLike, model: SemanticVAE, args: SemVAEArgs, e
     metadata.update({str(k): json.dumps(v) for k, v in extra.items()})
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp_{path.name}.{os.getpid()}")
-    try:
+    with atomic_path(path) as tmp:  # the umask's file mode (safetensors alone creates files 0600)
         save_file(tensors, str(tmp), metadata=metadata)
-        os.chmod(tmp, 0o666 & ~_UMASK)  # safetensors creates files 0600
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return path
 
 

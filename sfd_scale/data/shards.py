@@ -36,6 +36,8 @@ from safetensors.torch import load_file, save_file
 from streaming import MDSWriter, StreamingDataset
 from streaming.base.util import merge_index
 
+from ..atomic import atomic_path, write_text
+
 FORMAT_VERSION = 1
 PAIRED = ("latents", "latents_sv", "feats_dino", "latents_dino")  # each comes with a ``_flip`` twin
 STATS_FILE, META_FILE, INDEX_FILE, MOMENTS_FILE = "stats.safetensors", "sfd_dataset.json", "index.json", \
@@ -231,9 +233,7 @@ def finalize(root, meta: dict, stats: Optional[Dict[str, torch.Tensor]] = None) 
     info = {"format_version": FORMAT_VERSION, "num_samples": sum(s["samples"] for s in index["shards"]),
             "parts": len(names), "columns": dict(zip(index["shards"][0]["column_names"],
                                                       index["shards"][0]["column_encodings"])), **meta}
-    tmp = root / f".tmp_{META_FILE}"
-    tmp.write_text(json.dumps(info, indent=2))
-    os.replace(tmp, root / META_FILE)
+    write_text(root / META_FILE, json.dumps(info, indent=2))
     return info
 
 
@@ -251,14 +251,11 @@ def fetch_dataset_files(root, remote: Optional[str]) -> None:
         if dest.is_file():
             continue
         dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_name(f".tmp_{name}_{socket.gethostname()}_{os.getpid()}")
         try:
-            CloudDownloader.direct_download(os.path.join(remote, name), str(tmp))
-            os.replace(tmp, dest)
+            with atomic_path(dest) as tmp:
+                CloudDownloader.direct_download(os.path.join(remote, name), str(tmp))
         except Exception as err:
             raise ShardFormatError(f"cannot fetch {os.path.join(remote, name)} into {root}: {err}") from err
-        finally:
-            tmp.unlink(missing_ok=True)
 
 
 def read_meta(root) -> dict:

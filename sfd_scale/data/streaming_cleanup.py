@@ -20,6 +20,8 @@ import tempfile
 from pathlib import Path
 from typing import List, Optional
 
+from ..atomic import write_text
+
 SHM_ROOT = Path("/dev/shm")
 
 
@@ -98,10 +100,8 @@ class StreamingLease:
         d = _lease_dir()
         d.mkdir(parents=True, exist_ok=True)
         self.path = d / f"{prefix:06d}_{os.getpid()}.json"
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"prefix": prefix, "filelock_root": root, "pid": os.getpid(),
-                                   "started": _start_time(os.getpid()) or "unknown"}))
-        os.replace(tmp, self.path)
+        write_text(self.path, json.dumps({"prefix": prefix, "filelock_root": root, "pid": os.getpid(),
+                                          "started": _start_time(os.getpid()) or "unknown"}))
 
     def release(self, dataset) -> None:
         """Normal exit: streaming frees its segments when the dataset goes; the lock files are ours to delete."""

@@ -34,6 +34,7 @@ from typing import Callable, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from ..atomic import atomic_path
 from ..config import Config, guidance_config, sampler_config, sfd_spec
 from ..diffusion.sampling import ADAPTIVE_METHODS, Sampler, balanced_labels
 from .generate import default_decoder
@@ -85,16 +86,10 @@ def rank_and_world(rank: Optional[int] = None, world_size: Optional[int] = None)
 
 
 def _atomic(path: Path, write: Callable, sync: bool = False) -> None:
-    tmp = path.parent / f".tmp_{path.name}.{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            if sync:
-                f.flush()
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """``write(file)`` into ``path``, atomically (``sfd_scale/atomic.py``; temporaries named ``.tmp_<path name>…``,
+    which ``_clean_temps`` recognises)."""
+    with atomic_path(path, sync) as tmp, open(tmp, "wb") as f:
+        write(f)
 
 
 def _write_json(path: Path, obj: dict) -> None:
@@ -327,12 +322,12 @@ def merge_samples(out_dir, grid_images: int = 16) -> Optional[Tuple[Path, Path]]
     for stale in out.glob(".tmp_samples_*"):  # a killed merge's (we hold the lock)
         stale.unlink(missing_ok=True)
     want = set(np.linspace(0, n - 1, min(n, max(grid_images, 1))).round().astype(int).tolist())
-    grid, labels, tmp = [], [], None
+    grid, labels = [], []
     try:
         shape = _read_part(runs[0][0], runs[0][3], runs[0][4], n, num_classes)[0].shape[1:]
         name = f"samples_{n}x{shape[0]}x{shape[1]}x3.npz"
-        tmp = out / f".tmp_{name}.{os.getpid()}"
-        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+        with atomic_path(out / name, sync=True) as tmp, \
+                zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
             with zf.open("arr_0.npy", "w", force_zip64=True) as f:  # streamed: one part in memory at a time
                 np.lib.format.write_array_header_1_0(f, {"descr": "|u1", "fortran_order": False, "shape": (n, *shape)})
                 for p, lo, hi, a, b in runs:
@@ -342,15 +337,10 @@ def merge_samples(out_dir, grid_images: int = 16) -> Optional[Tuple[Path, Path]]
                     grid += [images[i - a] for i in range(a + lo, a + hi) if i in want]
             with zf.open("arr_1.npy", "w", force_zip64=True) as f:
                 np.lib.format.write_array(f, np.concatenate(labels).astype(np.int64))
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, out / name)
         save_image_grid(np.stack(grid), out / "grid.png", nrow=min(8, len(grid)), scale=max(1, 64 // shape[0]))
         info.update(npz=name, grid="grid.png", image_shape=[*shape], merged=time.strftime("%Y-%m-%dT%H:%M:%S"))
         _write_json(out / MANIFEST, info)
         _clean_temps(out, lambda i: True)
         return out / name, out / "grid.png"
     finally:
-        if tmp is not None:
-            tmp.unlink(missing_ok=True)
         (out / LOCK).unlink(missing_ok=True)

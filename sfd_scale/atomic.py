@@ -1,0 +1,58 @@
+"""Atomic file writes: the one way sfd_scale writes a file that someone may read while it is written.
+
+Other ranks, a resumed run, a concurrent study job or the user must never see half a file. So every writer
+writes a hidden temporary sibling (unique per process and call, in the same directory: the rename stays on one
+file system), optionally fsyncs it, and renames it onto the target (``os.replace``: atomic on POSIX). If the
+write raises, the temporary is removed and the target is untouched. The file gets the mode an ``open()`` would
+give (``0o666`` less the umask), not ``mkstemp``'s 0600. Directories (checkpoints, shard sets) publish by a
+directory rename of their own (``train/checkpoint.py``, ``data/shards.py``).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterator, Union
+
+PathLike = Union[str, os.PathLike]
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_FILE_MODE = 0o666 & ~_umask()  # read once at import: os.umask can only be read by setting it
+
+
+@contextlib.contextmanager
+def atomic_path(path: PathLike, sync: bool = False) -> Iterator[Path]:
+    """A temporary path next to ``path`` for the block to write; renamed onto ``path`` when the block ends,
+    removed if it raises. ``sync``: the data reaches the disk before the name does (fsync before the rename)."""
+    path = Path(path)
+    # the target's suffix kept last: writers that pick a format by extension (PNG plots) still see it
+    fd, name = tempfile.mkstemp(prefix=f".tmp_{path.name}.", suffix=path.suffix, dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        os.chmod(tmp, _FILE_MODE)
+        if sync:
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_bytes(path: PathLike, data: bytes, sync: bool = False) -> Path:
+    with atomic_path(path, sync) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
+
+
+def write_text(path: PathLike, text: str, sync: bool = False) -> Path:
+    return write_bytes(path, text.encode(), sync)
