@@ -32,13 +32,20 @@ _GOLDEN = 0x9E37_79B9  # 2^32 / phi: separates the words folded into a key
 STREAM_NOISE, STREAM_TIME, STREAM_DROP = 1, 2, 3
 
 
+def _mix_(x: torch.Tensor) -> torch.Tensor:
+    """32-bit avalanche mixer on an int64 tensor of values in [0, 2^32), IN PLACE (returns ``x``): the noise
+    hashes a whole latent batch of int64s, and fresh tensors per operation made the draws several times
+    slower on CPU (allocation and page faults, measured: 23 -> 7 ms per 32 x 48 x 16 x 16 batch)."""
+    x.bitwise_xor_(x >> 16)
+    x.mul_(_MUL1).bitwise_and_(_M32)
+    x.bitwise_xor_(x >> 15)
+    x.mul_(_MUL2).bitwise_and_(_M32)
+    return x.bitwise_xor_(x >> 16)
+
+
 def _mix(x: torch.Tensor) -> torch.Tensor:
-    """32-bit avalanche mixer on an int64 tensor of values in [0, 2^32)."""
-    x = x ^ (x >> 16)
-    x = (x * _MUL1) & _M32
-    x = x ^ (x >> 15)
-    x = (x * _MUL2) & _M32
-    return x ^ (x >> 16)
+    """``_mix_`` on a copy."""
+    return _mix_(x.clone())
 
 
 def _mix_int(x: int) -> int:
@@ -58,7 +65,7 @@ def _fold_int(key: int, word: int) -> int:
 
 def _fold(key: torch.Tensor, word: torch.Tensor) -> torch.Tensor:
     for part in (word & _M32, (word >> 32) & _M32):
-        key = _mix(((key ^ part) + _GOLDEN) & _M32)
+        key = _mix_(((key ^ part) + _GOLDEN) & _M32)
     return key
 
 
@@ -72,14 +79,15 @@ def sample_keys(seed: int, step: int, index: torch.Tensor) -> torch.Tensor:
 
 def uniform_bits(keys: torch.Tensor, stream: int, count: int) -> torch.Tensor:
     """(B, count) 32-bit hashes of (key, stream, element) as int64."""
-    stream_keys = _mix(keys ^ _mix_int(stream * _GOLDEN & _M32)).unsqueeze(1)
+    stream_keys = _mix_(keys ^ _mix_int(stream * _GOLDEN & _M32)).unsqueeze(1)
     counter = torch.arange(count, dtype=torch.int64, device=keys.device)
-    return _mix(((_mix(stream_keys ^ counter) + _GOLDEN) & _M32) ^ stream_keys)
+    x = _mix_(stream_keys ^ counter)
+    return _mix_(x.add_(_GOLDEN).bitwise_and_(_M32).bitwise_xor_(stream_keys))
 
 
 def uniforms(keys: torch.Tensor, stream: int, count: int) -> torch.Tensor:
     """(B, count) float64 uniforms in the open interval (0, 1)."""
-    return (uniform_bits(keys, stream, count).double() + 0.5) * 2.0 ** -32
+    return uniform_bits(keys, stream, count).double().add_(0.5).mul_(2.0 ** -32)
 
 
 def normals(keys: torch.Tensor, stream: int, count: int) -> torch.Tensor:
