@@ -4,14 +4,14 @@ Other ranks, a resumed run, a concurrent study job or the user must never see ha
 writes a hidden temporary sibling (unique per process and call, in the same directory: the rename stays on one
 file system), optionally fsyncs it, and renames it onto the target (``os.replace``: atomic on POSIX). If the
 write raises, the temporary is removed and the target is untouched. The file gets the mode an ``open()`` would
-give (``0o666`` less the umask), not ``mkstemp``'s 0600. Directories (checkpoints, shard sets) publish by a
+give (``0o666`` less the umask) whatever its writer chose (safetensors creates 0600 files). Directories (checkpoints, shard sets) publish by a
 directory rename of their own (``train/checkpoint.py``, ``data/shards.py``).
 """
 from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
+import secrets
 from pathlib import Path
 from typing import Iterator, Union
 
@@ -32,10 +32,9 @@ def atomic_path(path: PathLike, sync: bool = False) -> Iterator[Path]:
     """A temporary path next to ``path`` for the block to write; renamed onto ``path`` when the block ends,
     removed if it raises. ``sync``: the data reaches the disk before the name does (fsync before the rename)."""
     path = Path(path)
-    # the target's suffix kept last: writers that pick a format by extension (PNG plots) still see it
-    fd, name = tempfile.mkstemp(prefix=f".tmp_{path.name}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    tmp = Path(name)
+    # Named, not created: the writer creates it (some, e.g. a downloader, skip an existing file). Unique per
+    # process and call; the target's suffix kept last: writers that pick a format by extension still see it.
+    tmp = path.with_name(f".tmp_{path.name}.{os.getpid()}.{secrets.token_hex(4)}{path.suffix}")
     try:
         yield tmp
         os.chmod(tmp, _FILE_MODE)

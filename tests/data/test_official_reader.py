@@ -12,7 +12,6 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from sfd_scale import atomic
 from sfd_scale.data import official
 from sfd_scale.data.official import OfficialLatentDataset
 from tests.conftest import GOLDEN_ROOT
@@ -162,7 +161,7 @@ def test_stats_kept_in_memory_when_dir_not_writable(spec, tmp_path, monkeypatch)
     def refuse(*args, **kwargs):  # running as root makes chmod useless; simulate the read-only dir
         raise PermissionError(13, "Permission denied", str(data))
 
-    monkeypatch.setattr(atomic.tempfile, "mkstemp", refuse)
+    monkeypatch.setattr(official.torch, "save", refuse)
     np.random.seed(0)
     with pytest.warns(RuntimeWarning, match="keeping them in memory"):
         ds = OfficialLatentDataset(data)
