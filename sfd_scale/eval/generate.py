@@ -124,15 +124,15 @@ def load_sampling_model(checkpoint, config_files: Sequence[str] = (), overrides:
     from ..config import config_from_dict, load_config, model_args
     from ..models.lightningdit import LightningDiT
     from ..models.official import load_official_state_dict, read_checkpoint
-    from ..train import checkpoint as ckpt
+    from .. import checkpoint_store as store
 
     path = Path(checkpoint)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if path.is_dir():
         cfg = (load_config(config_files, overrides) if config_files
-               else config_from_dict(ckpt.read_object(path, "config"), overrides))
-        weights = ckpt.read_weights(path, "ema")
+               else config_from_dict(store.read_object(path, "config"), overrides))
+        weights = store.read_weights(path, "ema")
     else:
         if not config_files:
             raise ConfigError(f"{path} is not an sfd_scale checkpoint directory: give --config for its model")

@@ -151,13 +151,13 @@ def read_checkpoint(path: Union[str, os.PathLike], which: str = "ema") -> StateD
 
     ``which`` picks the entry of a train.py container ('ema' as inference.py does, or 'model');
     a file that is directly a state dict is returned as is. ``module.`` prefixes are removed. An
-    sfd_scale checkpoint directory (``train/checkpoint.py``) gives its full weights.
+    sfd_scale checkpoint directory (``checkpoint_store.py``) gives its full weights.
     """
     path = Path(path)
     if which not in ("ema", "model"):
         raise ValueError(f"which must be 'ema' or 'model', got {which!r}")
     if path.is_dir() and (path / "manifest.json").is_file():  # an sfd_scale checkpoint directory
-        from ..train.checkpoint import read_weights
+        from ..checkpoint_store import read_weights
 
         return read_weights(path, which)
     if not path.is_file():

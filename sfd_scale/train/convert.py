@@ -19,6 +19,7 @@ from typing import Dict, Optional
 
 import torch
 
+from .. import checkpoint_store as store
 from ..config import Config, model_args
 from ..models.lightningdit import LightningDiT
 from ..models.official import check_fits, read_checkpoint
@@ -55,11 +56,11 @@ def write_native(out_dir: str | os.PathLike, cfg: Config, model: StateDict, ema:
     state = {f"model/{k}": v for k, v in model.items()}
     state.update({f"ema/{k}": v for k, v in ema.items()})
     layout = {"converted_from": source}
-    state["counters"] = ckpt.pack({"optimizer_steps": 0})
+    state["counters"] = store.pack({"optimizer_steps": 0})
     info = ckpt.run_info(cfg, step, layout)
-    state["trainer"] = ckpt.pack(info)
-    state["config"] = ckpt.pack(asdict(cfg))
-    saver = ckpt.Checkpointer(out_dir, keep_last=1 << 30, asynchronous=False)
+    state["trainer"] = store.pack(info)
+    state["config"] = store.pack(asdict(cfg))
+    saver = store.Checkpointer(out_dir, keep_last=1 << 30, asynchronous=False)
     return saver.save(step, state, {"layout": layout, "code": info["code"]})
 
 
@@ -77,7 +78,7 @@ def official_to_native(src: str | os.PathLike, cfg: Config, out_dir: str | os.Pa
 def native_weights(directory: str | os.PathLike, which: str, dtype: Optional[str] = None) -> StateDict:
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    sd = ckpt.read_weights(directory, which)
+    sd = store.read_weights(directory, which)
     if dtype is not None:
         for k in list(sd):  # one tensor at a time: no second full copy
             sd[k] = sd[k].to(DTYPES[dtype])

@@ -30,6 +30,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from megatron.core import parallel_state
 
+from .. import checkpoint_store as store
 from ..config import Config, ConfigError, model_args, objective_config, sfd_spec, to_yaml
 from ..data.sources import Placement, build_training_data
 from ..diffusion.keyed_noise import keyed_draws
@@ -118,9 +119,9 @@ class Trainer:
             apply_compile(chunks)
         self.objective = SFDObjective(self.spec, objective_config(cfg))
         self.step, self.nonfinite_steps, self.notes = 0, 0, []
-        self.code = ckpt.code_version()  # once: the run log and every checkpoint
+        self.code = store.code_version()  # once: the run log and every checkpoint
         c = cfg.checkpoint
-        self.checkpointer = ckpt.Checkpointer(self.out, c.keep_last, c.keep_every, c.asynchronous)
+        self.checkpointer = store.Checkpointer(self.out, c.keep_last, c.keep_every, c.asynchronous)
         # stop requests (signals, time budget) are agreed over a CPU group of their own (``stop_reason``)
         self.control_group = dist.new_group(backend="gloo") if dist.get_world_size() > 1 else None
         self._stop_signal: Optional[str] = None
@@ -174,12 +175,12 @@ class Trainer:
                 local = {name: kinds[kind] for name, kinds in params.items()}
                 full = gather_state_dict(local, chunk.args, group=group) if tp_size > 1 else local
                 state.update({f"optim/{kind}/{global_key(chunk, name)}": t for name, t in full.items()})
-        state[ckpt.rng_key(self.rank)] = ckpt.pack(ckpt.rng_state())
+        state[ckpt.rng_key(self.rank)] = store.pack(ckpt.rng_state())
         info = self._trainer_info()
         if self.rank == 0:
-            state["counters"] = ckpt.pack(engine_state["counters"])
-            state["trainer"] = ckpt.pack(info)
-            state["config"] = ckpt.pack(asdict(self.cfg))
+            state["counters"] = store.pack(engine_state["counters"])
+            state["trainer"] = store.pack(info)
+            state["config"] = store.pack(asdict(self.cfg))
         self._saved_step = self.step
         return self.checkpointer.save(self.step, state, {"layout": info["layout"], "code": info["code"]})
 
@@ -187,8 +188,8 @@ class Trainer:
         """Rank 0 removes unfinished saves, verifies the checkpoints newest first and tells every rank."""
         found = [None, []]
         if self.rank == 0:
-            notes = [f"removed the unfinished checkpoint save {p}" for p in ckpt.remove_unfinished(self.out)]
-            path = ckpt.latest(self.out, report=notes.append)
+            notes = [f"removed the unfinished checkpoint save {p}" for p in store.remove_unfinished(self.out)]
+            path = store.latest(self.out, report=notes.append)
             found = [None if path is None else str(path), notes]
         if dist.get_world_size() > 1:
             dist.broadcast_object_list(found, src=0)
@@ -197,12 +198,12 @@ class Trainer:
 
     def load_checkpoint(self, directory: Path) -> None:
         """Collective: continue from ``directory``, written by any layout and engine."""
-        fmt = ckpt.manifest(directory).get("format")
-        if fmt != ckpt.FORMAT:
-            raise ckpt.CheckpointError(f"checkpoint {directory} has format {fmt!r}, this sfd_scale reads {ckpt.FORMAT!r} "
+        fmt = store.manifest(directory).get("format")
+        if fmt != store.FORMAT:
+            raise store.CheckpointError(f"checkpoint {directory} has format {fmt!r}, this sfd_scale reads {store.FORMAT!r} "
                                        f"(written by an older version): start a new train.output_dir, or take its "
                                        f"weights with checkpoint.init_from")
-        meta = ckpt.stored_keys(directory)
+        meta = store.stored_keys(directory)
         objects = ["counters", "trainer"] + ([ckpt.rng_key(self.rank)] if ckpt.rng_key(self.rank) in meta else [])
         kinds = [k for k in ADAM_KINDS + ("master",) if any(key.startswith(f"optim/{k}/") for key in meta)]
         keys = list(objects)
@@ -212,14 +213,14 @@ class Trainer:
             keys += [f"optim/{kind}/{global_key(chunk, n)}" for kind in kinds
                      for n, p in chunk.named_parameters() if p.requires_grad]
         try:
-            state = ckpt.empty_like_stored(directory, keys, meta)
-        except ckpt.CheckpointError as err:
-            raise ckpt.CheckpointError(f"{err}: it does not fit this model (model.* settings changed?)") from None
-        ckpt.load(directory, state, self.checkpointer.group)
-        info = ckpt.unpack(state["trainer"])
+            state = store.empty_like_stored(directory, keys, meta)
+        except store.CheckpointError as err:
+            raise store.CheckpointError(f"{err}: it does not fit this model (model.* settings changed?)") from None
+        store.load(directory, state, self.checkpointer.group)
+        info = store.unpack(state["trainer"])
         for key, name in (("global_batch_size", "train.global_batch_size"), ("seed", "train.seed")):
             if info[key] != getattr(self.cfg.train, key):
-                raise ckpt.CheckpointError(f"checkpoint {directory} was trained with {name}={info[key]}, this run has "
+                raise store.CheckpointError(f"checkpoint {directory} was trained with {name}={info[key]}, this run has "
                                            f"{getattr(self.cfg.train, key)}: the data order and random draws would "
                                            f"not continue (use a new train.output_dir, or checkpoint.init_from)")
 
@@ -238,9 +239,9 @@ class Trainer:
                 for name, t in local.items():
                     per.setdefault(name, {})[kind] = t
             params.append(per)
-        self.engine.load_state_dict({"params": params, "counters": ckpt.unpack(state["counters"])})
+        self.engine.load_state_dict({"params": params, "counters": store.unpack(state["counters"])})
         if ckpt.rng_key(self.rank) in state:
-            ckpt.set_rng_state(ckpt.unpack(state[ckpt.rng_key(self.rank)]))
+            ckpt.set_rng_state(store.unpack(state[ckpt.rng_key(self.rank)]))
         self.step, self.nonfinite_steps = int(info["step"]), int(info["nonfinite_steps"])
         self._saved_step = self.step
 
@@ -454,7 +455,7 @@ class Trainer:
             first_loss, last_loss = _loss_span(window.take(), first_loss, last_loss)
             if self._saved_step != self.step:
                 self.save()
-            final_ckpt = ckpt.checkpoint_dir(self.out, self.step)
+            final_ckpt = store.checkpoint_dir(self.out, self.step)
             self.checkpointer.wait()
             logger.write(f"checkpoint {final_ckpt} written")
             if exit_status == 0:
