@@ -262,7 +262,7 @@ def evaluate_point(study: Study, out, run: str, step: int, evaluator: Optional[E
     from .eval.fid import evaluate
     from .eval.fid_sampling import rank_and_world, sample_for_fid
     from .eval.generate import load_sampling_model
-    from .parallel.launch import slurm_rendezvous
+    from .parallel.slurm_env import slurm_rendezvous
     from . import checkpoint_store as store
 
     done = result_path(out, run, step)

@@ -14,7 +14,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from . import cpu_compat
-from .launch import slurm_rendezvous
+from .slurm_env import slurm_rendezvous
 
 
 @dataclass(frozen=True)
