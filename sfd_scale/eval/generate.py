@@ -56,8 +56,9 @@ def load_guide(cfg: Config, device: torch.device = torch.device("cpu")):
     from dataclasses import replace
 
     from ..config import model_args
-    from ..models.lightningdit import LightningDiT, parse_model_name
+    from ..models.lightningdit import LightningDiT, parallel_config, parse_model_name
     from ..models.official import load_official_state_dict, read_checkpoint
+    from ..parallel.layout import current_tensor_parallel
 
     if not cfg.sample.guide_model:
         raise ValueError("sample.guide_model (e.g. LightningDiT-B/1) is required for autoguidance")
@@ -68,7 +69,7 @@ def load_guide(cfg: Config, device: torch.device = torch.device("cpu")):
     if args.use_repa:
         args = replace(args, repa_projector_dim=state["repa_projector.0.weight"].shape[0],
                        repa_feature_dim=state["repa_projector.4.weight"].shape[0])
-    guide = LightningDiT(args)
+    guide = LightningDiT(args, parallel_config(tensor_parallel=current_tensor_parallel()))  # sharded like the model
     load_official_state_dict(guide, state)
     return guide.to(device).eval()
 

@@ -42,7 +42,6 @@ from ..config import Config, model_args
 from ..models.flops import training_flops_per_image
 from ..models.lightningdit import LightningDiT, LightningDiTBlock, ModelArgs, parallel_config
 from ..models.embeddings import Rope2D
-from ..parallel.layout import tensor_parallel_size
 from ..parallel.engines import adam_state, fused_adamw
 from .dispatch_count import CudaAutocast, OpCounter
 from .step_io import StepWindow
@@ -281,7 +280,6 @@ class _SchedulerCounts:
 def _block_and_inputs(cfg: Config, batch: int):
     args = model_args(cfg)
     rope = Rope2D(args.hidden_size // args.num_heads, args.grid) if args.use_rope else None
-    tensor_parallel_size()  # megatron's layers need a (one-process) layout
     torch.manual_seed(0)
     block = LightningDiTBlock(args, parallel_config()).train()
     x = torch.randn(batch, args.grid ** 2, args.hidden_size, requires_grad=True)

@@ -38,13 +38,13 @@ from ..diffusion.sfd import SFDObjective
 from ..eval.generate import save_sample_grid
 from ..logging import RunLogger
 from ..models.layers import attention_backend
-from ..models.lightningdit import LightningDiT, count_parameters
+from ..models.lightningdit import LightningDiT, count_parameters, parallel_config
 from ..models.official import export_official_state_dict, load_official_state_dict, read_checkpoint
 from ..parallel.engines import ADAM_KINDS, build_engine, local_micro_batches
 from ..parallel.layout import ParallelLayout, initialize
 from ..parallel.optimizations import apply_activation_checkpointing, apply_compile, compile_enabled, compiled_modules
 from ..parallel.pipeline import MicroBatch, build_stages, global_key, stage_state_dict
-from ..parallel.tensor_parallel import gather_state_dict, model_tp, shard_state_dict
+from ..models.tensor_parallel import gather_state_dict, model_tp, shard_state_dict
 from . import checkpoint as ckpt
 from .ema import EMA
 from .step_io import DevicePrefetcher, StepWindow, log_line
@@ -97,7 +97,8 @@ class Trainer:
         # this rank's model: the whole LightningDiT, or its pipeline chunks (one per virtual stage)
         # on meta the weights are never allocated (megatron's CPU initialisation runs on meta tensors)
         with torch.device("meta") if self.device.type == "meta" else contextlib.nullcontext():
-            chunks = (build_stages(model_args(cfg)) if self.pipelined else [LightningDiT(model_args(cfg))])
+            tp_config = parallel_config(tensor_parallel=cfg.parallel.tensor_parallel)  # the layout set up above
+            chunks = build_stages(model_args(cfg)) if self.pipelined else [LightningDiT(model_args(cfg), tp_config)]
         chunks = [c.to(self.device) for c in chunks]
         if cfg.checkpoint.init_from:
             full = read_checkpoint(cfg.checkpoint.init_from, which="ema")
