@@ -4,8 +4,10 @@ The model knows which layers are tensor-parallel (megatron-core primitives in ``
 rules in ``tensor_parallel.py``); its TP size comes from the ``ModelParallelConfig`` it is built with
 (``parallel_config(tensor_parallel=N)``, default 1). Building a model never creates a process group:
 ``sfd_scale/parallel`` decides the layout and sets it up first when TP > 1 (at TP = 1 without a layout,
-megatron's linears run on one rank with no group). Forward signature matches the official model: ``model(x, t, y)`` with ``t = (t_tex, t_sem)``
-for an SFD (dual-time) model and a tensor for a plain one; in training mode with REPA it returns
+megatron's linears run on one rank with no group).
+
+Forward signature matches the official model: ``model(x, t, y)`` with ``t = (t_tex, t_sem)`` for an SFD
+(dual-time) model and a tensor for a plain one; in training mode with REPA it returns
 ``(velocity, repa_projection)``, otherwise the velocity.
 """
 from __future__ import annotations

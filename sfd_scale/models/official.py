@@ -24,8 +24,8 @@ from typing import Dict, Mapping, Optional, Union
 import torch
 
 from ..diffusion.sfd import SFDSpec
-from .tensor_parallel import gather_state_dict, model_tp, shard_state_dict
 from .lightningdit import REPA_FEATURE_DIMS, LightningDiT, ModelArgs, parallel_config
+from .tensor_parallel import gather_state_dict, model_tp, shard_state_dict
 
 StateDict = Dict[str, torch.Tensor]
 

@@ -201,9 +201,9 @@ class Trainer:
         """Collective: continue from ``directory``, written by any layout and engine."""
         fmt = store.manifest(directory).get("format")
         if fmt != store.FORMAT:
-            raise store.CheckpointError(f"checkpoint {directory} has format {fmt!r}, this sfd_scale reads {store.FORMAT!r} "
-                                       f"(written by an older version): start a new train.output_dir, or take its "
-                                       f"weights with checkpoint.init_from")
+            raise store.CheckpointError(f"checkpoint {directory} has format {fmt!r}, this sfd_scale reads "
+                                        f"{store.FORMAT!r} (written by an older version): start a new "
+                                        f"train.output_dir, or take its weights with checkpoint.init_from")
         meta = store.stored_keys(directory)
         objects = ["counters", "trainer"] + ([ckpt.rng_key(self.rank)] if ckpt.rng_key(self.rank) in meta else [])
         kinds = [k for k in ADAM_KINDS + ("master",) if any(key.startswith(f"optim/{k}/") for key in meta)]
