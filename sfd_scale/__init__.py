@@ -1,7 +1,8 @@
 """sfd_scale: train Semantic-First Diffusion (SFD) image generators at scale.
 
 Layout: ``models`` (LightningDiT on megatron-core layers, official checkpoints), ``diffusion`` (the SFD
-math, guidance, samplers), ``data``, ``parallel``, ``train``, ``eval``; ``config`` is the typed schema.
+math, guidance, samplers), ``data``, ``parallel``, ``train``, ``eval``; ``config`` is the typed schema;
+``checkpoint_store`` and ``logging`` the ground floor. Imports run one way (README "Layout", .importlinter).
 """
 import warnings
 

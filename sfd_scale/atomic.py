@@ -5,7 +5,7 @@ writes a hidden temporary sibling (unique per process and call, in the same dire
 file system), optionally fsyncs it, and renames it onto the target (``os.replace``: atomic on POSIX). If the
 write raises, the temporary is removed and the target is untouched. The file gets the mode an ``open()`` would
 give (``0o666`` less the umask) whatever its writer chose (safetensors creates 0600 files). Directories (checkpoints, shard sets) publish by a
-directory rename of their own (``train/checkpoint.py``, ``data/shards.py``).
+directory rename of their own (``checkpoint_store.py``, ``data/shards.py``).
 """
 from __future__ import annotations
 

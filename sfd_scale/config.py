@@ -369,12 +369,9 @@ def validate(cfg: Config) -> None:
          f"parallel.pipeline_parallel > 1 needs parallel.engine='megatron', got {p.engine!r}")
     need(p.pipeline_parallel == 1 or not cfg.train.sample_every,
          "train.sample_every needs parallel.pipeline_parallel = 1 (sample pipelined runs from their checkpoints)")
-    from .parallel.pipeline import check_split
-    from .parallel.tensor_parallel import check_divisible
-
     try:  # the layout rules that need only the config (world size and DP come at start-up)
-        check_divisible(model_args(cfg), p.tensor_parallel)
-        check_split(model_args(cfg).depth, p.pipeline_parallel, p.virtual_stages)
+        model_args(cfg).check_tensor_parallel(p.tensor_parallel)
+        model_args(cfg).check_pipeline_split(p.pipeline_parallel, p.virtual_stages)
     except ValueError as err:
         raise ConfigError(str(err)) from None
     need(cfg.parallel.tensor_parallel == 1 or cfg.parallel.engine == "megatron",

@@ -182,14 +182,14 @@ def train_to(study: Study, out, run: str, step: int, log: Callable[[str], None] 
     """Train ``run`` to ``step`` in this process (``tools/train.py``'s ``Trainer(cfg).fit()``), resuming from its
     newest verified checkpoint; nothing to do when the checkpoint of ``step`` exists. Returns the trainer's exit
     status (75: stopped on a signal, checkpoint written: run again)."""
-    from .train import checkpoint as ckpt
+    from . import checkpoint_store as store
     from .train.trainer import Trainer, summary_text
 
     cfg = run_config(study, run, step, out)
-    target = ckpt.checkpoint_dir(cfg.train.output_dir, step)
-    if (target / ckpt.MANIFEST).is_file():  # published atomically: complete
+    target = store.checkpoint_dir(cfg.train.output_dir, step)
+    if (target / store.MANIFEST).is_file():  # published atomically: complete
         return 0
-    newest = ckpt.latest(cfg.train.output_dir, report=log)
+    newest = store.latest(cfg.train.output_dir, report=log)
     if newest is not None and int(newest.name[5:]) > step:
         raise StudyError(f"run {run} is at {newest.name}, past step {step}, whose checkpoint is gone (was the "
                          f"schedule changed?): evaluate another step or start the run again in a new --out")
@@ -256,16 +256,16 @@ def evaluate_point(study: Study, out, run: str, step: int, evaluator: Optional[E
     from .eval.fid import evaluate
     from .eval.fid_sampling import rank_and_world, sample_for_fid
     from .eval.generate import load_sampling_model
-    from .parallel.launch import slurm_rendezvous
-    from .train import checkpoint as ckpt
+    from .parallel.slurm_env import slurm_rendezvous
+    from . import checkpoint_store as store
 
     done = result_path(out, run, step)
     if done.is_file():
         return json.loads(done.read_text())
     if run not in study.runs:
         raise StudyError(f"{run!r} is not a run of {study.path} ({', '.join(study.runs)})")
-    directory = ckpt.checkpoint_dir(Path(out) / "runs" / run, step)
-    if not (directory / ckpt.MANIFEST).is_file():
+    directory = store.checkpoint_dir(Path(out) / "runs" / run, step)
+    if not (directory / store.MANIFEST).is_file():
         raise StudyError(f"no checkpoint {directory}: train {run} to step {step} first")
     slurm_rendezvous()
     rank, world = rank_and_world()
@@ -327,7 +327,7 @@ def submit_slurm(study: Study, out, dry_run: bool = False, sbatch: str = "sbatch
     resubmitted. Run from the repository root (the jobs start there). Returns the job ids."""
     if not Path("slurm/train.sbatch").is_file() or not Path("slurm/study_eval.sbatch").is_file():
         raise StudyError("submit from the repository root (slurm/train.sbatch and slurm/study_eval.sbatch)")
-    from .train import checkpoint as ckpt
+    from . import checkpoint_store as store
 
     out = Path(out).resolve()
     check_runs(study, out)
@@ -359,7 +359,7 @@ def submit_slurm(study: Study, out, dry_run: bool = False, sbatch: str = "sbatch
         for step in study.eval.steps:
             if result_path(out, run, step).is_file():
                 continue
-            if not (ckpt.checkpoint_dir(out / "runs" / run, step) / ckpt.MANIFEST).is_file():
+            if not (store.checkpoint_dir(out / "runs" / run, step) / store.MANIFEST).is_file():
                 job = submit("train", f"{run}-train-{step}", prev, "afterok", "slurm/train.sbatch",
                              base + study.run_overrides(run, step, out))
                 jobs["train"].append({"run": run, "step": step, "job": job})

@@ -33,10 +33,11 @@ def tensors(golden_dir: Path, name: str) -> dict:
     return load_file(str(path))
 
 
-def build(golden_dir: Path, model: str = "main"):
-    """(model in eval mode with the golden weights, SFDSpec) from the official constructor kwargs."""
+def build(golden_dir: Path, model: str = "main", tensor_parallel: int = 1):
+    """(model in eval mode with the golden weights, SFDSpec) from the official constructor kwargs; under a
+    ``tensor_parallel``-way layout (set up by the caller) each rank holds its shard."""
     entry = config(golden_dir)["models"][model]
-    net = build_official(**entry["kwargs"])
+    net = build_official(tensor_parallel=tensor_parallel, **entry["kwargs"])
     load_official_state_dict(net, read_checkpoint(golden_dir / entry["weights_file"]))
     return net.eval(), sfd_spec_from_official(**entry["kwargs"])
 

@@ -47,6 +47,16 @@ def test_bad_values_name_the_key(override, match):
         load_config(["configs/demo/digits.yaml"], [override])
 
 
+def test_layout_divisibility_is_the_models_own_rule():
+    """validate checks TP / PP divisibility through ModelArgs (config imports nothing from parallel/)."""
+    with pytest.raises(ConfigError, match=r"model.num_heads\) = 4 is not divisible by the tensor parallel size 5"):
+        load_config(["configs/demo/digits.yaml"], ["parallel.engine=megatron", "parallel.tensor_parallel=5"])
+    with pytest.raises(ConfigError, match=r"model depth 4 is not divisible by parallel.pipeline_parallel x "
+                                          r"parallel.virtual_stages = 2 x 3"):
+        load_config(["configs/demo/digits.yaml"], ["parallel.engine=megatron", "parallel.pipeline_parallel=2",
+                                                   "parallel.virtual_stages=3"])
+
+
 def test_missing_file_and_bad_yaml(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         load_config([str(tmp_path / "nope.yaml")])

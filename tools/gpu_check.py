@@ -84,7 +84,7 @@ def bf16_vs_fp32(device: torch.device, config: list, overrides: list, batch: int
     from sfd_scale.diffusion.sfd import SFDObjective
     from sfd_scale.models.lightningdit import LightningDiT
     from sfd_scale.parallel.layout import ensure_initialized
-    from sfd_scale.train.benchmark import synthetic_batch
+    from sfd_scale.train.timing_inputs import synthetic_batch
 
     ensure_initialized()
     cfg = load_config(config, overrides)

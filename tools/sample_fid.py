@@ -32,7 +32,7 @@ def main(argv=None) -> int:
     from sfd_scale.device import resolve_device
     from sfd_scale.eval.fid_sampling import FidSamplingError, rank_and_world, sample_for_fid
     from sfd_scale.eval.generate import load_sampling_model
-    from sfd_scale.parallel.launch import slurm_rendezvous
+    from sfd_scale.parallel.slurm_env import slurm_rendezvous
 
     overrides = args.overrides + ([f"sample.texture_vae={args.texture_vae}"] if args.texture_vae else [])
     try:

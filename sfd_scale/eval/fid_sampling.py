@@ -115,7 +115,8 @@ def _prepare(out: Path, settings: dict, batch_size: int, method: str) -> dict:
         d.mkdir(parents=True, exist_ok=True)
     path = out / MANIFEST
     if not path.is_file():
-        from ..train.checkpoint import code_version
+        from ..checkpoint_store import code_version
+
         _write_json(path, {"format": "sfd_scale.fid_samples.v1", "settings": settings, "batch_size": batch_size,
                            "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "code": code_version()})
     info = json.loads(path.read_text())

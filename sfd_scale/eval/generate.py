@@ -56,8 +56,9 @@ def load_guide(cfg: Config, device: torch.device = torch.device("cpu")):
     from dataclasses import replace
 
     from ..config import model_args
-    from ..models.lightningdit import LightningDiT, parse_model_name
+    from ..models.lightningdit import LightningDiT, parallel_config, parse_model_name
     from ..models.official import load_official_state_dict, read_checkpoint
+    from ..parallel.layout import current_tensor_parallel
 
     if not cfg.sample.guide_model:
         raise ValueError("sample.guide_model (e.g. LightningDiT-B/1) is required for autoguidance")
@@ -68,7 +69,7 @@ def load_guide(cfg: Config, device: torch.device = torch.device("cpu")):
     if args.use_repa:
         args = replace(args, repa_projector_dim=state["repa_projector.0.weight"].shape[0],
                        repa_feature_dim=state["repa_projector.4.weight"].shape[0])
-    guide = LightningDiT(args)
+    guide = LightningDiT(args, parallel_config(tensor_parallel=current_tensor_parallel()))  # sharded like the model
     load_official_state_dict(guide, state)
     return guide.to(device).eval()
 
@@ -124,15 +125,15 @@ def load_sampling_model(checkpoint, config_files: Sequence[str] = (), overrides:
     from ..config import config_from_dict, load_config, model_args
     from ..models.lightningdit import LightningDiT
     from ..models.official import load_official_state_dict, read_checkpoint
-    from ..train import checkpoint as ckpt
+    from .. import checkpoint_store as store
 
     path = Path(checkpoint)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if path.is_dir():
         cfg = (load_config(config_files, overrides) if config_files
-               else config_from_dict(ckpt.read_object(path, "config"), overrides))
-        weights = ckpt.read_weights(path, "ema")
+               else config_from_dict(store.read_object(path, "config"), overrides))
+        weights = store.read_weights(path, "ema")
     else:
         if not config_files:
             raise ConfigError(f"{path} is not an sfd_scale checkpoint directory: give --config for its model")

@@ -2,8 +2,9 @@
 
 Every layer here computes exactly what the official LightningDiT layer computes; the official
 parameter names are kept (``qkv``, ``proj``, ``w12``, ``w3``, ...) so an official state dict maps 1:1
-at TP=1. Tensor-parallel layers hold a *local shard*; they do not know the TP degree — megatron's
-parallel_state does (see ``sfd_scale/parallel``).
+at TP=1. Tensor-parallel layers hold a *local shard*: the TP degree is the ``ModelParallelConfig``'s
+``tensor_model_parallel_size``, the group megatron's parallel_state's (``tensor_parallel_group``), set up by
+``sfd_scale/parallel`` before a model is built; nothing here creates one.
 
 Precision under bf16 training (fp32 weights + bf16 autocast on the plain engine, bf16 weights on megatron /
 DeepSpeed). The official code, run that way, hands attention fp32 q, k with a bf16 v: its RMSNorm returns
@@ -62,6 +63,20 @@ class _ExactSingleRank:
         return super().forward(x, *args, **kwargs)
 
 
+def tensor_parallel_group(config: ModelParallelConfig):
+    """The TP group megatron's linears of a ``config.tensor_model_parallel_size``-way model use: megatron's,
+    from the layout ``sfd_scale.parallel.layout`` set up BEFORE building; at TP = 1 without a layout None
+    (megatron's linears then run on one rank with no process group). ValueError when the two disagree:
+    a model is built for the layout it will run in."""
+    group = parallel_state.get_tensor_model_parallel_group(check_initialized=False)
+    if get_pg_size(group) != config.tensor_model_parallel_size:
+        raise ValueError(f"the model is built for tensor parallel size {config.tensor_model_parallel_size} but the "
+                         f"tensor-parallel group has {get_pg_size(group)} rank(s): set up the layout first "
+                         f"(sfd_scale.parallel.layout.initialize) and build with "
+                         f"parallel_config(tensor_parallel={get_pg_size(group)})")
+    return group
+
+
 class ColumnLinear(_ExactSingleRank, ColumnParallelLinear):
     pass
 
@@ -81,7 +96,7 @@ def column_linear(in_features: int, out_features: int, config: ModelParallelConf
     """
     return ColumnLinear(in_features, out_features, config=config, init_method=init, bias=True,
                         gather_output=gather_output, stride=stride,
-                        tp_group=parallel_state.get_tensor_model_parallel_group())
+                        tp_group=tensor_parallel_group(config))
 
 
 def row_linear(in_features: int, out_features: int, config: ModelParallelConfig,
@@ -89,7 +104,7 @@ def row_linear(in_features: int, out_features: int, config: ModelParallelConfig,
     """Linear split along its inputs (input already split), output all-reduced."""
     return RowLinear(in_features, out_features, config=config, init_method=init, bias=True,
                      input_is_parallel=True, skip_bias_add=False,
-                     tp_group=parallel_state.get_tensor_model_parallel_group())
+                     tp_group=tensor_parallel_group(config))
 
 
 class RMSNorm(nn.Module):
@@ -208,12 +223,12 @@ class Attention(nn.Module):
     """Multi-head self-attention with fused qkv, optional per-head QK RMSNorm and 2D RoPE.
 
     Under TP each rank owns ``num_heads / tp`` whole heads; the local qkv shard is laid out
-    [q | k | v] for those heads (``parallel/tensor_parallel.py`` slices the official weight that way).
+    [q | k | v] for those heads (``tensor_parallel.py`` slices the official weight that way).
     """
 
-    def __init__(self, dim: int, num_heads: int, config: ModelParallelConfig, *, qk_norm: bool,
-                 use_rmsnorm: bool, tp_size: int = 1):
+    def __init__(self, dim: int, num_heads: int, config: ModelParallelConfig, *, qk_norm: bool, use_rmsnorm: bool):
         super().__init__()
+        tp_size = config.tensor_model_parallel_size
         self.head_dim = dim // num_heads
         self.local_heads = num_heads // tp_size
         self.qkv = column_linear(dim, 3 * dim, config, gather_output=False, stride=3)
@@ -222,7 +237,7 @@ class Attention(nn.Module):
             norm = ((lambda: RMSNorm(self.head_dim) if use_rmsnorm else _QKLayerNorm(self.head_dim))
                     if qk_norm else nn.Identity)
         else:  # the norm weights are shared by heads on several ranks: gradients summed over TP
-            group = parallel_state.get_tensor_model_parallel_group()
+            group = tensor_parallel_group(config)
             shared = _HeadSharedRMSNorm if use_rmsnorm else _HeadSharedLayerNorm
             norm = (lambda: shared(self.head_dim, group)) if qk_norm else nn.Identity
         self.q_norm, self.k_norm = norm(), norm()

@@ -1,9 +1,13 @@
 """LightningDiT / SFD model: architecture, size registry, weight initialisation.
 
-The model knows which layers are tensor-parallel (megatron-core primitives in ``layers.py``) but not
-how many ranks there are beyond ``tp_size`` for local head counts; ``sfd_scale/parallel`` decides the
-layout. Forward signature matches the official model: ``model(x, t, y)`` with ``t = (t_tex, t_sem)``
-for an SFD (dual-time) model and a tensor for a plain one; in training mode with REPA it returns
+The model knows which layers are tensor-parallel (megatron-core primitives in ``layers.py``, sharding
+rules in ``tensor_parallel.py``); its TP size comes from the ``ModelParallelConfig`` it is built with
+(``parallel_config(tensor_parallel=N)``, default 1). Building a model never creates a process group:
+``sfd_scale/parallel`` decides the layout and sets it up first when TP > 1 (at TP = 1 without a layout,
+megatron's linears run on one rank with no group).
+
+Forward signature matches the official model: ``model(x, t, y)`` with ``t = (t_tex, t_sem)`` for an SFD
+(dual-time) model and a tensor for a plain one; in training mode with REPA it returns
 ``(velocity, repa_projection)``, otherwise the velocity.
 """
 from __future__ import annotations
@@ -20,10 +24,9 @@ from megatron.core import ModelParallelConfig
 from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 from timm.layers import PatchEmbed
 
-from ..parallel.layout import tensor_parallel_size
-from ..parallel.tensor_parallel import check_divisible
 from .embeddings import LabelEmbedder, Rope2D, TimestepEmbedder, sincos_pos_embed_2d
 from .layers import AdaLNModulation, Attention, GeluMlp, SwiGLU, column_linear, make_norm, modulate, zeros
+from .tensor_parallel import FINAL_OUTPUTS, HEADS, MLP_UNITS
 
 # name -> (depth, hidden, heads); official registry (the 1p0B entry is what the paper calls "XXL").
 SIZES = {
@@ -90,6 +93,22 @@ class ModelArgs:
         hidden = int(self.hidden_size * self.mlp_ratio)
         return int(2 / 3 * hidden) if self.use_swiglu else hidden
 
+    # the layout rules that need only the architecture (config.validate checks them before any rank starts)
+    def check_tensor_parallel(self, tp_size: int) -> None:
+        """Every tensor-parallel split (``tensor_parallel.py``) divides over ``tp_size`` ranks; ValueError
+        naming the config field otherwise."""
+        counts = [(self.num_heads, HEADS), (self.mlp_hidden, MLP_UNITS), (self.hidden_size, "model.hidden_size"),
+                  (self.patch_size ** 2 * self.out_channels, FINAL_OUTPUTS)]
+        for n, what in counts:
+            if n % tp_size:
+                raise ValueError(f"{what} = {n} is not divisible by the tensor parallel size {tp_size}")
+
+    def check_pipeline_split(self, pipeline_parallel: int, virtual_stages: int = 1) -> None:
+        """The blocks split evenly over ``pipeline_parallel`` x ``virtual_stages`` (virtual) pipeline stages."""
+        if self.depth % (pipeline_parallel * virtual_stages):
+            raise ValueError(f"model depth {self.depth} is not divisible by parallel.pipeline_parallel x "
+                             f"parallel.virtual_stages = {pipeline_parallel} x {virtual_stages}")
+
 
 @dataclass(frozen=True)
 class StageSpec:
@@ -129,10 +148,12 @@ def args_for(name: str, **overrides) -> ModelArgs:
     return ModelArgs(depth=depth, hidden_size=hidden, num_heads=heads, patch_size=patch, **overrides)
 
 
-def parallel_config(params_dtype: torch.dtype = torch.float32) -> ModelParallelConfig:
-    """Megatron layer config. Always CPU initialisation (then ``.to(device)``): megatron's GPU path draws
-    from its CUDA RNG tracker, which would make weights depend on the layout and the device."""
-    return ModelParallelConfig(use_cpu_initialization=True, perform_initialization=True, params_dtype=params_dtype)
+def parallel_config(params_dtype: torch.dtype = torch.float32, tensor_parallel: int = 1) -> ModelParallelConfig:
+    """Megatron layer config of a ``tensor_parallel``-way model. Always CPU initialisation (then
+    ``.to(device)``): megatron's GPU path draws from its CUDA RNG tracker, which would make weights depend on
+    the layout and the device."""
+    return ModelParallelConfig(use_cpu_initialization=True, perform_initialization=True, params_dtype=params_dtype,
+                               tensor_model_parallel_size=tensor_parallel)
 
 
 @contextlib.contextmanager
@@ -144,14 +165,13 @@ def _seeded(base: int, part: int):
 
 
 class LightningDiTBlock(nn.Module):
-    def __init__(self, args: ModelArgs, config: ModelParallelConfig, tp_size: int = 1):
+    def __init__(self, args: ModelArgs, config: ModelParallelConfig):
         super().__init__()
         d = args.hidden_size
         self.wo_shift = args.wo_shift
         self.norm1 = make_norm(d, args.use_rmsnorm)
         self.norm2 = make_norm(d, args.use_rmsnorm)
-        self.attn = Attention(d, args.num_heads, config, qk_norm=args.use_qknorm, use_rmsnorm=args.use_rmsnorm,
-                              tp_size=tp_size)
+        self.attn = Attention(d, args.num_heads, config, qk_norm=args.use_qknorm, use_rmsnorm=args.use_rmsnorm)
         mlp = SwiGLU if args.use_swiglu else GeluMlp
         self.mlp = mlp(d, args.mlp_hidden, config)
         self.adaLN_modulation = AdaLNModulation(d, 4 if args.wo_shift else 6, config)
@@ -186,8 +206,7 @@ class LightningDiT(nn.Module):
                  init_seed: Optional[int] = None):
         super().__init__()
         config = config or parallel_config()
-        tp_size = tensor_parallel_size()  # sets up a one-process layout when none exists yet
-        check_divisible(args, tp_size)
+        args.check_tensor_parallel(config.tensor_model_parallel_size)
         if config.sequence_parallel:  # megatron splits dim 0 (its [seq, batch, hidden]); ours is the batch
             raise ValueError("sequence parallel is not supported: LightningDiT activations are [batch, tokens, hidden]")
         self.args, self.config, self.stage = args, config, stage
@@ -218,7 +237,7 @@ class LightningDiT(nn.Module):
         blocks = []
         for i in self.block_ids:
             with _seeded(base, 1 + i):
-                blocks.append(LightningDiTBlock(args, config, tp_size))
+                blocks.append(LightningDiTBlock(args, config))
         self.blocks = nn.ModuleList(blocks)
         if stage.post_process:
             with _seeded(base, 1 + args.depth):

@@ -11,7 +11,7 @@
 At TP=1 the native names *are* the official names (plus megatron's ``_extra_state`` placeholders);
 the only translation is the ``module.`` prefix that DDP / accelerate leave on train.py's ``model`` entry.
 At TP > 1 (read from the model's megatron layers) the same names hold local shards: loading slices the
-full official tensors for this rank and exporting all-gathers them back (``parallel/tensor_parallel.py``).
+full official tensors for this rank and exporting all-gathers them back (``tensor_parallel.py``).
 """
 from __future__ import annotations
 
@@ -24,8 +24,8 @@ from typing import Dict, Mapping, Optional, Union
 import torch
 
 from ..diffusion.sfd import SFDSpec
-from ..parallel.tensor_parallel import gather_state_dict, model_tp, shard_state_dict
-from .lightningdit import REPA_FEATURE_DIMS, LightningDiT, ModelArgs
+from .lightningdit import REPA_FEATURE_DIMS, LightningDiT, ModelArgs, parallel_config
+from .tensor_parallel import gather_state_dict, model_tp, shard_state_dict
 
 StateDict = Dict[str, torch.Tensor]
 
@@ -91,9 +91,10 @@ def official_kwargs(args: ModelArgs, spec: SFDSpec, use_checkpoint: bool = False
     return kwargs
 
 
-def build_official(**kwargs) -> LightningDiT:
-    """Our model, built from the official constructor arguments (TP=1)."""
-    return LightningDiT(args_from_official(**kwargs))
+def build_official(*, tensor_parallel: int = 1, **kwargs) -> LightningDiT:
+    """Our model, built from the official constructor arguments (for a ``tensor_parallel``-way layout, which
+    the caller has set up)."""
+    return LightningDiT(args_from_official(**kwargs), parallel_config(tensor_parallel=tensor_parallel))
 
 
 # ----------------------------------------------------------------------------------------------- reading
@@ -151,13 +152,13 @@ def read_checkpoint(path: Union[str, os.PathLike], which: str = "ema") -> StateD
 
     ``which`` picks the entry of a train.py container ('ema' as inference.py does, or 'model');
     a file that is directly a state dict is returned as is. ``module.`` prefixes are removed. An
-    sfd_scale checkpoint directory (``train/checkpoint.py``) gives its full weights.
+    sfd_scale checkpoint directory (``checkpoint_store.py``) gives its full weights.
     """
     path = Path(path)
     if which not in ("ema", "model"):
         raise ValueError(f"which must be 'ema' or 'model', got {which!r}")
     if path.is_dir() and (path / "manifest.json").is_file():  # an sfd_scale checkpoint directory
-        from ..train.checkpoint import read_weights
+        from ..checkpoint_store import read_weights
 
         return read_weights(path, which)
     if not path.is_file():

@@ -31,7 +31,7 @@ data-parallel ranks: per parameter of ``module`` (per pipeline chunk), Adam's ``
 kept in bf16; and layout-free counters (optimizer steps, LR schedule). Engines that shard the optimizer
 over DP (megatron's distributed optimizer, ZeRO) assemble each parameter's full state on save and keep
 their own fragment on load, so a checkpoint continues on any DP size or engine, and the trainer
-reshards it over TP / PP like the weights (``train/checkpoint.py``).
+reshards it over TP / PP like the weights (``train/state.py``).
 """
 from __future__ import annotations
 

@@ -14,7 +14,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from . import cpu_compat
-from .launch import slurm_rendezvous
+from .slurm_env import slurm_rendezvous
 
 
 @dataclass(frozen=True)
@@ -81,8 +81,11 @@ def ensure_initialized() -> None:
         initialize(ParallelLayout())
 
 
-def tensor_parallel_size() -> int:
-    ensure_initialized()
+def current_tensor_parallel() -> int:
+    """The TP size of the layout this process runs in, 1 when none is set up: what a model built here (an
+    autoguidance guide inside a TP run) passes to ``parallel_config``. Sets nothing up."""
+    if not parallel_state.model_parallel_is_initialized():
+        return 1
     return parallel_state.get_tensor_model_parallel_world_size()
 
 

@@ -37,6 +37,7 @@ from ..config import Config, load_config, model_args, objective_config, sfd_spec
 from ..models.flops import training_flops_per_image
 from ..parallel.launch import run_local
 from ..parallel.optimizations import compile_enabled
+from .timing_inputs import sync, synthetic_batch
 
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0}
 
@@ -85,27 +86,10 @@ def device_name() -> str:
     return torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({platform.machine()})"
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _peak_memory_gb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2 ** 30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # the process's peak RSS (Linux: KiB)
-
-
-def synthetic_batch(cfg: Config, per_rank: int) -> dict:
-    """Random training inputs of the model's shapes (what the loader would hand this rank)."""
-    a = model_args(cfg)
-    g = torch.Generator().manual_seed(0)
-    batch = {"latent": torch.randn(per_rank, a.in_channels, a.input_size, a.input_size, generator=g),
-             "label": torch.randint(0, a.num_classes, (per_rank,), generator=g),
-             "index": torch.arange(per_rank)}
-    if a.use_repa:
-        batch["repa"] = torch.randn(per_rank, a.grid ** 2, a.repa_feature_dim, generator=g)
-    return batch
 
 
 def _time_steps(rank: int, world_size: int, config_files: List[str], overrides: List[str], steps: int,
@@ -123,7 +107,7 @@ def _time_steps(rank: int, world_size: int, config_files: List[str], overrides: 
         batch = fixed if synthetic else next(batches)
         t1 = time.perf_counter()
         trainer.train_step(batch)
-        _sync(device)
+        sync(device)
         dist.barrier()
         if i >= warmup:
             step_times.append(time.perf_counter() - t0)
@@ -142,7 +126,7 @@ def _time_saves(trainer) -> List[dict]:
     for _ in range(2):
         t0 = time.perf_counter()
         trainer.save()
-        _sync(trainer.device)
+        sync(trainer.device)
         blocked = time.perf_counter() - t0
         trainer.checkpointer.wait()
         out.append({"blocking_s": blocked, "checkpointer": dict(trainer.checkpointer.last_save),
@@ -179,7 +163,7 @@ def official_style_step_time(cfg: Config, steps: int, warmup: int) -> float:
         with torch.no_grad():  # the official update_ema: one parameter at a time
             for e, p in pairs:
                 e.mul_(cfg.train.ema_decay).add_(p.data, alpha=1 - cfg.train.ema_decay)
-        _sync(device)
+        sync(device)
         if i >= warmup:
             times.append(time.perf_counter() - t0)
     return sum(times) / steps
@@ -211,7 +195,7 @@ def forward_backward(cfg: Config, micro_batch: int, steps: int, warmup: int, cou
     for i in range(warmup + steps):
         t0 = time.perf_counter()
         run()
-        _sync(device)
+        sync(device)
         if i >= warmup:
             times.append(time.perf_counter() - t0)
     flops = training_flops_per_image(model_args(cfg))

@@ -26,7 +26,6 @@ import torch._inductor.config
 from ..config import Config, model_args
 from ..models.embeddings import Rope2D
 from ..models.lightningdit import LightningDiT, LightningDiTBlock, ModelArgs, parallel_config
-from ..parallel.layout import tensor_parallel_size
 
 EXPLAIN_MAX_PARAMS = 200e6      # bigger models: explain a depth-2 model of the same width
 
@@ -119,7 +118,6 @@ class _SchedulerCounts:
 def _block_and_inputs(cfg: Config, batch: int):
     args = model_args(cfg)
     rope = Rope2D(args.hidden_size // args.num_heads, args.grid) if args.use_rope else None
-    tensor_parallel_size()  # megatron's layers need a (one-process) layout
     torch.manual_seed(0)
     block = LightningDiTBlock(args, parallel_config()).train()
     x = torch.randn(batch, args.grid ** 2, args.hidden_size, requires_grad=True)

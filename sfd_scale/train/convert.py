@@ -1,7 +1,7 @@
 """Checkpoint conversion between the official release, sfd_scale's native checkpoints, single files and
 DeepSpeed ZeRO checkpoints (``tools/convert_checkpoint.py`` is the command).
 
-Native checkpoints (``train/checkpoint.py``) hold every tensor in full under its official name, so one
+Native checkpoints (``train/state.py``, ``checkpoint_store.py``) hold every tensor in full under its official name, so one
 native checkpoint serves every TP / PP / DP layout: a run on any layout resumes from it and shards while
 loading. There is therefore no per-layout native format to reshard offline; ``tests/dist/`` checks that
 loading with resharding equals the layout's own weights.
@@ -18,11 +18,11 @@ from typing import Dict, Optional
 
 import torch
 
+from .. import checkpoint_store as store
 from ..atomic import atomic_path
 from ..config import Config, model_args
 from ..models.lightningdit import LightningDiT
 from ..models.official import check_fits, read_checkpoint
-from . import checkpoint as ckpt
 from .state import native_state
 
 StateDict = Dict[str, torch.Tensor]
@@ -55,7 +55,7 @@ def write_native(out_dir: str | os.PathLike, cfg: Config, model: StateDict, ema:
     check_against_config(ema, cfg, "the EMA weights")
     layout = {"converted_from": source}
     state, info = native_state(cfg, model, ema, step, layout)
-    saver = ckpt.Checkpointer(out_dir, keep_last=1 << 30, asynchronous=False)
+    saver = store.Checkpointer(out_dir, keep_last=1 << 30, asynchronous=False)
     return saver.save(step, state, {"layout": layout, "code": info["code"]})
 
 
@@ -73,7 +73,7 @@ def official_to_native(src: str | os.PathLike, cfg: Config, out_dir: str | os.Pa
 def native_weights(directory: str | os.PathLike, which: str, dtype: Optional[str] = None) -> StateDict:
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    sd = ckpt.read_weights(directory, which)
+    sd = store.read_weights(directory, which)
     if dtype is not None:
         for k in list(sd):  # one tensor at a time: no second full copy
             sd[k] = sd[k].to(DTYPES[dtype])

@@ -40,6 +40,7 @@ import torch
 from ..config import Config, load_config, model_args, objective_config, sfd_spec
 from ..diffusion.official import official_transport_kwargs
 from ..models.official import export_official_state_dict, official_kwargs
+from .timing_inputs import sync, synthetic_batch
 
 
 # ----------------------------------------------------------------------------------------------- import
@@ -102,14 +103,8 @@ def _autocast_forward(model: torch.nn.Module, device: torch.device):
 
 
 # ----------------------------------------------------------------------------------------------- timing
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def official_step_times(cfg: Config, code_dir: str, steps: int, warmup: int) -> dict:
     """Seconds of each timed official training step (module docstring), global batch, one process."""
-    from .benchmark import synthetic_batch
 
     lightningdit, transport_pkg = import_official(code_dir)
     device = torch.device("cuda" if torch.cuda.is_available() and cfg.train.device != "cpu" else "cpu")
@@ -144,7 +139,7 @@ def official_step_times(cfg: Config, code_dir: str, steps: int, warmup: int) -> 
         opt.step()
         official_update_ema(ema, model, cfg.train.ema_decay)
         losses.append(mse.item())  # train.py logs the MSE term, one .item() per step
-        _sync(device)
+        sync(device)
         if i >= warmup:
             times.append(time.perf_counter() - t0)
     return {"step_s": times, "loss_first": losses[0], "loss_last": losses[-1], "device": str(device)}
@@ -152,7 +147,6 @@ def official_step_times(cfg: Config, code_dir: str, steps: int, warmup: int) -> 
 
 def our_step_times(cfg: Config, steps: int, warmup: int) -> dict:
     """Seconds of each timed ``Trainer.train_step`` of ours (one process, synthetic batch reused)."""
-    from .benchmark import synthetic_batch
     from .trainer import Trainer
 
     trainer = Trainer(cfg)
@@ -161,7 +155,7 @@ def our_step_times(cfg: Config, steps: int, warmup: int) -> dict:
     for i in range(warmup + steps):
         t0 = time.perf_counter()
         metrics = trainer.train_step(batch)
-        _sync(trainer.device)
+        sync(trainer.device)
         if i >= warmup:
             times.append(time.perf_counter() - t0)
         losses.append(metrics.get("loss"))

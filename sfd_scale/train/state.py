@@ -1,7 +1,7 @@
 """The training state and its checkpoint key layout: the one place that says what a checkpoint holds.
 
-``train/checkpoint.py`` writes and reads a checkpoint directory (DCP, manifest, verify, prune); this module
-decides its contents. Keys are layout-free, so a run on any TP x PP x DP and any engine resumes from any
+``sfd_scale/checkpoint_store.py`` writes and reads a checkpoint directory (DCP, manifest, verify, prune); this
+module decides its contents. Keys are layout-free, so a run on any TP x PP x DP and any engine resumes from any
 checkpoint:
 
   ``model/<official key>``, ``ema/<official key>``   full tensors under the official LightningDiT names
@@ -12,7 +12,7 @@ checkpoint:
   ``trainer``                                        step, data position, skipped steps, layout, code version;
   ``config``                                         the resolved config (a plain dict);
   ``rng/rank_00000`` ...                             every rank's torch / numpy / python RNG states
-                                                     (objects are stored packed: ``checkpoint.pack``).
+                                                     (objects are stored packed: ``checkpoint_store.pack``).
 
 Every rank passes the tensors it holds: a TP group's ranks hold them gathered (the export gathers weights,
 ``collect`` gathers optimizer state), pipeline stages their own blocks, DP replicas the same (the engine
@@ -21,23 +21,26 @@ in the engine. ``native_state`` is the weights-only form ``train/convert.py`` wr
 """
 from __future__ import annotations
 
+import random
 from dataclasses import asdict
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
 from ..models.official import export_official_state_dict, load_official_state_dict
+from ..models.tensor_parallel import gather_state_dict, model_tp, shard_state_dict
 from ..parallel.engines import ADAM_KINDS
 from ..parallel.pipeline import global_key, stage_state_dict
-from ..parallel.tensor_parallel import gather_state_dict, model_tp, shard_state_dict
-from . import checkpoint as ckpt
+from .. import checkpoint_store as store
 
 State = Dict[str, torch.Tensor]
 
 
+# ----------------------------------------------------------------------------------------------- keys and objects
 def weights_key(which: str, name: str) -> str:
     """``which``: 'model' or 'ema'; ``name``: an official (whole-model) key."""
     return f"{which}/{name}"
@@ -45,6 +48,38 @@ def weights_key(which: str, name: str) -> str:
 
 def optim_key(kind: str, name: str) -> str:
     return f"optim/{kind}/{name}"
+
+
+def rng_key(rank: int) -> str:
+    return f"rng/rank_{rank:05d}"
+
+
+def run_info(cfg, step: int, layout: dict, nonfinite_steps: int = 0, code: Optional[dict] = None) -> dict:
+    """The ``trainer`` object of a checkpoint. Batch k is a pure function of (seed, k) (data/sources.py),
+    so the data position is the step; seed and global batch size must match to continue."""
+    return {"step": step, "nonfinite_steps": nonfinite_steps, "seed": cfg.train.seed,
+            "global_batch_size": cfg.train.global_batch_size,
+            "data_position": {"global_batches": step, "samples": step * cfg.train.global_batch_size},
+            "layout": layout, "code": code if code is not None else store.code_version()}
+
+
+def rng_state() -> dict:
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "cached": float(cached)}}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def with_prefix(state: dict, prefix: str) -> dict:
@@ -57,8 +92,8 @@ def native_state(cfg, model: State, ema: State, step: int, layout: dict) -> Tupl
     at ``step`` with a fresh optimizer, on any layout)."""
     state = {weights_key("model", k): v for k, v in model.items()}
     state.update({weights_key("ema", k): v for k, v in ema.items()})
-    info = ckpt.run_info(cfg, step, layout)
-    state.update(counters=ckpt.pack({"optimizer_steps": 0}), trainer=ckpt.pack(info), config=ckpt.pack(asdict(cfg)))
+    info = run_info(cfg, step, layout)
+    state.update(counters=store.pack({"optimizer_steps": 0}), trainer=store.pack(info), config=store.pack(asdict(cfg)))
     return state, info
 
 
@@ -67,8 +102,8 @@ def choose_checkpoint(output_dir: Path, rank: int) -> Tuple[Optional[Path], List
     (the checkpoint to resume from or None, rank 0's notes on what it removed or passed over)."""
     found = [None, []]
     if rank == 0:
-        notes = [f"removed the unfinished checkpoint save {p}" for p in ckpt.remove_unfinished(output_dir)]
-        path = ckpt.latest(output_dir, report=notes.append)
+        notes = [f"removed the unfinished checkpoint save {p}" for p in store.remove_unfinished(output_dir)]
+        path = store.latest(output_dir, report=notes.append)
         found = [None if path is None else str(path), notes]
     if dist.get_world_size() > 1:
         dist.broadcast_object_list(found, src=0)
@@ -118,11 +153,11 @@ class TrainingState:
                 local = {name: kinds[kind] for name, kinds in params.items()}
                 full = gather_state_dict(local, chunk.args, group=group) if tp_size > 1 else local
                 state.update({optim_key(kind, global_key(chunk, name)): t for name, t in full.items()})
-        state[ckpt.rng_key(rank)] = ckpt.pack(ckpt.rng_state())
+        state[rng_key(rank)] = store.pack(rng_state())
         if rank == 0:
-            state["counters"] = ckpt.pack(engine_state["counters"])
-            state["trainer"] = ckpt.pack(info)
-            state["config"] = ckpt.pack(asdict(cfg))
+            state["counters"] = store.pack(engine_state["counters"])
+            state["trainer"] = store.pack(info)
+            state["config"] = store.pack(asdict(cfg))
         return state
 
     # ------------------------------------------------------------------------------------------ load
@@ -130,13 +165,13 @@ class TrainingState:
         """Collective: the stored entries this rank needs, read from ``directory``, the optimizer state kinds
         it holds and the stored run info (``trainer``). Raises ``CheckpointError`` naming the directory when
         it is not this format or does not fit the model."""
-        fmt = ckpt.manifest(directory).get("format")
-        if fmt != ckpt.FORMAT:
-            raise ckpt.CheckpointError(f"checkpoint {directory} has format {fmt!r}, this sfd_scale reads {ckpt.FORMAT!r} "
+        fmt = store.manifest(directory).get("format")
+        if fmt != store.FORMAT:
+            raise store.CheckpointError(f"checkpoint {directory} has format {fmt!r}, this sfd_scale reads {store.FORMAT!r} "
                                        f"(written by an older version): start a new train.output_dir, or take its "
                                        f"weights with checkpoint.init_from")
-        meta = ckpt.stored_keys(directory)
-        keys = ["counters", "trainer"] + ([ckpt.rng_key(rank)] if ckpt.rng_key(rank) in meta else [])
+        meta = store.stored_keys(directory)
+        keys = ["counters", "trainer"] + ([rng_key(rank)] if rng_key(rank) in meta else [])
         kinds = [k for k in ADAM_KINDS + ("master",) if any(key.startswith(optim_key(k, "")) for key in meta)]
         for chunk in self.chunks:
             names = [k for k in chunk.state_dict() if not k.endswith("_extra_state")]
@@ -144,11 +179,11 @@ class TrainingState:
             keys += [optim_key(kind, global_key(chunk, n)) for kind in kinds
                      for n, p in chunk.named_parameters() if p.requires_grad]
         try:
-            state = ckpt.empty_like_stored(directory, keys, meta)
-        except ckpt.CheckpointError as err:
-            raise ckpt.CheckpointError(f"{err}: it does not fit this model (model.* settings changed?)") from None
-        ckpt.load(directory, state, group)
-        return state, kinds, ckpt.unpack(state["trainer"])
+            state = store.empty_like_stored(directory, keys, meta)
+        except store.CheckpointError as err:
+            raise store.CheckpointError(f"{err}: it does not fit this model (model.* settings changed?)") from None
+        store.load(directory, state, group)
+        return state, kinds, store.unpack(state["trainer"])
 
     def restore(self, state: State, kinds: List[str], rank: int) -> None:
         """Put ``read``'s entries into the chunks, their EMA, the engine (sharded over TP here, over DP by the
@@ -165,6 +200,6 @@ class TrainingState:
                 for name, t in local.items():
                     per.setdefault(name, {})[kind] = t
             params.append(per)
-        self.engine.load_state_dict({"params": params, "counters": ckpt.unpack(state["counters"])})
-        if ckpt.rng_key(rank) in state:
-            ckpt.set_rng_state(ckpt.unpack(state[ckpt.rng_key(rank)]))
+        self.engine.load_state_dict({"params": params, "counters": store.unpack(state["counters"])})
+        if rng_key(rank) in state:
+            set_rng_state(store.unpack(state[rng_key(rank)]))

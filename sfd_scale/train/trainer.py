@@ -29,6 +29,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from megatron.core import parallel_state
 
+from .. import checkpoint_store as store
 from ..config import Config, ConfigError, model_args, objective_config, sfd_spec, to_yaml
 from ..device import resolve_device
 from ..data.sources import Placement, build_training_data
@@ -37,16 +38,15 @@ from ..diffusion.sfd import SFDObjective
 from ..eval.generate import save_sample_grid
 from ..logging import RunLogger
 from ..models.layers import attention_backend
-from ..models.lightningdit import LightningDiT, count_parameters
+from ..models.lightningdit import LightningDiT, count_parameters, parallel_config
 from ..models.official import load_official_state_dict, read_checkpoint
 from ..parallel.engines import build_engine, local_micro_batches
 from ..parallel.layout import ParallelLayout, initialize
 from ..parallel.optimizations import apply_activation_checkpointing, apply_compile, compile_enabled, compiled_modules
 from ..parallel.pipeline import MicroBatch, build_stages, stage_state_dict
-from . import checkpoint as ckpt
 from .ema import EMA
 from .run_control import REQUEUE_EXIT, RunControl
-from .state import TrainingState, choose_checkpoint
+from .state import TrainingState, choose_checkpoint, run_info
 from .step_io import DevicePrefetcher, StepWindow, log_line
 
 
@@ -82,7 +82,8 @@ class Trainer:
         # this rank's model: the whole LightningDiT, or its pipeline chunks (one per virtual stage)
         # on meta the weights are never allocated (megatron's CPU initialisation runs on meta tensors)
         with torch.device("meta") if self.device.type == "meta" else contextlib.nullcontext():
-            chunks = (build_stages(model_args(cfg)) if self.pipelined else [LightningDiT(model_args(cfg))])
+            tp_config = parallel_config(tensor_parallel=cfg.parallel.tensor_parallel)  # the layout set up above
+            chunks = build_stages(model_args(cfg)) if self.pipelined else [LightningDiT(model_args(cfg), tp_config)]
         chunks = [c.to(self.device) for c in chunks]
         if cfg.checkpoint.init_from:
             full = read_checkpoint(cfg.checkpoint.init_from, which="ema")
@@ -104,9 +105,9 @@ class Trainer:
             apply_compile(chunks)
         self.objective = SFDObjective(self.spec, objective_config(cfg))
         self.step, self.nonfinite_steps = 0, 0
-        self.code = ckpt.code_version()  # once: the run log and every checkpoint
+        self.code = store.code_version()  # once: the run log and every checkpoint
         c = cfg.checkpoint
-        self.checkpointer = ckpt.Checkpointer(self.out, c.keep_last, c.keep_every, c.asynchronous)
+        self.checkpointer = store.Checkpointer(self.out, c.keep_last, c.keep_every, c.asynchronous)
         self.control = RunControl(cfg.train, self.rank, dist.get_world_size())  # signals, budget, NaN policy
         self._saved_step: Optional[int] = None
         self.state = TrainingState(chunks, list(self.ema.model) if self.pipelined else [self.ema.model], self.engine,
@@ -121,11 +122,11 @@ class Trainer:
         layout = {"tensor_parallel": p.tensor_parallel, "pipeline_parallel": p.pipeline_parallel,
                   "virtual_stages": p.virtual_stages, "data_parallel": self.dp_size, "engine": self.engine.name,
                   "world_size": dist.get_world_size()}
-        return ckpt.run_info(self.cfg, self.step, layout, self.nonfinite_steps, self.code)
+        return run_info(self.cfg, self.step, layout, self.nonfinite_steps, self.code)
 
     def save(self) -> Path:
         """Collective: start writing a checkpoint of this step (contents: ``train/state.py``; directory and
-        background write: ``train/checkpoint.py``)."""
+        background write: ``checkpoint_store.py``)."""
         info = self._trainer_info()
         state = self.state.collect(self.cfg, self.rank, info)
         self._saved_step = self.step
@@ -136,7 +137,7 @@ class Trainer:
         state, kinds, info = self.state.read(directory, self.rank, self.checkpointer.group)
         for key, name in (("global_batch_size", "train.global_batch_size"), ("seed", "train.seed")):
             if info[key] != getattr(self.cfg.train, key):
-                raise ckpt.CheckpointError(f"checkpoint {directory} was trained with {name}={info[key]}, this run has "
+                raise store.CheckpointError(f"checkpoint {directory} was trained with {name}={info[key]}, this run has "
                                            f"{getattr(self.cfg.train, key)}: the data order and random draws would "
                                            f"not continue (use a new train.output_dir, or checkpoint.init_from)")
         self.state.restore(state, kinds, self.rank)
@@ -335,7 +336,7 @@ class Trainer:
                 first_loss, last_loss = _loss_span(window.take(), first_loss, last_loss)
                 if self._saved_step != self.step:
                     self.save()
-                final_ckpt = ckpt.checkpoint_dir(self.out, self.step)
+                final_ckpt = store.checkpoint_dir(self.out, self.step)
                 self.checkpointer.wait()
                 logger.write(f"checkpoint {final_ckpt} written")
                 if exit_status == 0:

@@ -4,7 +4,7 @@ import torch
 
 from sfd_scale.config import load_config
 from sfd_scale.models.official import read_checkpoint
-from sfd_scale.train import checkpoint as ckpt
+from sfd_scale import checkpoint_store as store
 from sfd_scale.train import convert
 from tests.dist.harness import run_ranks
 from tests.dist.test_engines import global_batches, new_model, tiny_config, train, weights
@@ -31,7 +31,7 @@ def test_official_to_native_through_tp2_pp2_and_back_is_exact(golden_dir, tmp_pa
     src = golden_dir / "weights.safetensors"
     convert.official_to_native(src, load_config(["configs/demo/digits.yaml"], overrides), tmp_path / "run")
     paths = run_ranks(_resave, 4, args=(overrides + ["parallel.tensor_parallel=2", "parallel.pipeline_parallel=2"],))
-    written = ckpt.manifest(paths[0])["layout"]
+    written = store.manifest(paths[0])["layout"]
     assert (written["tensor_parallel"], written["pipeline_parallel"]) == (2, 2)
     back = torch.load(convert.native_to_official(paths[0], tmp_path / "back.pt"), weights_only=True)
     original = read_checkpoint(src)
@@ -54,6 +54,6 @@ def _zero3(rank, world_size, ds_dir):
 def test_deepspeed_zero3_checkpoint_to_native_matches(tmp_path):
     full = run_ranks(_zero3, 2, args=(tmp_path / "ds",), timeout=600)[0]
     native = convert.deepspeed_to_native(tmp_path / "ds", tiny_config(), tmp_path / "run", step=2)
-    got = ckpt.read_weights(native, "model")
+    got = store.read_weights(native, "model")
     same(got, {k: v for k, v in full.items() if k in got})
     assert set(got) == set(full)

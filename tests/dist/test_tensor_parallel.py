@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from sfd_scale.diffusion.sfd import ObjectiveConfig, SFDObjective, SFDSpec
-from sfd_scale.models.lightningdit import LightningDiT, ModelArgs
+from sfd_scale.models.lightningdit import LightningDiT, ModelArgs, parallel_config
 from sfd_scale.models.official import export_official_state_dict, load_official_state_dict
 from tests.dist.harness import run_ranks
 
@@ -73,13 +73,14 @@ def _reference(args: ModelArgs, spec: SFDSpec) -> dict:
 
 def _tp2_rank(rank, world_size, cases):
     from sfd_scale.parallel.layout import ParallelLayout, initialize
-    from sfd_scale.parallel.tensor_parallel import gather_state_dict, model_tp
+    from sfd_scale.models.tensor_parallel import gather_state_dict, model_tp
 
     initialize(ParallelLayout(tensor_parallel=2))
     results = {}
     for name, (args, spec, full, inputs) in cases.items():
         torch.manual_seed(3)
-        model = LightningDiT(args)  # the same seed as the reference: megatron's CPU init is layout-invariant
+        # the same seed as the reference: megatron's CPU init is layout-invariant
+        model = LightningDiT(args, parallel_config(tensor_parallel=2))
         assert model_tp(model)[:2] == (rank, 2)
         res = {"init": export_official_state_dict(model)}
         load_official_state_dict(model, full)
@@ -89,7 +90,8 @@ def _tp2_rank(rank, world_size, cases):
         res["grads"] = gather_state_dict(res["grads"], args)
         results[name] = res
     try:
-        LightningDiT(ModelArgs(input_size=4, in_channels=4, hidden_size=48, depth=1, num_heads=3, num_classes=10))
+        LightningDiT(ModelArgs(input_size=4, in_channels=4, hidden_size=48, depth=1, num_heads=3, num_classes=10),
+                     parallel_config(tensor_parallel=2))
         results["bad_heads_error"] = None
     except ValueError as err:
         results["bad_heads_error"] = str(err)
@@ -163,13 +165,13 @@ def test_non_divisible_heads_are_a_clear_error(tp2):
 # ----------------------------------------------------------------------------------------------- golden
 def _golden_rank(rank, world_size, golden_dir):
     from sfd_scale.parallel.layout import ParallelLayout, initialize
-    from sfd_scale.parallel.tensor_parallel import model_tp
+    from sfd_scale.models.tensor_parallel import model_tp
     from tests import golden
 
     initialize(ParallelLayout(tensor_parallel=2))
     golden_dir = Path(golden_dir)
     entry = golden.config(golden_dir)["models"]["main"]
-    model, spec = golden.build(golden_dir)  # official weights, sharded for this rank on load
+    model, spec = golden.build(golden_dir, tensor_parallel=2)  # official weights, sharded for this rank on load
     assert model_tp(model)[:2] == (rank, 2)
     g = golden.tensors(golden_dir, entry["forward_file"])
     t = golden.model_time(spec, g)

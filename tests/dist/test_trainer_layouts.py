@@ -36,11 +36,11 @@ def test_data_parallel_trainer_matches_one_process_and_resumes(tmp_path):
     for loss2, model2, ema2 in results:
         assert abs(loss2 - loss1) <= 1e-6
         assert _max_diff(model1, model2) <= 3e-7 and _max_diff(ema1, ema2) <= 3e-7
-    from sfd_scale.train import checkpoint as ckpt
+    from sfd_scale import checkpoint_store as store
 
-    newest = ckpt.latest(tmp_path / "dp2")
-    assert ckpt.manifest(newest)["layout"]["data_parallel"] == 2
-    assert {"optim/exp_avg/blocks.0.attn.qkv.weight", "rng/rank_00001"} <= set(ckpt.stored_keys(newest))
+    newest = store.latest(tmp_path / "dp2")
+    assert store.manifest(newest)["layout"]["data_parallel"] == 2
+    assert {"optim/exp_avg/blocks.0.attn.qkv.weight", "rng/rank_00001"} <= set(store.stored_keys(newest))
 
 
 def test_tensor_parallel_trainer_matches_one_process(tmp_path):

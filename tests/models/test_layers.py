@@ -10,7 +10,6 @@ from sfd_scale.models.embeddings import Rope2D
 from sfd_scale.models.layers import (_SDPA_CUDA_KERNELS, RMSNorm, _QKLayerNorm, attention_backend,
                                      sdpa_cuda_kernel)
 from sfd_scale.models.lightningdit import parallel_config
-from sfd_scale.parallel.layout import tensor_parallel_size
 
 
 @pytest.mark.parametrize("norm", [RMSNorm(8), _QKLayerNorm(8)], ids=["rmsnorm", "layernorm"])
@@ -55,7 +54,6 @@ def test_attention_layer_feeds_bf16_qkv_under_autocast(monkeypatch, use_rmsnorm)
         return torch.nn.functional.scaled_dot_product_attention(q, k, v)
 
     monkeypatch.setattr(layers, "attention", spy)
-    tensor_parallel_size()  # a one-process layout (megatron's linears ask for their TP group)
     attn = layers.Attention(32, 4, parallel_config(), qk_norm=True, use_rmsnorm=use_rmsnorm)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         attn(torch.randn(2, 16, 32), rope=Rope2D(8, 4))

@@ -2,12 +2,15 @@
 bf16 training hands attention bf16 q, k, v and stays close to fp32; torch.compile traces it whole."""
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
 from sfd_scale.config import load_config, model_args
 from sfd_scale.models import layers
-from sfd_scale.models.lightningdit import LightningDiT
+from sfd_scale.models.lightningdit import LightningDiT, ModelArgs, parallel_config
 
 TINY = ["model.depth=2", "model.hidden_size=32", "model.num_heads=2", "model.use_repa=true", "model.repa_depth=1",
         "model.repa_projector_dim=16", "model.repa_feature_dim=8"]
@@ -75,3 +78,39 @@ def test_training_forward_has_no_graph_break(checkpointing, precision):
         explained = torch._dynamo.explain(model)(*inputs)
     assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons]
     assert explained.graph_count == 1
+
+
+# ----------------------------------------------------------------------------------------------- layout
+def test_building_a_model_creates_no_process_group():
+    """The model takes its TP size from its config and sets nothing up: in a fresh process, building and
+    running one leaves torch.distributed and megatron's parallel state uninitialised, and it equals the model
+    built after a one-process layout exists (same seed: same weights, same output)."""
+    code = """
+import torch, torch.distributed as dist
+from megatron.core import parallel_state
+from sfd_scale.models.lightningdit import LightningDiT, ModelArgs
+from sfd_scale.parallel.layout import ensure_initialized
+args = ModelArgs(input_size=4, in_channels=4, hidden_size=32, depth=2, num_heads=2, num_classes=10)
+x, t, y = torch.randn(2, 4, 4, 4), (torch.rand(2), torch.rand(2)), torch.tensor([1, 2])
+torch.manual_seed(0)
+alone = LightningDiT(args).eval()
+out = alone(x, t, y)
+assert not dist.is_initialized() and not parallel_state.model_parallel_is_initialized()
+ensure_initialized()
+torch.manual_seed(0)
+in_layout = LightningDiT(args).eval()
+assert all(torch.equal(a, b) for a, b in zip(alone.state_dict().values(), in_layout.state_dict().values())
+           if torch.is_tensor(a))
+assert torch.equal(out, in_layout(x, t, y))
+print("ok")
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
+
+
+def test_a_model_for_another_tp_size_than_the_layout_is_refused():
+    args = ModelArgs(input_size=4, in_channels=4, hidden_size=48, depth=1, num_heads=2, num_classes=10)
+    with pytest.raises(ValueError, match=r"built for tensor parallel size 2 but the tensor-parallel group has 1"):
+        LightningDiT(args, parallel_config(tensor_parallel=2))  # one process: its group (or none) has 1 rank
+    with pytest.raises(ValueError, match=r"num_heads\) = 2 is not divisible by the tensor parallel size 3"):
+        LightningDiT(args, parallel_config(tensor_parallel=3))

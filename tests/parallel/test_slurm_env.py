@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from sfd_scale.parallel.launch import expand_hostlist, expand_tasks_per_node, slurm_rendezvous
+from sfd_scale.parallel.slurm_env import expand_hostlist, expand_tasks_per_node, slurm_rendezvous
 
 
 def step_env(**kw) -> dict:

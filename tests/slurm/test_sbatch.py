@@ -82,12 +82,12 @@ def test_extract_array_equals_one_rank(slurm, tmp_path):
 
 # --------------------------------------------------------------------------------------------- training
 def weights(out: Path) -> dict:
-    from sfd_scale.train import checkpoint as ckpt
-    last = ckpt.latest(out)
+    from sfd_scale import checkpoint_store as store
+    last = store.latest(out)
     assert last is not None, f"no verified checkpoint in {out}"
     with warnings.catch_warnings():  # torch.distributed.checkpoint, read without a process group: expected
         warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
-        return {"checkpoint": last.name, **{which: ckpt.read_weights(last, which) for which in ("model", "ema")}}
+        return {"checkpoint": last.name, **{which: store.read_weights(last, which) for which in ("model", "ema")}}
 
 
 def assert_same_weights(got: dict, want: dict) -> None:
@@ -162,10 +162,10 @@ def test_preempted_by_high_priority_job(slurm, reference, tmp_path):
     job, log = train_job(slurm, tmp_path, "--partition=low", "--cpus-per-task=2", "--time=10")
     slurm.wait_for_text(log, r"step 10:", timeout=120, job_id=job)
     reference.weights()  # its checkpoint is what the preempting job samples
-    from sfd_scale.train import checkpoint as ckpt
+    from sfd_scale import checkpoint_store as store
     png = tmp_path / "grid.png"
     sample = slurm.sbatch("--partition=high", *ONE_CORE, f"--output={tmp_path}/%x-%j.out", "slurm/sample.sbatch",
-                          str(ckpt.latest(reference.out)), "--out", str(png))
+                          str(store.latest(reference.out)), "--out", str(png))
     slurm.wait(sample, ("COMPLETED",), timeout=120, log=tmp_path / f"sfd-sample-{sample}.out")
     assert png.is_file() and png.stat().st_size > 0
     check_requeued_run(slurm, job, log, tmp_path / "run", how="batch shell got SIGUSR1")

@@ -9,7 +9,7 @@ import torch
 
 from sfd_scale.config import load_config
 from sfd_scale.models.official import read_checkpoint
-from sfd_scale.train import checkpoint as ckpt
+from sfd_scale import checkpoint_store as store
 from sfd_scale.train import convert
 from tests import golden
 
@@ -43,7 +43,7 @@ def test_official_to_native_to_official_is_exact_and_keeps_the_golden_forward(go
     original = read_checkpoint(src)
     native = convert.official_to_native(src, golden_config(golden_dir), tmp_path / "run", step=7)
     assert native == tmp_path / "run" / "checkpoints" / "step_0000007"
-    assert ckpt.read_object(native, "trainer")["step"] == 7
+    assert store.read_object(native, "trainer")["step"] == 7
     out = convert.native_to_official(native, tmp_path / "back.pt")
     container = torch.load(out, weights_only=True)
     same(container["ema"], original)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sfd_scale.train import checkpoint as ckpt
+from sfd_scale import checkpoint_store as store
 from sfd_scale.train.trainer import REQUEUE_EXIT, Trainer
 from tests.train.test_trainer import TINY, tiny_config
 
@@ -27,17 +27,17 @@ def losses(out: Path) -> dict:
 
 def assert_same_checkpoint(a: Path, b: Path) -> None:
     """Every tensor bit-identical (weights, EMA, optimizer state), and the same counters."""
-    keys_a, keys_b = ckpt.stored_keys(a), ckpt.stored_keys(b)
+    keys_a, keys_b = store.stored_keys(a), store.stored_keys(b)
     tensors = sorted(k for k in keys_a if k.split("/")[0] in ("model", "ema", "optim"))
     assert tensors == sorted(k for k in keys_b if k.split("/")[0] in ("model", "ema", "optim"))
     assert any(k.startswith("optim/exp_avg_sq/") for k in tensors)
-    sa, sb = ckpt.empty_like_stored(a, tensors, keys_a), ckpt.empty_like_stored(b, tensors, keys_b)
-    ckpt.load(a, sa)
-    ckpt.load(b, sb)
+    sa, sb = store.empty_like_stored(a, tensors, keys_a), store.empty_like_stored(b, tensors, keys_b)
+    store.load(a, sa)
+    store.load(b, sb)
     bad = [k for k in tensors if not torch.equal(sa[k], sb[k])]
     assert not bad, f"differ: {bad[:5]}"
-    assert ckpt.read_object(a, "counters") == ckpt.read_object(b, "counters")
-    ta, tb = ckpt.read_object(a, "trainer"), ckpt.read_object(b, "trainer")
+    assert store.read_object(a, "counters") == store.read_object(b, "counters")
+    ta, tb = store.read_object(a, "trainer"), store.read_object(b, "trainer")
     assert ta["step"] == tb["step"] and ta["data_position"] == tb["data_position"]
 
 
@@ -57,20 +57,20 @@ def test_signal_checkpoints_exits_for_requeue_and_resumes_exactly(tmp_path):
     trainer.train_step = step_then_signal
     summary = trainer.fit()
     assert summary["exit_status"] == REQUEUE_EXIT and summary["steps"] == 3
-    assert ckpt.latest(tmp_path / "run").name == "step_0000003"
+    assert store.latest(tmp_path / "run").name == "step_0000003"
     assert "stopping at step 3: signal SIGUSR1" in (tmp_path / "run" / "log.txt").read_text()
     assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL  # handlers restored
     resumed = Trainer(tiny_config(tmp_path / "run", *common))
     assert resumed.step == 3
     assert resumed.fit()["exit_status"] == 0
-    assert_same_checkpoint(ckpt.latest(tmp_path / "run"), ckpt.latest(tmp_path / "straight"))
+    assert_same_checkpoint(store.latest(tmp_path / "run"), store.latest(tmp_path / "straight"))
     assert losses(tmp_path / "run") == losses(tmp_path / "straight")
 
 
 def test_time_budget_stops_with_a_checkpoint(tmp_path):
     summary = Trainer(tiny_config(tmp_path, "train.max_steps=6", "train.time_budget_s=1e-6")).fit()
     assert summary["exit_status"] == REQUEUE_EXIT and summary["steps"] == 1
-    assert ckpt.latest(tmp_path).name == "step_0000001"
+    assert store.latest(tmp_path).name == "step_0000001"
     assert "train.time_budget_s=1e-06 reached" in (tmp_path / "log.txt").read_text()
 
 
@@ -110,8 +110,8 @@ def test_too_many_nonfinite_losses_stop_with_a_checkpoint(tmp_path):
     _poison(trainer, {2, 4})
     with pytest.raises(FloatingPointError, match="2 steps had a non-finite loss"):
         trainer.fit()
-    newest = ckpt.latest(tmp_path)
-    assert newest.name == "step_0000004" and ckpt.read_object(newest, "trainer")["nonfinite_steps"] == 2
+    newest = store.latest(tmp_path)
+    assert newest.name == "step_0000004" and store.read_object(newest, "trainer")["nonfinite_steps"] == 2
 
 
 def test_prune_keeps_last_and_every():
@@ -119,8 +119,8 @@ def test_prune_keeps_last_and_every():
 
     with tempfile.TemporaryDirectory() as out:
         for step in range(1, 11):
-            ckpt.checkpoint_dir(out, step).mkdir(parents=True)
-        assert ckpt.prune(out, keep_last=2, keep_every=4) == [1, 2, 3, 5, 6, 7]
+            store.checkpoint_dir(out, step).mkdir(parents=True)
+        assert store.prune(out, keep_last=2, keep_every=4) == [1, 2, 3, 5, 6, 7]
         assert sorted(p.name for p in (Path(out) / "checkpoints").iterdir()) == \
             ["step_0000004", "step_0000008", "step_0000009", "step_0000010"]
 
@@ -210,6 +210,6 @@ def test_sigkill_at_random_steps_then_auto_resume_is_bit_identical(tmp_path, ran
     log = (out / "log.txt").read_text()
     assert log.count("start: job") == len(targets) + 1, log
     assert "resumed from" in log
-    assert_same_checkpoint(ckpt.latest(out), ckpt.latest(tmp_path / "straight"))
+    assert_same_checkpoint(store.latest(out), store.latest(tmp_path / "straight"))
     assert losses(out) == losses(tmp_path / "straight"), kills
     assert not list((out / "checkpoints").glob(".tmp_*"))

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from sfd_scale.config import load_config
-from sfd_scale.train import checkpoint as ckpt
+from sfd_scale import checkpoint_store as store
 from sfd_scale.train.ema import EMA
 from sfd_scale.train.trainer import Trainer
 
@@ -23,15 +23,15 @@ def test_fit_trains_checkpoints_and_samples(tmp_path):
     cfg = tiny_config(tmp_path, "train.max_steps=6", "checkpoint.every=3", "optim.lr=3e-3")
     summary = Trainer(cfg).fit()
     assert summary["steps"] == 6 and summary["last_loss"] < summary["first_loss"]
-    assert ckpt.latest(tmp_path).name == "step_0000006"
+    assert store.latest(tmp_path).name == "step_0000006"
     assert (tmp_path / "checkpoints" / "step_0000003" / "manifest.json").is_file()
     assert (tmp_path / "samples" / "final.png").stat().st_size > 0
-    newest = ckpt.latest(tmp_path)
-    ema = ckpt.read_weights(newest, "ema")
+    newest = store.latest(tmp_path)
+    ema = store.read_weights(newest, "ema")
     assert not any(k.endswith("_extra_state") for k in ema) and "blocks.1.attn.qkv.weight" in ema  # official names
-    assert ckpt.read_object(newest, "trainer")["step"] == 6
-    assert ckpt.read_object(newest, "config")["train"]["max_steps"] == 6
-    info = ckpt.manifest(newest)
+    assert store.read_object(newest, "trainer")["step"] == 6
+    assert store.read_object(newest, "config")["train"]["max_steps"] == 6
+    info = store.manifest(newest)
     assert info["step"] == 6 and info["layout"]["world_size"] == 1 and "sfd_scale" in info["code"]
     metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [2, 4, 6]
@@ -69,14 +69,14 @@ def test_bf16_step(tmp_path):
 
 def test_corrupt_checkpoint_is_passed_over(tmp_path):
     Trainer(tiny_config(tmp_path, "train.max_steps=2", "checkpoint.every=1")).fit()
-    newest = ckpt.latest(tmp_path)
+    newest = store.latest(tmp_path)
     data = sorted(newest.glob("*.distcp"))[0]
     data.write_bytes(data.read_bytes()[:-7])  # truncated
     skipped = []
-    assert ckpt.latest(tmp_path, report=skipped.append).name == "step_0000001"
+    assert store.latest(tmp_path, report=skipped.append).name == "step_0000001"
     assert "step_0000002" in skipped[0] and "bytes, the manifest says" in skipped[0]
-    with pytest.raises(ckpt.CheckpointError, match="cannot be used"):
-        ckpt.read_weights(newest)
+    with pytest.raises(store.CheckpointError, match="cannot be used"):
+        store.read_weights(newest)
     resumed = Trainer(tiny_config(tmp_path, "train.max_steps=2", "checkpoint.every=1", "checkpoint.resume=true"))
     assert resumed.step == 1 and "skipping checkpoint" in resumed.notes[0]
 

@@ -1,21 +1,12 @@
-"""Checkpoints: sharded, written by every rank in the background, published atomically, verified, pruned.
+"""Checkpoint directories: sharded DCP saves written by every rank in the background, published atomically,
+verified against a manifest, pruned, read back (ground floor: no sfd_scale imports, so models, eval and train
+all use it).
 
 A checkpoint is a directory ``<output_dir>/checkpoints/step_0001000/`` holding a
-torch.distributed.checkpoint (DCP) save plus ``manifest.json``. Keys (layout-free: any TP x PP x DP, any
-engine, resumes from it):
-
-  ``model/<official key>``, ``ema/<official key>``   full tensors under the official LightningDiT names;
-  ``optim/<kind>/<official key>``                    Adam ``exp_avg`` / ``exp_avg_sq`` (+ fp32 ``master``
-                                                     with bf16 weights), one full tensor per parameter;
-  ``counters``                                       optimizer steps, LR schedule, engine counters;
-  ``trainer``                                        step, data position, skipped steps, layout, code version;
-  ``config``                                         the resolved config (a plain dict);
-  ``rng/rank_00000`` ...                             every rank's torch / numpy / python RNG states
-                                                     (objects are stored packed: ``pack`` / ``unpack``).
-
-Every rank passes the tensors it holds (a TP group's ranks hold them gathered, pipeline stages their own
-blocks, DP replicas the same); DCP writes each key once, spreading the keys over the ranks that hold them.
-Loading reads only the keys a rank needs, so a run resumes on another layout.
+torch.distributed.checkpoint (DCP) save plus ``manifest.json``. What the keys mean is the writer's business
+(the trainer's layout: ``train/state.py``); this module stores tensors under any keys and small objects
+packed as uint8 tensors (``pack`` / ``unpack``). Every rank passes the tensors it holds; DCP writes each key
+once, spreading the keys over the ranks that hold them. Loading reads only the keys a rank needs.
 
 The save (``Checkpointer.save``) waits for the state to be copied to host memory (``StateStager``: device
 tensors into pinned host buffers allocated at the first save and reused by every later one, host tensors
@@ -23,10 +14,10 @@ by DCP's plain stager; the caller passes its live tensors, no device-side copies
 training was blocked (``Checkpointer.last_save``, one report line per save); DCP then writes in a
 background thread into ``.tmp_step_…`` while training goes on. Rank 0 finishes in that thread: once DCP
 has every rank's writes it writes the manifest (size + sha256 of every file) last and renames the
-directory into place, then prunes (``checkpoint.keep_last`` newest + every ``checkpoint.keep_every``
-steps). A directory named ``step_*`` therefore exists only complete; a kill at any moment leaves at most
-a ``.tmp_*`` directory, removed at the next start. ``latest`` passes over (and reports) a checkpoint whose
-files do not match its manifest.
+directory into place, then prunes (``keep_last`` newest + every ``keep_every`` steps). A directory named
+``step_*`` therefore exists only complete; a kill at any moment leaves at most a ``.tmp_*`` directory,
+removed at the next start. ``latest`` passes over (and reports) a checkpoint whose files do not match its
+manifest.
 """
 from __future__ import annotations
 
@@ -35,7 +26,6 @@ import io
 import json
 import logging
 import os
-import random
 import shutil
 import subprocess
 import threading
@@ -43,7 +33,6 @@ import time
 from pathlib import Path
 from typing import Callable, Dict, Iterable, Optional
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
@@ -74,10 +63,10 @@ def _sha256(path: Path) -> str:
 
 def code_version() -> dict:
     """sfd_scale's version and, when it runs from a git checkout, the commit (and whether it was modified)."""
-    from .. import __version__
+    from . import __version__
 
     out = {"sfd_scale": __version__, "torch": str(torch.__version__)}
-    root = Path(__file__).resolve().parents[2]
+    root = Path(__file__).resolve().parents[1]
     try:
         head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
                               timeout=10)
@@ -88,15 +77,6 @@ def code_version() -> dict:
     except (OSError, subprocess.SubprocessError):
         pass
     return out
-
-
-def run_info(cfg, step: int, layout: dict, nonfinite_steps: int = 0, code: Optional[dict] = None) -> dict:
-    """The ``trainer`` object of a checkpoint. Batch k is a pure function of (seed, k) (data/sources.py),
-    so the data position is the step; seed and global batch size must match to continue."""
-    return {"step": step, "nonfinite_steps": nonfinite_steps, "seed": cfg.train.seed,
-            "global_batch_size": cfg.train.global_batch_size,
-            "data_position": {"global_batches": step, "samples": step * cfg.train.global_batch_size},
-            "layout": layout, "code": code if code is not None else code_version()}
 
 
 # ----------------------------------------------------------------------------------------------- objects
@@ -111,29 +91,6 @@ def pack(obj) -> torch.Tensor:
 
 def unpack(t: torch.Tensor):
     return torch.load(io.BytesIO(t.numpy().tobytes()), weights_only=True)
-
-
-def rng_state() -> dict:
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
-             "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                       "has_gauss": int(has_gauss), "cached": float(cached)}}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    n = state["numpy"]
-    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def rng_key(rank: int) -> str:
-    return f"rng/rank_{rank:05d}"
 
 
 # ----------------------------------------------------------------------------------------------- verify

@@ -1,5 +1,8 @@
 """Tensor-parallel sharding of full (official-layout) LightningDiT state dicts, and the way back.
 
+This is the model's own parameter layout under TP, so it lives in ``models`` (``official.py`` loads and
+exports through it); ``sfd_scale/parallel`` only decides the layout (which ranks form a TP group).
+
 Every rank of a TP group holds a *local shard* of each megatron linear (``models/layers.py``); the
 official checkpoint holds full tensors. The rules below say, per official key, how a full tensor maps to
 rank r's shard; everything not listed is replicated (embedders, norms, biases added after an all-reduce,
@@ -19,7 +22,7 @@ adaLN_modulation.1.*, final_layer.linear.*    0      contiguous rows (column-par
 ============================================  =====  ==================================================
 
 A rule's ``stride`` is megatron's ``partition_stride``: the dimension is ``stride`` independent blocks,
-each split over the ranks on its own (block g of rank r = part r of block g). tests/parallel/test_sharding.py
+each split over the ranks on its own (block g of rank r = part r of block g). tests/models/test_tensor_parallel.py
 checks that the table agrees with the tensor-parallel attributes megatron puts on the model's parameters.
 """
 from __future__ import annotations
@@ -36,8 +39,10 @@ from megatron.core.utils import get_pg_rank, get_pg_size
 
 StateDict = Dict[str, torch.Tensor]
 
-_HEADS = "attention heads (model.num_heads)"
-_MLP = "MLP hidden units (int(model.hidden_size x model.mlp_ratio), x 2/3 for SwiGLU)"
+# what each split divides, as error messages name it (also ModelArgs.check_tensor_parallel)
+HEADS = "attention heads (model.num_heads)"
+MLP_UNITS = "MLP hidden units (int(model.hidden_size x model.mlp_ratio), x 2/3 for SwiGLU)"
+FINAL_OUTPUTS = "final-layer outputs (patch_size^2 x out_channels)"
 
 
 @dataclass(frozen=True)
@@ -49,13 +54,13 @@ class Split:
 
 
 _RULES: Tuple[Tuple[re.Pattern, Split], ...] = tuple((re.compile(p), s) for p, s in (
-    (r"blocks\.\d+\.attn\.qkv\.(weight|bias)", Split(0, _HEADS, stride=3, per_head=True)),
-    (r"blocks\.\d+\.attn\.proj\.weight", Split(1, _HEADS, per_head=True)),
-    (r"blocks\.\d+\.mlp\.w12\.(weight|bias)", Split(0, _MLP, stride=2)),
-    (r"blocks\.\d+\.mlp\.(w3|fc2)\.weight", Split(1, _MLP)),
-    (r"blocks\.\d+\.mlp\.fc1\.(weight|bias)", Split(0, _MLP)),
+    (r"blocks\.\d+\.attn\.qkv\.(weight|bias)", Split(0, HEADS, stride=3, per_head=True)),
+    (r"blocks\.\d+\.attn\.proj\.weight", Split(1, HEADS, per_head=True)),
+    (r"blocks\.\d+\.mlp\.w12\.(weight|bias)", Split(0, MLP_UNITS, stride=2)),
+    (r"blocks\.\d+\.mlp\.(w3|fc2)\.weight", Split(1, MLP_UNITS)),
+    (r"blocks\.\d+\.mlp\.fc1\.(weight|bias)", Split(0, MLP_UNITS)),
     (r"(blocks\.\d+|final_layer)\.adaLN_modulation\.1\.(weight|bias)", Split(0, "adaLN outputs (k x model.hidden_size)")),
-    (r"final_layer\.linear\.(weight|bias)", Split(0, "final-layer outputs (patch_size^2 x out_channels)")),
+    (r"final_layer\.linear\.(weight|bias)", Split(0, FINAL_OUTPUTS)),
 ))
 
 
@@ -65,15 +70,6 @@ def split_of(key: str) -> Optional[Split]:
         if pattern.fullmatch(key):
             return split
     return None
-
-
-def check_divisible(args, tp_size: int) -> None:
-    """The model-level form of the sharding rules: one clear error naming the config field."""
-    counts = [(args.num_heads, _HEADS), (args.mlp_hidden, _MLP), (args.hidden_size, "model.hidden_size"),
-              (args.patch_size ** 2 * args.out_channels, "final-layer outputs (patch_size^2 x out_channels)")]
-    for n, what in counts:
-        if n % tp_size:
-            raise ValueError(f"{what} = {n} is not divisible by the tensor parallel size {tp_size}")
 
 
 def _units(key: str, t: torch.Tensor, split: Split, head_dim: int, tp_size: int) -> int:

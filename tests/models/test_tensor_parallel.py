@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from sfd_scale.models.lightningdit import LightningDiT, ModelArgs
-from sfd_scale.parallel.tensor_parallel import (check_divisible, merge_state_dicts, shard_state_dict, split_of)
+from sfd_scale.models.tensor_parallel import merge_state_dicts, shard_state_dict, split_of
 
 SWIGLU = ModelArgs(input_size=4, patch_size=1, in_channels=12, hidden_size=72, depth=2, num_heads=6, num_classes=10,
                    use_repa=True, repa_depth=1, repa_projector_dim=8)
@@ -97,8 +97,8 @@ def test_non_divisible_heads_name_the_key():
     with pytest.raises(ValueError, match=r"blocks\.0\.attn\.qkv\.weight.*num_heads\) = 6 is not divisible by 4"):
         shard_state_dict(full, SWIGLU, 0, 4)
     with pytest.raises(ValueError, match=r"num_heads\) = 6 is not divisible by the tensor parallel size 4"):
-        check_divisible(SWIGLU, 4)
+        SWIGLU.check_tensor_parallel(4)
     with pytest.raises(ValueError, match=r"final-layer outputs .* = 3"):
-        check_divisible(ModelArgs(input_size=4, in_channels=3, hidden_size=48, num_heads=6), 2)
+        ModelArgs(input_size=4, in_channels=3, hidden_size=48, num_heads=6).check_tensor_parallel(2)
     with pytest.raises(ValueError, match="rank 2 outside"):
         shard_state_dict(full, SWIGLU, 2, 2)
