@@ -43,7 +43,7 @@ from ..models.flops import training_flops_per_image
 from ..models.lightningdit import LightningDiT, LightningDiTBlock, ModelArgs, parallel_config
 from ..models.embeddings import Rope2D
 from ..parallel.layout import tensor_parallel_size
-from ..parallel.engines import adam_state, fused_adamw
+from ..parallel.engines.base import adam_state, fused_adamw
 from .dispatch_count import CudaAutocast, OpCounter
 from .step_io import StepWindow
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook

@@ -1,7 +1,7 @@
 """The one training loop: batch -> SFD objective -> engine step -> EMA -> log -> samples -> checkpoint.
 
 One loop for every engine (plain / megatron DDP / DeepSpeed ZeRO) and layout (TP x DP); the engine
-behind ``parallel/engines.py`` differs, this file does not. Global batch k is a pure function of
+behind ``parallel/engines/`` differs, this file does not. Global batch k is a pure function of
 (train.seed, k) (``data/sources.py``) and every random draw of step k (base time, noise, label dropout)
 is keyed by (train.seed, k, sample index): a resumed run repeats exactly what an uninterrupted one would
 have done, and DP = 2 trains on exactly what DP = 1 trains on, whichever rank reads which sample.
@@ -39,7 +39,8 @@ from ..logging import RunLogger
 from ..models.layers import attention_backend
 from ..models.lightningdit import LightningDiT, count_parameters
 from ..models.official import export_official_state_dict, load_official_state_dict, read_checkpoint
-from ..parallel.engines import ADAM_KINDS, build_engine, local_micro_batches
+from ..parallel.engines import build_engine
+from ..parallel.engines.base import ADAM_KINDS, local_micro_batches
 from ..parallel.layout import ParallelLayout, initialize
 from ..parallel.optimizations import apply_activation_checkpointing, apply_compile, compile_enabled, compiled_modules
 from ..parallel.pipeline import MicroBatch, build_stages, global_key, stage_state_dict

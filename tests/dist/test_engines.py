@@ -19,7 +19,9 @@ import torch
 from sfd_scale.config import ConfigError, config_from_dict, model_args, objective_config, sfd_spec
 from sfd_scale.diffusion.sfd import SFDObjective
 from sfd_scale.models.lightningdit import LightningDiT
-from sfd_scale.parallel.engines import PlainEngine, build_engine, local_micro_batches, micro_batch_layout
+from sfd_scale.parallel.engines import build_engine
+from sfd_scale.parallel.engines.base import local_micro_batches, micro_batch_layout
+from sfd_scale.parallel.engines.plain import PlainEngine
 from tests.dist.harness import run_ranks
 
 STEPS, GLOBAL, RESUME_AT = 3, 8, 2

@@ -1,15 +1,10 @@
-"""Data-parallel training engines: one small interface, three implementations.
+"""What every training engine shares: the ``Engine`` interface, the batch layout, the non-finite skip, the
+layout-free optimizer state. This module imports none of the engines (``plain.py``, ``megatron.py``,
+``deepspeed.py`` build on it; the factory ``build_engine`` is in the package's ``__init__``).
 
-    engine = build_engine(model, cfg)           # picks cfg.parallel.engine: plain | megatron | deepspeed
-    metrics = engine.train_step(micro_batches, loss_fn)   # loss_fn(engine.model, micro_batch) -> scalar
-    engine.state_dict() / engine.load_state_dict(state)   # optimizer + LR schedule, layout-free (below)
-
-* ``plain`` (this file): one process, torch AdamW (fused where supported), LambdaLR linear warmup,
-  ``clip_grad_norm_`` - exactly the single-process trainer's arithmetic.
-* ``megatron`` (``engine_megatron.py``): megatron-core DDP (contiguous grad buffers, optional overlapped
-  reduce, optional distributed optimizer) + megatron's optimizer, with our fix of its
-  DistributedOptimizer reload bug.
-* ``deepspeed`` (``engine_deepspeed.py``): ZeRO stage 1 / 2 / 3.
+    engine = build_engine(model, cfg)                     # picks cfg.parallel.engine: plain | megatron | deepspeed
+    metrics = engine.train_step(micro_batches, objective)  # objective(engine.model, micro_batch) -> loss terms
+    engine.state_dict() / engine.load_state_dict(state)    # optimizer + LR schedule, layout-free (below)
 
 Every engine sees the same split of a global batch: ``micro_batch_layout`` gives (micro batch size,
 number of micro-batches per rank) and ``local_micro_batches`` cuts a global batch into this rank's
@@ -41,9 +36,8 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
-from ..config import Config, ConfigError
+from ...config import Config, ConfigError
 
-ENGINES = ("plain", "megatron", "deepspeed")
 LossFn = Callable[[torch.nn.Module, object], torch.Tensor]
 
 
@@ -267,85 +261,3 @@ def lambda_lr_at(scheduler: torch.optim.lr_scheduler.LambdaLR, steps: int) -> Li
     scheduler.load_state_dict(state)
     set_lr(scheduler.optimizer.param_groups, lrs)
     return lrs
-
-
-# ----------------------------------------------------------------------------------------------- plain
-class PlainEngine(Engine):
-    """One process: the trainer's own optimizer, schedule and clipping, micro-batches accumulated."""
-
-    name = "plain"
-
-    def __init__(self, model: torch.nn.Module, cfg: Config):
-        self.model = self.module = model
-        self.cfg, self.notes = cfg, []
-        self.micro_batch_size, self.num_micro_batches = micro_batch_layout(cfg, 1)
-        o = cfg.optim
-        device = next(model.parameters()).device
-        self.optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=o.lr,
-                                           betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay,
-                                           fused=fused_adamw(cfg, device))
-        warmup = max(o.warmup_steps, 0)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: warmup_factor(s, warmup))
-
-    def train_step(self, micro_batches: Sequence, loss_fn: LossFn) -> dict:
-        n = self._check_micro_batches(micro_batches)
-        self.optimizer.zero_grad(set_to_none=True)
-        losses = []
-        for mb in micro_batches:
-            loss = loss_fn(self.model, mb)
-            (loss if n == 1 else loss / n).backward()
-            losses.append(loss.detach())
-        mean = self._mean_loss(losses)
-        clip = self.cfg.optim.grad_clip
-        params = [p for p in self.module.parameters() if p.requires_grad]
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip) if clip > 0 else None
-        nonfinite = nonfinite_flag(mean, grad_norm)
-        lr = self.optimizer.param_groups[0]["lr"]
-        skip_unless_finite([self.optimizer], nonfinite, self.optimizer.step)
-        self.scheduler.step()
-        self._count_nonfinite(nonfinite)
-        return {"loss": mean, "grad_norm": grad_norm, "lr": lr, "nonfinite": nonfinite}
-
-    def torch_optimizers(self) -> list:
-        return [self.optimizer]
-
-    def state_dict(self) -> dict:
-        steps = self.scheduler.last_epoch
-        skipped = self.nonfinite_steps()
-        params = {name: {k: self.optimizer.state[p][k].detach().clone() for k in ADAM_KINDS}
-                  for name, p in self.module.named_parameters() if p.requires_grad} if steps > skipped else {}
-        return {"params": [params], "counters": {"optimizer_steps": steps, "nonfinite_steps": skipped}}
-
-    def load_state_dict(self, state: dict) -> None:
-        steps = state["counters"]["optimizer_steps"]
-        adam_steps = steps - self._restore_nonfinite(state["counters"])
-        if adam_steps:
-            saved = state["params"][0]
-            for name, p in self.module.named_parameters():
-                if p.requires_grad:
-                    own = adam_state(self.optimizer, p, adam_steps)
-                    for k in ADAM_KINDS:
-                        own[k].copy_(saved[name][k])
-        lambda_lr_at(self.scheduler, steps)
-
-
-# ----------------------------------------------------------------------------------------------- factory
-def build_engine(model: torch.nn.Module, cfg: Config) -> Engine:
-    """The engine named by ``cfg.parallel.engine`` around ``model``: built identically (same seed) on every
-    rank and already on its device; megatron's parallel state (``layout.initialize``) set up."""
-    name = cfg.parallel.engine
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    if name == "plain":
-        if world > 1:
-            raise ConfigError(f"parallel.engine='plain' runs in one process, but the world size is {world}: "
-                              f"use 'megatron' or 'deepspeed'")
-        return PlainEngine(model, cfg)
-    if name == "megatron":
-        from .engine_megatron import MegatronEngine
-
-        return MegatronEngine(model, cfg)
-    if name == "deepspeed":
-        from .engine_deepspeed import DeepSpeedEngine
-
-        return DeepSpeedEngine(model, cfg)
-    raise ConfigError(f"parallel.engine must be one of {ENGINES}, got {name!r}")

@@ -12,7 +12,7 @@
 * ``train.precision == 'bf16'``: DeepSpeed's bf16 mode (bf16 module, fp32 master weights in the ZeRO
   partitions); the caller's ``loss_fn`` runs the forward under autocast.
 * A non-finite loss skips the update on the device: the flag goes to the client AdamW as ``found_inf``
-  (fused kernel; ``engines.skip_unless_finite``) and DeepSpeed's boundary step runs as usual (its counters and
+  (fused kernel; ``base.skip_unless_finite``) and DeepSpeed's boundary step runs as usual (its counters and
   LR schedule advance, as on every engine). Non-finite gradients under a finite loss: DeepSpeed's own check
   (fp32: ``is_invalid_grad_norm``, a host read inside DeepSpeed) skips the inner step; then the LR schedule,
   which DeepSpeed holds back on an overflow, is advanced here so that it counts every step. In bf16 DeepSpeed
@@ -33,8 +33,8 @@ from typing import Sequence
 import torch
 import torch.distributed as dist
 
-from ..config import Config, ConfigError
-from .engines import (ADAM_KINDS, Engine, LossFn, adam_state, fused_adamw, is_fused_adam, lambda_lr_at,
+from ...config import Config, ConfigError
+from .base import (ADAM_KINDS, Engine, LossFn, adam_state, fused_adamw, is_fused_adam, lambda_lr_at,
                       micro_batch_layout, nonfinite_flag, set_lr, state_kinds, warmup_factor)
 
 _COUNTERS = ("global_steps", "global_samples", "micro_steps", "skipped_steps")

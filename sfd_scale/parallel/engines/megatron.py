@@ -45,9 +45,10 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 from megatron.core.transformer import TransformerConfig
 
-from ..config import Config
-from .cpu_compat import megatron_on_cpu
-from .engines import (ADAM_KINDS, Engine, LossFn, adam_state, is_fused_adam, micro_batch_layout, nonfinite_flag,
+from ...config import Config
+from ..cpu_compat import megatron_on_cpu
+from ..pipeline import forward_backward
+from .base import (ADAM_KINDS, Engine, LossFn, adam_state, is_fused_adam, micro_batch_layout, nonfinite_flag,
                       skip_unless_finite, state_kinds, warmup_factor)
 
 # Known noise from inside megatron-core: its optimizer reads ``.grad`` of shard views (non-leaf tensors)
@@ -250,8 +251,6 @@ class MegatronEngine(Engine):
                 ddp.zero_grad_buffer()
             self.optimizer.zero_grad()
         if self.pipelined:
-            from .pipeline import forward_backward
-
             with _quiet():
                 terms = forward_backward(self.chunks, micro_batches, loss_fn)
             losses = [self._pipeline_loss(terms, micro_batches[0].x1.device)]
