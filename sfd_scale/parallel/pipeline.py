@@ -7,13 +7,13 @@ plus the conditioning vector c as an extra row, so every stage sees c and its gr
 the embedders on stage 0. The REPA loss is computed where the projector lives and attached to the
 activations (megatron's aux-loss autoscaler), so the schedules only ever see the main loss.
 
-Every stage must agree on a micro-batch's random draw (base time, noise): micro-batches carry them.
+Every stage must agree on a micro-batch's random draw (base time, noise): micro-batches carry them
+(``diffusion.micro_batch.MicroBatch``, the one micro-batch type of every engine).
 """
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
-from typing import Dict, List, Mapping, Optional, Sequence
+from typing import Dict, List, Mapping, Sequence
 
 import torch
 from megatron.core import parallel_state
@@ -23,20 +23,10 @@ from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 from megatron.core.utils import get_attr_wrapped_model
 
+from ..diffusion.micro_batch import MicroBatch
 from ..diffusion.sfd import SFDObjective
 from .cpu_compat import megatron_on_cpu
 from ..models.lightningdit import LightningDiT, ModelArgs, StageSpec
-
-
-@dataclass
-class MicroBatch:
-    """One micro-batch with its random draw pinned, identical on every pipeline stage."""
-
-    x1: torch.Tensor
-    y: torch.Tensor
-    t_base: torch.Tensor
-    x0: torch.Tensor
-    repa_target: Optional[torch.Tensor] = None
 
 
 def check_split(depth: int, pipeline_parallel: int, virtual_stages: int = 1) -> None:

@@ -120,7 +120,7 @@ def build_counting_trainer(cfg: Config, device: torch.device):
 
     trainer = Trainer(cfg, device=device)
     dtype = torch.bfloat16 if cfg.train.precision == "bf16" else None
-    trainer.autocast = lambda: CudaAutocast(dtype)
+    trainer.engine.forward_precision = lambda: CudaAutocast(dtype)
     optimizer = getattr(trainer.engine, "optimizer", None)
     if device.type == "meta" and isinstance(optimizer, torch.optim.Optimizer):
         # the implementation the engine picks on CUDA; the state is made here, as torch makes it, because

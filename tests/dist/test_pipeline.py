@@ -4,7 +4,8 @@ import torch
 
 from sfd_scale.diffusion.sfd import ObjectiveConfig, SFDObjective, SFDSpec
 from sfd_scale.models.lightningdit import ModelArgs
-from sfd_scale.parallel.pipeline import MicroBatch, check_split, stage_spec
+from sfd_scale.diffusion.micro_batch import MicroBatch
+from sfd_scale.parallel.pipeline import check_split, stage_spec
 from tests.dist.harness import run_ranks
 
 SPEC = SFDSpec(texture_chans=4, semantic_chans=2, delta_t=0.3)

@@ -31,14 +31,21 @@ reshards it over TP / PP like the weights (``train/checkpoint.py``).
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Protocol, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
 
 from ...config import Config, ConfigError
+from ...diffusion.micro_batch import MicroBatch
 
-LossFn = Callable[[torch.nn.Module, object], torch.Tensor]
+
+class Objective(Protocol):
+    """What every engine trains: ``objective(model, micro_batch)`` -> the micro-batch's loss terms, ``'total'``
+    the scalar to back-propagate (``diffusion.sfd.SFDObjective``). Pipelined, megatron's schedules split it
+    over the stages through its ``prepare`` / ``losses`` / ``repa_term`` (``pipeline.forward_backward``)."""
+
+    def __call__(self, model: torch.nn.Module, batch: MicroBatch) -> Dict[str, torch.Tensor]: ...
 
 
 # ----------------------------------------------------------------------------------------------- layout
@@ -54,17 +61,16 @@ def micro_batch_layout(cfg: Config, dp_size: int) -> Tuple[int, int]:
     return mb, gb // (mb * dp_size)
 
 
-def local_micro_batches(batch: Sequence[torch.Tensor], micro_batch_size: int, dp_rank: int,
-                        dp_size: int) -> List[tuple]:
-    """This rank's contiguous share of a global batch (tuple of tensors), cut into micro-batches."""
-    n = batch[0].shape[0]
+def local_micro_batches(batch: MicroBatch, micro_batch_size: int, dp_rank: int, dp_size: int) -> List[MicroBatch]:
+    """This rank's contiguous share of a global batch, cut into micro-batches (views)."""
+    n = batch.size
     if n % dp_size:
         raise ValueError(f"global batch of {n} samples does not split over {dp_size} data-parallel ranks")
     per_rank = n // dp_size
     if per_rank % micro_batch_size:
         raise ValueError(f"{per_rank} samples per rank do not split into micro-batches of {micro_batch_size}")
     lo = dp_rank * per_rank
-    return [tuple(t[i:i + micro_batch_size] for t in batch) for i in range(lo, lo + per_rank, micro_batch_size)]
+    return [batch.rows(i, i + micro_batch_size) for i in range(lo, lo + per_rank, micro_batch_size)]
 
 
 def warmup_factor(step: int, warmup: int) -> float:
@@ -143,11 +149,13 @@ class Engine:
     dp_size: int = 1
     micro_batch_size: int
     num_micro_batches: int
+    cfg: Config
     notes: List[str]  # warnings for the run log (e.g. an optimizer fallback)
     _nonfinite_total: Optional[torch.Tensor] = None
 
-    def train_step(self, micro_batches: Sequence, loss_fn: LossFn) -> dict:
-        """Accumulate grads over ``micro_batches`` (each loss scaled by 1/len), reduce over DP, clip
+    def train_step(self, micro_batches: Sequence[MicroBatch], objective: Objective) -> dict:
+        """Accumulate grads of ``objective``'s total over ``micro_batches`` (each scaled by 1/len; the forward
+        under ``forward_precision``), reduce over DP, clip
         (optim.grad_clip, 0 = off), optimizer step, LR-schedule step. Returns device tensors and no host
         sync: {'loss': 0-dim mean loss over micro-batches and DP ranks, 'grad_norm': pre-clip global norm
         (0-dim) or None without clipping, 'lr': the LR this step used (float), 'nonfinite': 0-dim float, 1
@@ -188,7 +196,20 @@ class Engine:
         """``module`` with every parameter materialised in full (ZeRO-3 gathers; others: no-op)."""
         yield self.module
 
+    def forward_precision(self):
+        """The context the objective's forward and loss run in: bf16 autocast under ``train.precision='bf16'``
+        (megatron / DeepSpeed keep bf16 weights besides; the plain engine fp32 ones), else nothing. The cost
+        model puts its CUDA-autocast stand-in here (``train/cost_model.py``)."""
+        if self.cfg.train.precision != "bf16":
+            return contextlib.nullcontext()
+        return torch.autocast(next(self._chunks()[0].parameters()).device.type, dtype=torch.bfloat16)
+
     # ------------------------------------------------------------------------------------------ helpers
+    def _loss(self, objective: Objective, batch: MicroBatch) -> torch.Tensor:
+        """One micro-batch's total loss through ``model`` (not yet back-propagated)."""
+        with self.forward_precision():
+            return objective(self.model, batch)["total"]
+
     def _chunks(self) -> list:
         return list(self.module) if isinstance(self.module, (list, tuple)) else [self.module]
 

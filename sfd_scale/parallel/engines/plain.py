@@ -7,7 +7,8 @@ from typing import Sequence
 import torch
 
 from ...config import Config
-from .base import (ADAM_KINDS, Engine, LossFn, adam_state, fused_adamw, lambda_lr_at, micro_batch_layout,
+from ...diffusion.micro_batch import MicroBatch
+from .base import (ADAM_KINDS, Engine, Objective, adam_state, fused_adamw, lambda_lr_at, micro_batch_layout,
                    nonfinite_flag, skip_unless_finite, warmup_factor)
 
 
@@ -28,12 +29,12 @@ class PlainEngine(Engine):
         warmup = max(o.warmup_steps, 0)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: warmup_factor(s, warmup))
 
-    def train_step(self, micro_batches: Sequence, loss_fn: LossFn) -> dict:
+    def train_step(self, micro_batches: Sequence[MicroBatch], objective: Objective) -> dict:
         n = self._check_micro_batches(micro_batches)
         self.optimizer.zero_grad(set_to_none=True)
         losses = []
         for mb in micro_batches:
-            loss = loss_fn(self.model, mb)
+            loss = self._loss(objective, mb)
             (loss if n == 1 else loss / n).backward()
             losses.append(loss.detach())
         mean = self._mean_loss(losses)
