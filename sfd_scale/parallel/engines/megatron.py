@@ -219,6 +219,10 @@ class MegatronEngine(Engine):
         if bf16:
             for chunk in chunks:
                 chunk.bfloat16()
+                if isinstance(getattr(chunk, "config", None), TransformerConfig):
+                    # the schedules allocate the received activations in pipeline_dtype: bf16 now too
+                    # (fp32 buffers filled from bf16 sends gave NaN losses on every step)
+                    chunk.config.pipeline_dtype = torch.bfloat16
         p, o = cfg.parallel, cfg.optim
         overlap = p.overlap_grad_reduce if p.overlap_grad_reduce is not None else self.dp_size > 1
         ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=bf16, overlap_grad_reduce=overlap,
