@@ -272,6 +272,12 @@ class SFDObjective:
         """Per-sample weighted REPA loss (also used alone by a pipeline stage that owns the projector)."""
         return self.config.repa_weight * repa_loss(projection.float(), repa_target.float(), self.config.repa_mode)
 
+    def __call__(self, model: Callable, batch) -> dict:
+        """The objective hook every engine calls: ``loss_terms`` of one ``micro_batch.MicroBatch``, its draw
+        pinned (``batch.x1``, ``.y``, ``.t_base``, ``.x0``, ``.repa_target``); engines back-propagate ``total``."""
+        return self.loss_terms(model, batch.x1, batch.y, t_base=batch.t_base, x0=batch.x0,
+                               repa_target=batch.repa_target)
+
     def loss_terms(self, model: Callable, x1: torch.Tensor, y: torch.Tensor, *,
                    t_base: Optional[torch.Tensor] = None, x0: Optional[torch.Tensor] = None,
                    repa_target: Optional[torch.Tensor] = None,

@@ -104,10 +104,14 @@ class ModelArgs:
                 raise ValueError(f"{what} = {n} is not divisible by the tensor parallel size {tp_size}")
 
     def check_pipeline_split(self, pipeline_parallel: int, virtual_stages: int = 1) -> None:
-        """The blocks split evenly over ``pipeline_parallel`` x ``virtual_stages`` (virtual) pipeline stages."""
-        if self.depth % (pipeline_parallel * virtual_stages):
-            raise ValueError(f"model depth {self.depth} is not divisible by parallel.pipeline_parallel x "
-                             f"parallel.virtual_stages = {pipeline_parallel} x {virtual_stages}")
+        check_pipeline_split(self.depth, pipeline_parallel, virtual_stages)
+
+
+def check_pipeline_split(depth: int, pipeline_parallel: int, virtual_stages: int = 1) -> None:
+    """``depth`` blocks split evenly over ``pipeline_parallel`` x ``virtual_stages`` (virtual) pipeline stages."""
+    if depth % (pipeline_parallel * virtual_stages):
+        raise ValueError(f"model depth {depth} is not divisible by parallel.pipeline_parallel x "
+                         f"parallel.virtual_stages = {pipeline_parallel} x {virtual_stages}")
 
 
 @dataclass(frozen=True)

@@ -7,13 +7,13 @@ plus the conditioning vector c as an extra row, so every stage sees c and its gr
 the embedders on stage 0. The REPA loss is computed where the projector lives and attached to the
 activations (megatron's aux-loss autoscaler), so the schedules only ever see the main loss.
 
-Every stage must agree on a micro-batch's random draw (base time, noise): micro-batches carry them.
+Every stage must agree on a micro-batch's random draw (base time, noise): micro-batches carry them
+(``diffusion.micro_batch.MicroBatch``, the one micro-batch type of every engine).
 """
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
-from typing import Dict, List, Mapping, Optional, Sequence
+from typing import Dict, List, Mapping, Sequence
 
 import torch
 from megatron.core import parallel_state
@@ -23,32 +23,15 @@ from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 from megatron.core.utils import get_attr_wrapped_model
 
+from ..diffusion.micro_batch import MicroBatch
 from ..diffusion.sfd import SFDObjective
 from .cpu_compat import megatron_on_cpu
-from ..models.lightningdit import LightningDiT, ModelArgs, StageSpec
-
-
-@dataclass
-class MicroBatch:
-    """One micro-batch with its random draw pinned, identical on every pipeline stage."""
-
-    x1: torch.Tensor
-    y: torch.Tensor
-    t_base: torch.Tensor
-    x0: torch.Tensor
-    repa_target: Optional[torch.Tensor] = None
-
-
-def check_split(depth: int, pipeline_parallel: int, virtual_stages: int = 1) -> None:
-    stages = pipeline_parallel * virtual_stages
-    if depth % stages:
-        raise ValueError(f"model depth {depth} is not divisible by parallel.pipeline_parallel x "
-                         f"parallel.virtual_stages = {pipeline_parallel} x {virtual_stages}")
+from ..models.lightningdit import LightningDiT, ModelArgs, StageSpec, check_pipeline_split
 
 
 def stage_spec(depth: int, pp_size: int, pp_rank: int, vp_size: int = 1, vp_rank: int = 0) -> StageSpec:
     """Blocks of virtual stage ``vp_rank * pp_size + pp_rank`` (megatron's interleaved assignment)."""
-    check_split(depth, pp_size, vp_size)
+    check_pipeline_split(depth, pp_size, vp_size)
     stages, per = pp_size * vp_size, depth // (pp_size * vp_size)
     v = vp_rank * pp_size + pp_rank
     return StageSpec(first_block=v * per, last_block=(v + 1) * per, pre_process=v == 0, post_process=v == stages - 1)

@@ -29,7 +29,7 @@ import torch
 
 from ..config import Config, model_args
 from ..models.flops import training_flops_per_image
-from ..parallel.engines import adam_state, fused_adamw
+from ..parallel.engines.base import adam_state, fused_adamw
 from .compile_count import (EXPLAIN_MAX_PARAMS, compiled_block, compiled_per_block,  # noqa: F401 (re-exported)
                             graph_breaks, triton_scheduled_block)
 from .dispatch_count import CudaAutocast, OpCounter
@@ -107,7 +107,7 @@ def build_counting_trainer(cfg: Config, device: torch.device):
 
     trainer = Trainer(cfg, device=device)
     dtype = torch.bfloat16 if cfg.train.precision == "bf16" else None
-    trainer.autocast = lambda: CudaAutocast(dtype)
+    trainer.engine.forward_precision = lambda: CudaAutocast(dtype)
     optimizer = getattr(trainer.engine, "optimizer", None)
     if device.type == "meta" and isinstance(optimizer, torch.optim.Optimizer):
         # the implementation the engine picks on CUDA; the state is made here, as torch makes it, because

@@ -33,7 +33,7 @@ from megatron.core import parallel_state
 
 from ..models.official import export_official_state_dict, load_official_state_dict
 from ..models.tensor_parallel import gather_state_dict, model_tp, shard_state_dict
-from ..parallel.engines import ADAM_KINDS
+from ..parallel.engines.base import ADAM_KINDS
 from ..parallel.pipeline import global_key, stage_state_dict
 from .. import checkpoint_store as store
 

@@ -1,7 +1,7 @@
 """The one training loop: batch -> SFD objective -> engine step -> EMA -> log -> samples -> checkpoint.
 
 One loop for every engine (plain / megatron DDP / DeepSpeed ZeRO) and layout (TP x DP); the engine
-behind ``parallel/engines.py`` differs, this file does not. Global batch k is a pure function of
+behind ``parallel/engines/`` differs, this file does not. Global batch k is a pure function of
 (train.seed, k) (``data/sources.py``) and every random draw of step k (base time, noise, label dropout)
 is keyed by (train.seed, k, sample index): a resumed run repeats exactly what an uninterrupted one would
 have done, and DP = 2 trains on exactly what DP = 1 trains on, whichever rank reads which sample.
@@ -33,17 +33,18 @@ from .. import checkpoint_store as store
 from ..config import Config, ConfigError, model_args, objective_config, sfd_spec, to_yaml
 from ..device import resolve_device
 from ..data.sources import Placement, build_training_data
-from ..diffusion.keyed_noise import keyed_draws
+from ..diffusion.micro_batch import MicroBatch, TrainingDraws
 from ..diffusion.sfd import SFDObjective
 from ..eval.generate import save_sample_grid
 from ..logging import RunLogger
 from ..models.layers import attention_backend
 from ..models.lightningdit import LightningDiT, count_parameters, parallel_config
 from ..models.official import load_official_state_dict, read_checkpoint
-from ..parallel.engines import build_engine, local_micro_batches
+from ..parallel.engines import build_engine
+from ..parallel.engines.base import local_micro_batches
 from ..parallel.layout import ParallelLayout, initialize
 from ..parallel.optimizations import apply_activation_checkpointing, apply_compile, compile_enabled, compiled_modules
-from ..parallel.pipeline import MicroBatch, build_stages, stage_state_dict
+from ..parallel.pipeline import build_stages, stage_state_dict
 from .ema import EMA
 from .run_control import REQUEUE_EXIT, RunControl
 from .state import TrainingState, choose_checkpoint, run_info
@@ -89,9 +90,8 @@ class Trainer:
             full = read_checkpoint(cfg.checkpoint.init_from, which="ema")
             for chunk in chunks:
                 load_official_state_dict(chunk, stage_state_dict(full, chunk) if self.pipelined else full)
-        # Label dropout is drawn by the trainer for the global batch (see step_inputs), not inside the
-        # model from a per-rank RNG, so that every layout drops the same labels.
-        self.label_dropout = cfg.model.class_dropout_prob
+        # Label dropout is drawn with the step's other draws (``self.draws``), not inside the model from a
+        # per-rank RNG, so that every layout drops the same labels.
         for chunk in chunks:
             if chunk.stage.pre_process:
                 chunk.y_embedder.dropout_prob = 0.0
@@ -104,6 +104,8 @@ class Trainer:
         if self.compiled:  # after the EMA copy: it stays eager
             apply_compile(chunks)
         self.objective = SFDObjective(self.spec, objective_config(cfg))
+        self.draws = TrainingDraws(cfg.train.seed, lognorm=self.objective.config.use_lognorm,
+                                   label_dropout=cfg.model.class_dropout_prob, null_label=cfg.model.num_classes)
         self.step, self.nonfinite_steps = 0, 0
         self.code = store.code_version()  # once: the run log and every checkpoint
         c = cfg.checkpoint
@@ -154,31 +156,16 @@ class Trainer:
                           pin_memory=self.device.type == "cuda")
         return self.data.batches(self.step, where)
 
-    def autocast(self):
-        if self.cfg.train.precision == "bf16":
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
-
-    def step_inputs(self, batch: dict) -> tuple:
-        """(x1, y with dropped labels, t_base, x0[, repa]) for this rank's samples, on the device; the draws
-        are keyed by (train.seed, step, sample index) and made there (``keyed_noise.keyed_draws``)."""
+    def step_inputs(self, batch: dict) -> MicroBatch:
+        """This rank's samples of the step on the device, with their draws (base time, noise, dropped labels)
+        keyed by (train.seed, step, sample index) and made there (``micro_batch.TrainingDraws``)."""
         x1 = batch["latent"].to(self.device, non_blocking=True)
         index = batch["index"].to(self.device, non_blocking=True)
-        t_base, x0, drop = keyed_draws(self.cfg.train.seed, self.step, index, tuple(x1.shape[1:]),
-                                       lognorm=self.objective.config.use_lognorm, dropout=self.label_dropout)
         label = batch["label"].to(self.device, non_blocking=True)
-        y = torch.where(drop, torch.full_like(label, self.cfg.model.num_classes), label)
-        parts = [x1, y, t_base, x0.to(x1.dtype)]
+        repa = None
         if self.cfg.model.use_repa:  # shards keep REPA features in their stored dtype (float16) until here
-            parts.append(batch["repa"].to(self.device, non_blocking=True).float())
-        return tuple(parts)
-
-    def loss_fn(self, model, mb) -> torch.Tensor:
-        x1, y, t_base, x0 = mb[:4]
-        with self.autocast():
-            terms = self.objective.loss_terms(model, x1, y, t_base=t_base, x0=x0,
-                                              repa_target=mb[4] if len(mb) > 4 else None)
-        return terms["total"]
+            repa = batch["repa"].to(self.device, non_blocking=True).float()
+        return self.draws(self.step, x1, label, index, repa)
 
     def train_step(self, batch) -> dict:
         """One optimizer step; returns the engine's device metrics (no host sync). A step whose loss (or grad
@@ -186,12 +173,7 @@ class Trainer:
         by a device flag, ``metrics['nonfinite']``); it is counted when the trainer next reads its metrics."""
         self.model.train()
         micro = local_micro_batches(self.step_inputs(batch), self.engine.micro_batch_size, 0, 1)
-        if self.pipelined:  # the schedule runs the objective on the stages; micro-batches carry the draws
-            micro = [MicroBatch(*mb) for mb in micro]
-            with self.autocast():
-                metrics = self.engine.train_step(micro, self.objective)
-        else:
-            metrics = self.engine.train_step(micro, self.loss_fn)
+        metrics = self.engine.train_step(micro, self.objective)
         self.ema.update(self.engine.ema_sources(), skip=metrics["nonfinite"])
         self.step += 1
         return metrics

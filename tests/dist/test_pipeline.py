@@ -4,7 +4,9 @@ import torch
 
 from sfd_scale.diffusion.sfd import ObjectiveConfig, SFDObjective, SFDSpec
 from sfd_scale.models.lightningdit import ModelArgs
-from sfd_scale.parallel.pipeline import MicroBatch, check_split, stage_spec
+from sfd_scale.diffusion.micro_batch import MicroBatch
+from sfd_scale.models.lightningdit import check_pipeline_split
+from sfd_scale.parallel.pipeline import stage_spec
 from tests.dist.harness import run_ranks
 
 SPEC = SFDSpec(texture_chans=4, semantic_chans=2, delta_t=0.3)
@@ -89,7 +91,7 @@ def test_stage_split_and_errors():
     assert [(c.first_block, c.pre_process, c.post_process) for c in chunks] == [
         (0, True, False), (2, False, False), (4, False, False), (6, False, True)]
     with pytest.raises(ValueError, match="not divisible"):
-        check_split(6, 2, 2)
+        check_pipeline_split(6, 2, 2)
 
 
 def _golden_pp_rank(rank, world_size, golden_dir):

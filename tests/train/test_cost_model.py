@@ -5,11 +5,11 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 from sfd_scale.config import load_config, model_args
+from sfd_scale.diffusion.sfd import SFDObjective
 from sfd_scale.models.flops import forward_flops
 from sfd_scale.models.lightningdit import LightningDiT
 from sfd_scale.train import cost_model
 from sfd_scale.train.dispatch_count import CudaAutocast, OpCounter
-from sfd_scale.train.trainer import Trainer
 from tools.cost_model import main as cost_model_main
 
 TINY = ["model.depth=2", "model.hidden_size=32", "model.num_heads=2", "train.global_batch_size=4",
@@ -71,17 +71,17 @@ def test_meta_and_real_tensor_counts_agree(counts):
 
 
 def test_injected_syncs_are_counted_at_their_caller(monkeypatch):
-    plain_loss = Trainer.loss_fn
+    plain_objective = SFDObjective.__call__
 
-    def loss_with_syncs(self, model, mb):
-        loss = plain_loss(self, model, mb)
-        x1 = mb[0]
+    def objective_with_syncs(self, model, mb):
+        terms = plain_objective(self, model, mb)
+        loss, x1 = terms["total"], mb.x1
         value = loss.detach().item()  # SYNC item
         host = x1.cpu()  # SYNC cpu
         picked = x1[x1 > 0]  # SYNC mask
-        return loss + 0 * (value + host.sum().item() + picked.sum())
+        return terms | {"total": loss + 0 * (value + host.sum().item() + picked.sum())}
 
-    monkeypatch.setattr(Trainer, "loss_fn", loss_with_syncs)
+    monkeypatch.setattr(SFDObjective, "__call__", objective_with_syncs)
     counted = cost_model.count_step(tiny(), 4, "meta")
     lines = {tag: i + 1 for i, line in enumerate(open(__file__).read().splitlines())
              for tag in ("SYNC item", "SYNC cpu", "SYNC mask") if f"# {tag}" in line}

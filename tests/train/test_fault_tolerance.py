@@ -76,12 +76,12 @@ def test_time_budget_stops_with_a_checkpoint(tmp_path):
 
 def _poison(trainer, bad_steps):
     """NaN losses while computing the given (1-based) steps; records the weights after every step."""
-    loss_fn, step = trainer.loss_fn, trainer.train_step
+    objective, step = trainer.objective, trainer.train_step
     after = {}
 
     def poisoned(model, mb):
-        loss = loss_fn(model, mb)
-        return loss * float("nan") if trainer.step + 1 in bad_steps else loss
+        terms = objective(model, mb)
+        return terms | {"total": terms["total"] * float("nan")} if trainer.step + 1 in bad_steps else terms
 
     def recording(batch):
         out = step(batch)
@@ -89,7 +89,7 @@ def _poison(trainer, bad_steps):
                                     for m in (trainer.model, trainer.ema.model))
         return out
 
-    trainer.loss_fn, trainer.train_step = poisoned, recording
+    trainer.objective, trainer.train_step = poisoned, recording
     return after
 
 

@@ -64,7 +64,7 @@ def test_bf16_step(tmp_path):
     trainer = Trainer(tiny_config(tmp_path, "train.precision=bf16", "train.max_steps=1"))
     batch = next(iter(trainer.loader()))
     metrics = trainer.train_step(batch)
-    assert torch.isfinite(metrics["loss"]) and metrics["nonfinite"].item() == 0  # device tensors (engines.py)
+    assert torch.isfinite(metrics["loss"]) and metrics["nonfinite"].item() == 0  # device tensors (parallel/engines/)
 
 
 def test_corrupt_checkpoint_is_passed_over(tmp_path):

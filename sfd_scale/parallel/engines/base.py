@@ -1,15 +1,10 @@
-"""Data-parallel training engines: one small interface, three implementations.
+"""What every training engine shares: the ``Engine`` interface, the batch layout, the non-finite skip, the
+layout-free optimizer state. This module imports none of the engines (``plain.py``, ``megatron.py``,
+``deepspeed.py`` build on it; the factory ``build_engine`` is in the package's ``__init__``).
 
-    engine = build_engine(model, cfg)           # picks cfg.parallel.engine: plain | megatron | deepspeed
-    metrics = engine.train_step(micro_batches, loss_fn)   # loss_fn(engine.model, micro_batch) -> scalar
-    engine.state_dict() / engine.load_state_dict(state)   # optimizer + LR schedule, layout-free (below)
-
-* ``plain`` (this file): one process, torch AdamW (fused where supported), LambdaLR linear warmup,
-  ``clip_grad_norm_`` - exactly the single-process trainer's arithmetic.
-* ``megatron`` (``engine_megatron.py``): megatron-core DDP (contiguous grad buffers, optional overlapped
-  reduce, optional distributed optimizer) + megatron's optimizer, with our fix of its
-  DistributedOptimizer reload bug.
-* ``deepspeed`` (``engine_deepspeed.py``): ZeRO stage 1 / 2 / 3.
+    engine = build_engine(model, cfg)                     # picks cfg.parallel.engine: plain | megatron | deepspeed
+    metrics = engine.train_step(micro_batches, objective)  # objective(engine.model, micro_batch) -> loss terms
+    engine.state_dict() / engine.load_state_dict(state)    # optimizer + LR schedule, layout-free (below)
 
 Every engine sees the same split of a global batch: ``micro_batch_layout`` gives (micro batch size,
 number of micro-batches per rank) and ``local_micro_batches`` cuts a global batch into this rank's
@@ -36,15 +31,21 @@ reshards it over TP / PP like the weights (``train/state.py``).
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Protocol, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
 
-from ..config import Config, ConfigError
+from ...config import Config, ConfigError
+from ...diffusion.micro_batch import MicroBatch
 
-ENGINES = ("plain", "megatron", "deepspeed")
-LossFn = Callable[[torch.nn.Module, object], torch.Tensor]
+
+class Objective(Protocol):
+    """What every engine trains: ``objective(model, micro_batch)`` -> the micro-batch's loss terms, ``'total'``
+    the scalar to back-propagate (``diffusion.sfd.SFDObjective``). Pipelined, megatron's schedules split it
+    over the stages through its ``prepare`` / ``losses`` / ``repa_term`` (``pipeline.forward_backward``)."""
+
+    def __call__(self, model: torch.nn.Module, batch: MicroBatch) -> Dict[str, torch.Tensor]: ...
 
 
 # ----------------------------------------------------------------------------------------------- layout
@@ -60,17 +61,16 @@ def micro_batch_layout(cfg: Config, dp_size: int) -> Tuple[int, int]:
     return mb, gb // (mb * dp_size)
 
 
-def local_micro_batches(batch: Sequence[torch.Tensor], micro_batch_size: int, dp_rank: int,
-                        dp_size: int) -> List[tuple]:
-    """This rank's contiguous share of a global batch (tuple of tensors), cut into micro-batches."""
-    n = batch[0].shape[0]
+def local_micro_batches(batch: MicroBatch, micro_batch_size: int, dp_rank: int, dp_size: int) -> List[MicroBatch]:
+    """This rank's contiguous share of a global batch, cut into micro-batches (views)."""
+    n = batch.size
     if n % dp_size:
         raise ValueError(f"global batch of {n} samples does not split over {dp_size} data-parallel ranks")
     per_rank = n // dp_size
     if per_rank % micro_batch_size:
         raise ValueError(f"{per_rank} samples per rank do not split into micro-batches of {micro_batch_size}")
     lo = dp_rank * per_rank
-    return [tuple(t[i:i + micro_batch_size] for t in batch) for i in range(lo, lo + per_rank, micro_batch_size)]
+    return [batch.rows(i, i + micro_batch_size) for i in range(lo, lo + per_rank, micro_batch_size)]
 
 
 def warmup_factor(step: int, warmup: int) -> float:
@@ -149,11 +149,13 @@ class Engine:
     dp_size: int = 1
     micro_batch_size: int
     num_micro_batches: int
+    cfg: Config
     notes: List[str]  # warnings for the run log (e.g. an optimizer fallback)
     _nonfinite_total: Optional[torch.Tensor] = None
 
-    def train_step(self, micro_batches: Sequence, loss_fn: LossFn) -> dict:
-        """Accumulate grads over ``micro_batches`` (each loss scaled by 1/len), reduce over DP, clip
+    def train_step(self, micro_batches: Sequence[MicroBatch], objective: Objective) -> dict:
+        """Accumulate grads of ``objective``'s total over ``micro_batches`` (each scaled by 1/len; the forward
+        under ``forward_precision``), reduce over DP, clip
         (optim.grad_clip, 0 = off), optimizer step, LR-schedule step. Returns device tensors and no host
         sync: {'loss': 0-dim mean loss over micro-batches and DP ranks, 'grad_norm': pre-clip global norm
         (0-dim) or None without clipping, 'lr': the LR this step used (float), 'nonfinite': 0-dim float, 1
@@ -194,7 +196,20 @@ class Engine:
         """``module`` with every parameter materialised in full (ZeRO-3 gathers; others: no-op)."""
         yield self.module
 
+    def forward_precision(self):
+        """The context the objective's forward and loss run in: bf16 autocast under ``train.precision='bf16'``
+        (megatron / DeepSpeed keep bf16 weights besides; the plain engine fp32 ones), else nothing. The cost
+        model puts its CUDA-autocast stand-in here (``train/cost_model.py``)."""
+        if self.cfg.train.precision != "bf16":
+            return contextlib.nullcontext()
+        return torch.autocast(next(self._chunks()[0].parameters()).device.type, dtype=torch.bfloat16)
+
     # ------------------------------------------------------------------------------------------ helpers
+    def _loss(self, objective: Objective, batch: MicroBatch) -> torch.Tensor:
+        """One micro-batch's total loss through ``model`` (not yet back-propagated)."""
+        with self.forward_precision():
+            return objective(self.model, batch)["total"]
+
     def _chunks(self) -> list:
         return list(self.module) if isinstance(self.module, (list, tuple)) else [self.module]
 
@@ -267,85 +282,3 @@ def lambda_lr_at(scheduler: torch.optim.lr_scheduler.LambdaLR, steps: int) -> Li
     scheduler.load_state_dict(state)
     set_lr(scheduler.optimizer.param_groups, lrs)
     return lrs
-
-
-# ----------------------------------------------------------------------------------------------- plain
-class PlainEngine(Engine):
-    """One process: the trainer's own optimizer, schedule and clipping, micro-batches accumulated."""
-
-    name = "plain"
-
-    def __init__(self, model: torch.nn.Module, cfg: Config):
-        self.model = self.module = model
-        self.cfg, self.notes = cfg, []
-        self.micro_batch_size, self.num_micro_batches = micro_batch_layout(cfg, 1)
-        o = cfg.optim
-        device = next(model.parameters()).device
-        self.optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=o.lr,
-                                           betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay,
-                                           fused=fused_adamw(cfg, device))
-        warmup = max(o.warmup_steps, 0)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: warmup_factor(s, warmup))
-
-    def train_step(self, micro_batches: Sequence, loss_fn: LossFn) -> dict:
-        n = self._check_micro_batches(micro_batches)
-        self.optimizer.zero_grad(set_to_none=True)
-        losses = []
-        for mb in micro_batches:
-            loss = loss_fn(self.model, mb)
-            (loss if n == 1 else loss / n).backward()
-            losses.append(loss.detach())
-        mean = self._mean_loss(losses)
-        clip = self.cfg.optim.grad_clip
-        params = [p for p in self.module.parameters() if p.requires_grad]
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip) if clip > 0 else None
-        nonfinite = nonfinite_flag(mean, grad_norm)
-        lr = self.optimizer.param_groups[0]["lr"]
-        skip_unless_finite([self.optimizer], nonfinite, self.optimizer.step)
-        self.scheduler.step()
-        self._count_nonfinite(nonfinite)
-        return {"loss": mean, "grad_norm": grad_norm, "lr": lr, "nonfinite": nonfinite}
-
-    def torch_optimizers(self) -> list:
-        return [self.optimizer]
-
-    def state_dict(self) -> dict:
-        steps = self.scheduler.last_epoch
-        skipped = self.nonfinite_steps()
-        params = {name: {k: self.optimizer.state[p][k].detach().clone() for k in ADAM_KINDS}
-                  for name, p in self.module.named_parameters() if p.requires_grad} if steps > skipped else {}
-        return {"params": [params], "counters": {"optimizer_steps": steps, "nonfinite_steps": skipped}}
-
-    def load_state_dict(self, state: dict) -> None:
-        steps = state["counters"]["optimizer_steps"]
-        adam_steps = steps - self._restore_nonfinite(state["counters"])
-        if adam_steps:
-            saved = state["params"][0]
-            for name, p in self.module.named_parameters():
-                if p.requires_grad:
-                    own = adam_state(self.optimizer, p, adam_steps)
-                    for k in ADAM_KINDS:
-                        own[k].copy_(saved[name][k])
-        lambda_lr_at(self.scheduler, steps)
-
-
-# ----------------------------------------------------------------------------------------------- factory
-def build_engine(model: torch.nn.Module, cfg: Config) -> Engine:
-    """The engine named by ``cfg.parallel.engine`` around ``model``: built identically (same seed) on every
-    rank and already on its device; megatron's parallel state (``layout.initialize``) set up."""
-    name = cfg.parallel.engine
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    if name == "plain":
-        if world > 1:
-            raise ConfigError(f"parallel.engine='plain' runs in one process, but the world size is {world}: "
-                              f"use 'megatron' or 'deepspeed'")
-        return PlainEngine(model, cfg)
-    if name == "megatron":
-        from .engine_megatron import MegatronEngine
-
-        return MegatronEngine(model, cfg)
-    if name == "deepspeed":
-        from .engine_deepspeed import DeepSpeedEngine
-
-        return DeepSpeedEngine(model, cfg)
-    raise ConfigError(f"parallel.engine must be one of {ENGINES}, got {name!r}")

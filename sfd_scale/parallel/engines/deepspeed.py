@@ -10,9 +10,9 @@
   0 -> 0.0. ``train_micro_batch_size_per_gpu`` x ``gradient_accumulation_steps`` x DP =
   ``train.global_batch_size``; DeepSpeed divides each micro-batch loss by the accumulation steps itself.
 * ``train.precision == 'bf16'``: DeepSpeed's bf16 mode (bf16 module, fp32 master weights in the ZeRO
-  partitions); the caller's ``loss_fn`` runs the forward under autocast.
+  partitions); the objective's forward runs under autocast (``Engine.forward_precision``).
 * A non-finite loss skips the update on the device: the flag goes to the client AdamW as ``found_inf``
-  (fused kernel; ``engines.skip_unless_finite``) and DeepSpeed's boundary step runs as usual (its counters and
+  (fused kernel; ``base.skip_unless_finite``) and DeepSpeed's boundary step runs as usual (its counters and
   LR schedule advance, as on every engine). Non-finite gradients under a finite loss: DeepSpeed's own check
   (fp32: ``is_invalid_grad_norm``, a host read inside DeepSpeed) skips the inner step; then the LR schedule,
   which DeepSpeed holds back on an overflow, is advanced here so that it counts every step. In bf16 DeepSpeed
@@ -33,8 +33,9 @@ from typing import Sequence
 import torch
 import torch.distributed as dist
 
-from ..config import Config, ConfigError
-from .engines import (ADAM_KINDS, Engine, LossFn, adam_state, fused_adamw, is_fused_adam, lambda_lr_at,
+from ...config import Config, ConfigError
+from ...diffusion.micro_batch import MicroBatch
+from .base import (ADAM_KINDS, Engine, Objective, adam_state, fused_adamw, is_fused_adam, lambda_lr_at,
                       micro_batch_layout, nonfinite_flag, set_lr, state_kinds, warmup_factor)
 
 _COUNTERS = ("global_steps", "global_samples", "micro_steps", "skipped_steps")
@@ -109,12 +110,12 @@ class DeepSpeedEngine(Engine):
         with deepspeed.zero.GatheredParameters(list(self.module.parameters()), modifier_rank=None):
             yield self.module
 
-    def train_step(self, micro_batches: Sequence, loss_fn: LossFn) -> dict:
+    def train_step(self, micro_batches: Sequence[MicroBatch], objective: Objective) -> dict:
         n = self._check_micro_batches(micro_batches)
         counters_before = {k: getattr(self.model, k) for k in _COUNTERS}
         losses = []
         for i, mb in enumerate(micro_batches):
-            loss = loss_fn(self.model, mb)
+            loss = self._loss(objective, mb)
             self.model.backward(loss)  # scales by 1 / gradient_accumulation_steps; reduces at the boundary
             losses.append(loss.detach())
             if i < n - 1:

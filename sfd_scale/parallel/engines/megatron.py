@@ -12,9 +12,9 @@ all-gather of the updated shards); LR schedule step.
 
 Precision: with ``train.precision == 'bf16'`` the module's weights are bf16 and megatron keeps fp32 main
 params in the optimizer (``OptimizerConfig(bf16=True)``), gradients are accumulated and reduced in fp32
-(``grad_reduce_in_fp32``); the caller's ``loss_fn`` runs the forward under autocast. In fp32 everything is
-fp32. Weight decay applies to every parameter, as in the plain engine (``config_overrides={}`` turns off
-megatron's default of exempting biases and norms).
+(``grad_reduce_in_fp32``); the objective's forward runs under autocast (``Engine.forward_precision``). In fp32
+everything is fp32. Weight decay applies to every parameter, as in the plain engine (``config_overrides={}``
+turns off megatron's default of exempting biases and norms).
 
 Optimizer step, without a host sync: megatron's ``optimizer.step()`` reads the grad norm on the host
 (``get_grad_norm_fp32`` returns ``.item()``; its no-apex/TE fallback ``local_multi_tensor_l2_norm`` even
@@ -45,9 +45,11 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 from megatron.core.transformer import TransformerConfig
 
-from ..config import Config
-from .cpu_compat import megatron_on_cpu
-from .engines import (ADAM_KINDS, Engine, LossFn, adam_state, is_fused_adam, micro_batch_layout, nonfinite_flag,
+from ...config import Config
+from ...diffusion.micro_batch import MicroBatch
+from ..cpu_compat import megatron_on_cpu
+from ..pipeline import forward_backward
+from .base import (ADAM_KINDS, Engine, Objective, adam_state, is_fused_adam, micro_batch_layout, nonfinite_flag,
                       skip_unless_finite, state_kinds, warmup_factor)
 
 # Known noise from inside megatron-core: its optimizer reads ``.grad`` of shard views (non-leaf tensors)
@@ -217,6 +219,10 @@ class MegatronEngine(Engine):
         if bf16:
             for chunk in chunks:
                 chunk.bfloat16()
+                if isinstance(getattr(chunk, "config", None), TransformerConfig):
+                    # the schedules allocate the received activations in pipeline_dtype: bf16 now too
+                    # (fp32 buffers filled from bf16 sends gave NaN losses on every step)
+                    chunk.config.pipeline_dtype = torch.bfloat16
         p, o = cfg.parallel, cfg.optim
         overlap = p.overlap_grad_reduce if p.overlap_grad_reduce is not None else self.dp_size > 1
         ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=bf16, overlap_grad_reduce=overlap,
@@ -241,25 +247,23 @@ class MegatronEngine(Engine):
     def _sub_optimizers(self):
         return getattr(self.optimizer, "chained_optimizers", [self.optimizer])
 
-    def train_step(self, micro_batches: Sequence, loss_fn: LossFn) -> dict:
-        """With pipeline stages, ``micro_batches`` are ``pipeline.MicroBatch`` and ``loss_fn`` is the
-        ``SFDObjective``: megatron's 1F1B / interleaved schedule runs them over the stages."""
+    def train_step(self, micro_batches: Sequence[MicroBatch], objective: Objective) -> dict:
+        """With pipeline stages megatron's 1F1B / interleaved schedule runs ``objective`` (the ``SFDObjective``)
+        over the stages, each micro-batch carrying its draw to every stage (``pipeline.forward_backward``)."""
         n = self._check_micro_batches(micro_batches)
         with _megatron_call():
             for ddp in self.chunks:
                 ddp.zero_grad_buffer()
             self.optimizer.zero_grad()
         if self.pipelined:
-            from .pipeline import forward_backward
-
-            with _quiet():
-                terms = forward_backward(self.chunks, micro_batches, loss_fn)
+            with self.forward_precision(), _quiet():  # (its backward ops keep their forward dtypes)
+                terms = forward_backward(self.chunks, micro_batches, objective)
             losses = [self._pipeline_loss(terms, micro_batches[0].x1.device)]
         else:
             losses = []
             for i, mb in enumerate(micro_batches):  # (overlap_grad_reduce: bucket reduces start in backward)
                 with self.model.no_sync() if i < n - 1 else contextlib.nullcontext(), _quiet():
-                    loss = loss_fn(self.model, mb)
+                    loss = self._loss(objective, mb)
                     (loss if n == 1 else loss / n).backward()
                 losses.append(loss.detach())
         with _megatron_call():
