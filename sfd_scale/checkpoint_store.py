@@ -219,7 +219,8 @@ class Checkpointer:
 
     def __init__(self, output_dir: str | os.PathLike, keep_last: int = 3, keep_every: int = 0,
                  asynchronous: bool = True):
-        self.out, self.keep_last, self.keep_every, self.asynchronous = Path(output_dir), keep_last, keep_every, asynchronous
+        self.out, self.keep_last, self.keep_every = Path(output_dir), keep_last, keep_every
+        self.asynchronous = asynchronous
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.group = dist.new_group(backend="gloo") if dist.is_initialized() else None
         self._pending: Optional[threading.Thread] = None

@@ -316,13 +316,16 @@ def validate(cfg: Config) -> None:
     except ValueError as err:
         raise ConfigError(str(err)) from None
     model_args(cfg)
-    need(cfg.train.precision in ("fp32", "bf16"), f"train.precision must be 'fp32' or 'bf16', got {cfg.train.precision!r}")
+    need(cfg.train.precision in ("fp32", "bf16"),
+         f"train.precision must be 'fp32' or 'bf16', got {cfg.train.precision!r}")
     need(cfg.train.compile in (None, True, False),
          f"train.compile must be true, false or null (= on when training on CUDA), got {cfg.train.compile!r}")
-    need(cfg.train.device in ("auto", "cpu", "cuda"), f"train.device must be auto, cpu or cuda, got {cfg.train.device!r}")
+    need(cfg.train.device in ("auto", "cpu", "cuda"),
+         f"train.device must be auto, cpu or cuda, got {cfg.train.device!r}")
     need(cfg.train.global_batch_size > 0, f"train.global_batch_size must be > 0, got {cfg.train.global_batch_size}")
     mb = cfg.train.micro_batch_size
-    need(mb is None or mb > 0, f"train.micro_batch_size must be > 0 (or null = global batch / data-parallel size), got {mb}")
+    need(mb is None or mb > 0,
+         f"train.micro_batch_size must be > 0 (or null = global batch / data-parallel size), got {mb}")
     need(mb is None or cfg.train.global_batch_size % mb == 0,
          f"train.global_batch_size ({cfg.train.global_batch_size}) must be a multiple of train.micro_batch_size ({mb})")
     need(cfg.parallel.engine in ("plain", "megatron", "deepspeed"),
@@ -335,10 +338,12 @@ def validate(cfg: Config) -> None:
     bad = [name for name in cfg.train.requeue_signals if not isinstance(getattr(signal, name, None), signal.Signals)]
     need(not bad, f"train.requeue_signals: unknown signal name(s) {bad} (e.g. SIGUSR1, SIGTERM)")
     need(cfg.train.time_budget_s >= 0, f"train.time_budget_s must be >= 0 (0 = off), got {cfg.train.time_budget_s}")
-    need(cfg.train.max_nonfinite_steps >= 1, f"train.max_nonfinite_steps must be >= 1, got {cfg.train.max_nonfinite_steps}")
+    need(cfg.train.max_nonfinite_steps >= 1,
+         f"train.max_nonfinite_steps must be >= 1, got {cfg.train.max_nonfinite_steps}")
     need(cfg.train.stop_check_every >= 1, f"train.stop_check_every must be >= 1, got {cfg.train.stop_check_every}")
     need(cfg.checkpoint.keep_last >= 1, f"checkpoint.keep_last must be >= 1, got {cfg.checkpoint.keep_last}")
-    need(cfg.checkpoint.keep_every >= 0, f"checkpoint.keep_every must be >= 0 (0 = off), got {cfg.checkpoint.keep_every}")
+    need(cfg.checkpoint.keep_every >= 0,
+         f"checkpoint.keep_every must be >= 0 (0 = off), got {cfg.checkpoint.keep_every}")
     need(cfg.checkpoint.every >= 0, f"checkpoint.every must be >= 0 (0 = only at the end), got {cfg.checkpoint.every}")
     need(cfg.optim.grad_clip >= 0, f"optim.grad_clip must be >= 0 (0 = off), got {cfg.optim.grad_clip}")
     need(cfg.data.source in ("shards", "official", "demo", "synthetic"),
@@ -364,7 +369,8 @@ def validate(cfg: Config) -> None:
     need(p.tensor_parallel >= 1 and p.pipeline_parallel >= 1 and p.virtual_stages >= 1,
          f"parallel.tensor_parallel ({p.tensor_parallel}), parallel.pipeline_parallel ({p.pipeline_parallel}) and "
          f"parallel.virtual_stages ({p.virtual_stages}) must be >= 1")
-    need(p.virtual_stages == 1 or p.pipeline_parallel > 1, "parallel.virtual_stages > 1 needs parallel.pipeline_parallel > 1")
+    need(p.virtual_stages == 1 or p.pipeline_parallel > 1,
+         "parallel.virtual_stages > 1 needs parallel.pipeline_parallel > 1")
     need(p.pipeline_parallel == 1 or p.engine == "megatron",
          f"parallel.pipeline_parallel > 1 needs parallel.engine='megatron', got {p.engine!r}")
     need(p.pipeline_parallel == 1 or not cfg.train.sample_every,

@@ -1,8 +1,10 @@
 """Convert checkpoints: official <-> sfd_scale native, native -> one .safetensors file, DeepSpeed -> native.
 
-    python tools/convert_checkpoint.py official-to-native official.pt --config configs/experiments/sfd_xl.yaml --out runs/from_official [key=value ...]
+    python tools/convert_checkpoint.py official-to-native official.pt --config configs/experiments/sfd_xl.yaml \\
+        --out runs/from_official [key=value ...]
     python tools/convert_checkpoint.py native-to-official runs/sfd_xl/checkpoints/step_0400000 --out sfd_xl_ema.pt
-    python tools/convert_checkpoint.py native-to-safetensors runs/sfd_xl/checkpoints/step_0400000 --out ema_bf16.safetensors --which ema --dtype bf16
+    python tools/convert_checkpoint.py native-to-safetensors runs/sfd_xl/checkpoints/step_0400000 \\
+        --out ema_bf16.safetensors --which ema --dtype bf16
     python tools/convert_checkpoint.py deepspeed-to-native ds_ckpt_dir --config run.yaml --out runs/from_deepspeed
 
 A native checkpoint serves every TP / PP / DP layout (full tensors under official names, sharded while

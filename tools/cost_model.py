@@ -9,7 +9,6 @@ One run per call, stored in the ``--json`` file under ``--name`` (other runs alr
 ``--baseline`` when given (before / after). ``--device auto`` counts big models (over 200M parameters)
 on meta, small ones on real CPU tensors.
 """
-import argparse
 import json
 import sys
 from pathlib import Path

@@ -120,7 +120,8 @@ def attention_agreement(device: torch.device, shape=(4, 24, 256, 64)) -> dict:
         from flash_attn import flash_attn_func  # (B, N, H, D) layout
         flash = flash_attn_func(*(t.transpose(1, 2) for t in (qb, kb, vb))).transpose(1, 2)
         out["flash_attn_max_abs"] = (flash.float() - reference).abs().max().item()
-        out["flash_vs_sdpa_max_abs"] = (flash.float() - F.scaled_dot_product_attention(qb, kb, vb).float()).abs().max().item()
+        out["flash_vs_sdpa_max_abs"] = (flash.float()
+                                        - F.scaled_dot_product_attention(qb, kb, vb).float()).abs().max().item()
     except ImportError as err:
         out["flash_attn"] = f"not importable ({err})"
     from sfd_scale.models.layers import attention_backend
@@ -137,8 +138,10 @@ def keyed_draws_on_device(device: torch.device) -> dict:
     index = torch.arange(1000, 1256)
     cpu = keyed_noise.keyed_draws(7, 3, index, (48, 16, 16), lognorm=True, dropout=0.1)
     dev = keyed_noise.keyed_draws(7, 3, index.to(device), (48, 16, 16), lognorm=True, dropout=0.1)
-    keys_equal = torch.equal(keyed_noise.sample_keys(7, 3, index), keyed_noise.sample_keys(7, 3, index.to(device)).cpu())
-    errors = {name: (a.double() - b.cpu().double()).abs().max().item() for name, a, b in zip(("t_base", "x0", "drop"), cpu, dev)}
+    keys_equal = torch.equal(keyed_noise.sample_keys(7, 3, index),
+                             keyed_noise.sample_keys(7, 3, index.to(device)).cpu())
+    errors = {name: (a.double() - b.cpu().double()).abs().max().item()
+              for name, a, b in zip(("t_base", "x0", "drop"), cpu, dev)}
     return {"ok": keys_equal and errors["drop"] == 0 and max(errors.values()) <= 1e-6, "keys_equal": keys_equal,
             "max_abs": errors}
 

@@ -70,10 +70,14 @@ class ModelArgs:
 
     def __post_init__(self):
         checks = [
-            (self.input_size % self.patch_size == 0, f"input_size {self.input_size} not divisible by patch_size {self.patch_size}"),
-            (self.hidden_size % self.num_heads == 0, f"hidden_size {self.hidden_size} not divisible by num_heads {self.num_heads}"),
-            (not self.dual_time_embed or self.hidden_size % 2 == 0, f"dual time embedding needs an even hidden_size, got {self.hidden_size}"),
-            (not self.use_repa or 1 <= self.repa_depth <= self.depth, f"repa_depth {self.repa_depth} must lie in 1..depth ({self.depth})"),
+            (self.input_size % self.patch_size == 0,
+             f"input_size {self.input_size} not divisible by patch_size {self.patch_size}"),
+            (self.hidden_size % self.num_heads == 0,
+             f"hidden_size {self.hidden_size} not divisible by num_heads {self.num_heads}"),
+            (not self.dual_time_embed or self.hidden_size % 2 == 0,
+             f"dual time embedding needs an even hidden_size, got {self.hidden_size}"),
+            (not self.use_repa or 1 <= self.repa_depth <= self.depth,
+             f"repa_depth {self.repa_depth} must lie in 1..depth ({self.depth})"),
             (self.in_channels > 0 and self.depth > 0, "in_channels and depth must be positive"),
         ]
         for ok, msg in checks:

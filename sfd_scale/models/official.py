@@ -129,7 +129,8 @@ def _torch_load(path: Path):
                              "legacy torch file") from err
         if "omegaconf" not in str(err):
             raise ValueError(f"cannot safely read checkpoint {path}: {err}. It holds pickled objects other than "
-                             "tensors and OmegaConf configs; convert it to safetensors with a trusted torch.load") from err
+                             "tensors and OmegaConf configs; convert it to safetensors with a trusted "
+                             "torch.load") from err
     import omegaconf
     from omegaconf import base, dictconfig, listconfig, nodes
 

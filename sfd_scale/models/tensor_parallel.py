@@ -59,7 +59,8 @@ _RULES: Tuple[Tuple[re.Pattern, Split], ...] = tuple((re.compile(p), s) for p, s
     (r"blocks\.\d+\.mlp\.w12\.(weight|bias)", Split(0, MLP_UNITS, stride=2)),
     (r"blocks\.\d+\.mlp\.(w3|fc2)\.weight", Split(1, MLP_UNITS)),
     (r"blocks\.\d+\.mlp\.fc1\.(weight|bias)", Split(0, MLP_UNITS)),
-    (r"(blocks\.\d+|final_layer)\.adaLN_modulation\.1\.(weight|bias)", Split(0, "adaLN outputs (k x model.hidden_size)")),
+    (r"(blocks\.\d+|final_layer)\.adaLN_modulation\.1\.(weight|bias)",
+     Split(0, "adaLN outputs (k x model.hidden_size)")),
     (r"final_layer\.linear\.(weight|bias)", Split(0, FINAL_OUTPUTS)),
 ))
 

@@ -3,9 +3,9 @@
     results = run_local(fn, world_size=2, args=(...))   # fn(rank, world_size, *args), at module level
 
 Each rank gets RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT, an initialised process group
-(gloo on CPU, nccl with GPUs) and a TMPDIR private to the launch (shared by its ranks, as on a node: mosaicml-streaming's file locks
-must be common to the ranks of a node); the group and megatron's parallel state are torn down
-afterwards. A rank that fails raises here with its traceback; one that hangs past ``timeout`` is killed.
+(gloo on CPU, nccl with GPUs) and a TMPDIR private to the launch (shared by its ranks, as on a node:
+mosaicml-streaming's file locks must be common to the ranks of a node); the group and megatron's parallel state are torn
+down afterwards. A rank that fails raises here with its traceback; one that hangs past ``timeout`` is killed.
 Clusters use torchrun / srun instead; this is the same environment, made locally (under srun,
 ``slurm_env.slurm_rendezvous()`` derives it from SLURM's variables).
 """

@@ -54,10 +54,12 @@ def transformer_config(args: ModelArgs, params_dtype: torch.dtype = torch.float3
 def build_stages(args: ModelArgs, params_dtype: torch.dtype = torch.float32) -> List[LightningDiT]:
     """This rank's model chunks (one per virtual stage), in megatron's expected order."""
     config = transformer_config(args, params_dtype)
-    pp, rank = parallel_state.get_pipeline_model_parallel_world_size(), parallel_state.get_pipeline_model_parallel_rank()
+    pp = parallel_state.get_pipeline_model_parallel_world_size()
+    rank = parallel_state.get_pipeline_model_parallel_rank()
     vp = parallel_state.get_virtual_pipeline_model_parallel_world_size() or 1
     chunks = []
-    init_seed = int(torch.randint(0, 2 ** 62, (), dtype=torch.int64, device="cpu"))  # one draw: chunks = one model's init
+    # one draw: chunks = one model's init
+    init_seed = int(torch.randint(0, 2 ** 62, (), dtype=torch.int64, device="cpu"))
     for v in range(vp):
         chunk = LightningDiT(args, config, stage_spec(args.depth, pp, rank, vp, v), init_seed=init_seed)
         chunk.model_type = ModelType.encoder_or_decoder
@@ -129,7 +131,8 @@ def forward_backward(chunks: Sequence[LightningDiT], micro_batches: Sequence[Mic
             forward_step_func=forward_step, data_iterator=iterators,
             model=list(chunks) if len(chunks) > 1 else chunks[0], num_microbatches=n, seq_length=args.grid ** 2 + 1,
             micro_batch_size=micro_batches[0].x1.shape[0], forward_only=forward_only)
-    out = {k: torch.stack([r[k].reshape(()).double() for r in reduced]).sum() / n for k in reduced[0]} if reduced else {}
+    out = ({k: torch.stack([r[k].reshape(()).double() for r in reduced]).sum() / n for k in reduced[0]}
+           if reduced else {})
     if repa_values:  # REPA on a stage before the last: its term is not in the last stage's total
         out["repa_loss_aux"] = torch.stack(repa_values).double().sum() / len(repa_values)
     return out

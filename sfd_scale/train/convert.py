@@ -1,8 +1,8 @@
 """Checkpoint conversion between the official release, sfd_scale's native checkpoints, single files and
 DeepSpeed ZeRO checkpoints (``tools/convert_checkpoint.py`` is the command).
 
-Native checkpoints (``train/state.py``, ``checkpoint_store.py``) hold every tensor in full under its official name, so one
-native checkpoint serves every TP / PP / DP layout: a run on any layout resumes from it and shards while
+Native checkpoints (``train/state.py``, ``checkpoint_store.py``) hold every tensor in full under its official name, so
+one native checkpoint serves every TP / PP / DP layout: a run on any layout resumes from it and shards while
 loading. There is therefore no per-layout native format to reshard offline; ``tests/dist/`` checks that
 loading with resharding equals the layout's own weights.
 

@@ -58,7 +58,8 @@ ATTENTION |= {aten._scaled_dot_product_flash_attention_for_cpu,
 _FLOPS[aten._scaled_dot_product_flash_attention_for_cpu] = (
     lambda q, k, v, *a, out_val=None, **kw: flop_counter.sdpa_flop_count(q.shape, k.shape, v.shape))
 _FLOPS[aten._scaled_dot_product_flash_attention_for_cpu_backward] = (
-    lambda g, q, k, v, *a, out_val=None, **kw: flop_counter.sdpa_backward_flop_count(g.shape, q.shape, k.shape, v.shape))
+    lambda g, q, k, v, *a, out_val=None, **kw: flop_counter.sdpa_backward_flop_count(
+        g.shape, q.shape, k.shape, v.shape))
 
 NOT_KERNELS = {aten.empty, aten.empty_like, aten.empty_strided, aten.new_empty, aten.new_empty_strided,
                aten.detach, aten.alias, aten.lift_fresh, aten.set_, aten.resize_, aten.sym_size, aten.sym_stride,

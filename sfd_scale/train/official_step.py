@@ -213,14 +213,16 @@ def paired(config_files: Sequence[str], overrides: Sequence[str], code_dir: str,
 
 def paired_markdown(results: List[dict], header: str) -> str:
     """The results file of ``paired`` runs: medians, median ratio, and every pair."""
-    lines = [header, "", "| mode | ours median ms / step | official median ms / step | median of per-pair ours / official |"
-             " ours <= official | median of per-pair ratio of fastest steps |", "|---|---|---|---|---|---|"]
+    lines = [header, "", "| mode | ours median ms / step | official median ms / step "
+             "| median of per-pair ours / official | ours <= official | median of per-pair ratio of fastest steps |",
+             "|---|---|---|---|---|---|"]
     for r in results:
         lines.append(f"| {r['mode']} | {r['ours_median_ms']:.2f} | {r['official_median_ms']:.2f} | "
                      f"{r['ratio_median']:.3f} | {'yes' if r['ratio_median'] <= 1 else 'NO'} | "
                      f"{_fmt(r.get('ratio_of_min_median'))} |")
     lines += ["", "Per pair (median / fastest step of each process, ms):", "",
-              "| mode | pair | ours | official | ratio | ours fastest | official fastest |", "|---|---|---|---|---|---|---|"]
+              "| mode | pair | ours | official | ratio | ours fastest | official fastest |",
+              "|---|---|---|---|---|---|---|"]
     for r in results:
         for k, p in enumerate(r["pairs"]):
             lines.append(f"| {r['mode']} | {k + 1} | {1000 * p['ours']:.2f} | {1000 * p['official']:.2f} | "

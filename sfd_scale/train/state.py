@@ -167,9 +167,9 @@ class TrainingState:
         it is not this format or does not fit the model."""
         fmt = store.manifest(directory).get("format")
         if fmt != store.FORMAT:
-            raise store.CheckpointError(f"checkpoint {directory} has format {fmt!r}, this sfd_scale reads {store.FORMAT!r} "
-                                       f"(written by an older version): start a new train.output_dir, or take its "
-                                       f"weights with checkpoint.init_from")
+            raise store.CheckpointError(f"checkpoint {directory} has format {fmt!r}, this sfd_scale reads "
+                                       f"{store.FORMAT!r} (written by an older version): start a new "
+                                       f"train.output_dir, or take its weights with checkpoint.init_from")
         meta = store.stored_keys(directory)
         keys = ["counters", "trainer"] + ([rng_key(rank)] if rng_key(rank) in meta else [])
         kinds = [k for k in ADAM_KINDS + ("master",) if any(key.startswith(optim_key(k, "")) for key in meta)]

@@ -229,7 +229,8 @@ class Trainer:
                                       args.hidden_size // args.num_heads)
         weights = str(next(self.chunks[0].parameters()).dtype).replace("torch.", "")
         modules = sum(len(compiled_modules(chunk)) for chunk in self.chunks)
-        compiled = f"on (torch.compile of {modules} modules: blocks, final layer, REPA projector)" if self.compiled else "off"
+        compiled = (f"on (torch.compile of {modules} modules: blocks, final layer, REPA projector)"
+                    if self.compiled else "off")
         return (f"hot path: attention {attention}; optimizer {self.engine.optimizer_impl}; compile {compiled}; "
                 f"precision: weights {weights}, autocast {'bfloat16' if bf16 else 'off'}, "
                 f"grad reduce {self.engine.grad_reduce_dtype()}")
@@ -242,9 +243,10 @@ class Trainer:
         for note in self.notes:
             logger.write(note)
         logger.write(f"model {cfg.model.name} ({n_params / 1e6:.2f}M params per TP rank) on {self.device}, "
-                     f"engine {self.engine.name}, TP {cfg.parallel.tensor_parallel} x PP {cfg.parallel.pipeline_parallel}"
-                     f" x DP {self.dp_size}; data: {self.data.description}"
-                     + (f"; resumed from {self.resumed_from} (step {self.step})" if self.resumed_from else "; from scratch"))
+                     f"engine {self.engine.name}, TP {cfg.parallel.tensor_parallel} x PP "
+                     f"{cfg.parallel.pipeline_parallel} x DP {self.dp_size}; data: {self.data.description}"
+                     + (f"; resumed from {self.resumed_from} (step {self.step})" if self.resumed_from
+                        else "; from scratch"))
         logger.write(self.hot_path_line())
         for note in self.engine.notes:
             logger.write(f"warning: {note}")

@@ -166,7 +166,8 @@ def test_stats_kept_in_memory_when_dir_not_writable(spec, tmp_path, monkeypatch)
     with pytest.warns(RuntimeWarning, match="keeping them in memory"):
         ds = OfficialLatentDataset(data)
     _check_stats(ds, spec["dataset"]["stats"])
-    assert sorted(p.name for p in data.iterdir()) == sorted(p.name for p in spec["dataset"]["dir"].glob("*.safetensors"))
+    assert (sorted(p.name for p in data.iterdir())
+            == sorted(p.name for p in spec["dataset"]["dir"].glob("*.safetensors")))
 
 
 def test_stats_not_needed_without_norm(spec, tmp_path):

@@ -99,10 +99,11 @@ def write_toy_shards(root, n=40, chunk=16, repa=False) -> None:
         with PartWriter(root, k // chunk) as w:
             for i in range(k, min(n, k + chunk)):
                 s = {"latents": np.full((4, 2, 2), i, np.float32), "latents_flip": np.full((4, 2, 2), -i, np.float32),
-                     "latents_sv": np.full((2, 2, 2), i, np.float16), "latents_sv_flip": np.full((2, 2, 2), -i, np.float16),
-                     "label": i % 10}
+                     "latents_sv": np.full((2, 2, 2), i, np.float16),
+                     "latents_sv_flip": np.full((2, 2, 2), -i, np.float16), "label": i % 10}
                 if repa:
-                    s.update(feats_dino=np.full((3, 2, 2), i, np.float16), feats_dino_flip=np.zeros((3, 2, 2), np.float16))
+                    s.update(feats_dino=np.full((3, 2, 2), i, np.float16),
+                             feats_dino_flip=np.zeros((3, 2, 2), np.float16))
                 w.write(s)
     finalize(root, {"source": "test"})
 

@@ -35,7 +35,8 @@ def test_a_sample_draws_the_same_whatever_batch_it_is_in():
 
 def test_independent_across_index_step_and_seed():
     base = _draws()[1].flatten(1)
-    for other in (_draws(step=1)[1].flatten(1), _draws(seed=1)[1].flatten(1), _draws(index=torch.arange(64, 128))[1].flatten(1)):
+    for other in (_draws(step=1)[1].flatten(1), _draws(seed=1)[1].flatten(1),
+                  _draws(index=torch.arange(64, 128))[1].flatten(1)):
         corr = torch.corrcoef(torch.stack([base.flatten(), other.flatten()]))[0, 1]
         assert abs(corr.item()) < 0.02  # 24576 pairs: 3 sigma ~ 0.019
     # neighbouring samples and the two Box-Muller outputs of a pair are uncorrelated too

@@ -48,7 +48,8 @@ def test_grid_points_and_shift():
 def test_interpolate_per_part_and_plain():
     x0, x1 = torch.zeros(1, 6, 1, 1), torch.ones(1, 6, 1, 1)
     xt = interpolate(SPEC, x0, x1, (torch.tensor([0.2]), torch.tensor([0.5])))
-    assert torch.allclose(xt[0, :4, 0, 0], torch.full((4,), 0.2)) and torch.allclose(xt[0, 4:, 0, 0], torch.full((2,), 0.5))
+    assert torch.allclose(xt[0, :4, 0, 0], torch.full((4,), 0.2))
+    assert torch.allclose(xt[0, 4:, 0, 0], torch.full((2,), 0.5))
     plain = SFDSpec(texture_chans=6)
     assert torch.allclose(interpolate(plain, x0, x1, torch.tensor([0.7])), torch.full((1, 6, 1, 1), 0.7))
 

@@ -20,8 +20,9 @@ def golden_overrides(golden_dir) -> list:
     """Config keys for the golden set's main model (its official constructor arguments)."""
     kw = golden.config(golden_dir)["models"]["main"]["kwargs"]
     sem = kw["semantic_chans"]
-    return [f"model.hidden_size={kw['hidden_size']}", f"model.depth={kw['depth']}", f"model.num_heads={kw['num_heads']}",
-            f"model.patch_size={kw['patch_size']}", f"model.input_size={kw['input_size']}",
+    return [f"model.hidden_size={kw['hidden_size']}", f"model.depth={kw['depth']}",
+            f"model.num_heads={kw['num_heads']}", f"model.patch_size={kw['patch_size']}",
+            f"model.input_size={kw['input_size']}",
             f"model.num_classes={kw['num_classes']}", f"model.use_repa={kw['use_repa']}",
             f"model.repa_projector_dim={kw['repa_projector_dim']}", f"model.repa_depth={kw['repa_depth']}",
             f"sfd.texture_chans={kw['in_channels'] - sem}", f"sfd.semantic_chans={sem}",
@@ -76,7 +77,8 @@ def test_command_line(golden_dir, tmp_path):
     cmd = [sys.executable, "tools/convert_checkpoint.py"]
     env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}
     run = subprocess.run(cmd + ["official-to-native", str(golden_dir / "weights.safetensors"), "--config",
-                                "configs/demo/digits.yaml", "--out", str(tmp_path / "run"), *golden_overrides(golden_dir)],
+                                "configs/demo/digits.yaml", "--out", str(tmp_path / "run"),
+                                *golden_overrides(golden_dir)],
                          cwd=ROOT, env=env, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-2000:]
     native = Path(run.stdout.strip().splitlines()[-1])

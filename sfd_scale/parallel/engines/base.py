@@ -11,8 +11,8 @@ number of micro-batches per rank) and ``local_micro_batches`` cuts a global batc
 micro-batches, so a run at DP = 1 and one at DP = 2 process the same samples per optimizer step.
 No host sync inside a step: ``train_step`` returns device tensors (loss, grad norm, a ``nonfinite`` flag) and a
 step whose loss (or grad norm, with clipping) is not finite skips its update on the device, as AMP's
-``found_inf`` does (``skip_unless_finite``): torch's fused AdamW takes the flag (``optimizer.found_inf``), leaves parameters,
-moments and its step count as they were, and every engine uses it where the device allows. The LR schedule
+``found_inf`` does (``skip_unless_finite``): torch's fused AdamW takes the flag (``optimizer.found_inf``), leaves
+parameters, moments and its step count as they were, and every engine uses it where the device allows. The LR schedule
 and the engines' step counters advance on every step, skipped or not (as under AMP); each engine counts its
 skipped steps on the device (``nonfinite_steps``), and Adam's step count = optimizer steps - skipped steps,
 which is what a checkpoint restores.

@@ -182,7 +182,8 @@ def _fuse_torch_adam(optimizer) -> List[str]:
 def _grad_norm(optimizer) -> torch.Tensor:
     """Global L2 norm of the main grads, as megatron's ``get_grad_norm_fp32`` counts it (no shared or TP
     duplicate parameters, summed over the grad-stats group), left on the device."""
-    subs = [s for s in getattr(optimizer, "chained_optimizers", [optimizer]) if not getattr(s, "is_stub_optimizer", False)]
+    subs = [s for s in getattr(optimizer, "chained_optimizers", [optimizer])
+            if not getattr(s, "is_stub_optimizer", False)]
     grads = [g for sub in subs for g in sub.get_main_grads_for_grad_norm()]
     device = grads[0].device if grads else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     squares = torch.zeros(1, dtype=torch.float32, device=device)
