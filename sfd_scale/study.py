@@ -223,13 +223,11 @@ class Evaluator:
             return self._reference
         s = self.study
         source, label = s.eval.reference, s.eval.reference
-        if source == "demo":  # the digits the runs train on, as Trainer.evaluate_fid builds them
+        if source == "demo":  # the digits the runs train on: their data's own images, as the trainer's FID
             from .config import load_config
-            from .data.demo import build_demo_latents, images_to_uint8
+            from .data.sources import build_training_data
             cfg = load_config(s.configs, s.overrides + s.cli_overrides)
-            demo = build_demo_latents(seed=cfg.train.seed, semantic_chans=cfg.sfd.semantic_chans,
-                                      num_samples=cfg.data.demo_samples)
-            source = images_to_uint8(demo.images).numpy().repeat(3, axis=-1)
+            source = build_training_data(cfg).reference_images()
             label = f"demo seed={cfg.train.seed} samples={cfg.data.demo_samples}"
         label += f" inception={s.eval.inception}"
         cache, keys = self.out / "fid" / "reference.npz", ("mu", "sigma", "mu_s", "sigma_s", "features")

@@ -18,10 +18,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator, List, Optional, Tuple
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .demo import build_demo_latents
+from .demo import build_demo_latents, images_to_uint8
 from .official import OfficialLatentDataset
 from .shards import LatentShardDataset, Normalization, fetch_dataset_files, latent_channels, read_meta
 from .streaming_cleanup import StreamingLease
@@ -51,6 +52,9 @@ class TrainingData:
     has_repa_features: bool
     batches: Callable[[int, Placement], Iterable[dict]]      # (start step, placement) -> this rank's batches
     close: Callable[[], None] = field(default=lambda: None)
+    # the training images themselves, uint8 (N, H, W, 3), where the source has them (the demo's digits): the
+    # FID reference of ``eval.fid_reference=demo`` (trainer and studies), never rebuilt elsewhere
+    reference_images: Optional[Callable[[], np.ndarray]] = None
 
 
 # ------------------------------------------------------------------------------------------ map-style
@@ -330,7 +334,8 @@ def build_training_data(cfg) -> TrainingData:
         view = _IndexFlipView(lambda i, flip: (demo.latents[i], demo.labels[i]), len(demo))
         return TrainingData(demo.latents.shape[1], demo.num_classes, demo.decode,
                             f"scikit-learn digits: {len(demo)} images 16x16 -> latents {tuple(demo.latents.shape[1:])}",
-                            False, _map_style_batches(view, cfg.train.seed, d.hflip))
+                            False, _map_style_batches(view, cfg.train.seed, d.hflip),
+                            reference_images=lambda: images_to_uint8(demo.images).numpy().repeat(3, axis=-1))
     ds = OfficialLatentDataset(d.path, latent_norm=d.latent_norm, latent_sv_norm=d.latent_sv_norm,
                                latent_multiplier=d.latent_multiplier)
     sample = ds.read(0, False)

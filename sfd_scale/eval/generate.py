@@ -75,11 +75,11 @@ def load_guide(cfg: Config, device: torch.device = torch.device("cpu")):
 
 
 def default_decoder(cfg: Config, device=None, texture_vae: Optional[str] = None) -> Callable:
-    """latents -> uint8 (B, H, W, C) images: the demo's fixed decoder, or the texture VAE (``sample.texture_vae``)."""
+    """latents -> uint8 (B, H, W, C) images: the training data's own decoder where it has one (the demo's fixed
+    decoder), else the texture VAE (``sample.texture_vae``)."""
     if cfg.data.source == "demo":
-        from ..data.demo import build_demo_latents
-        return build_demo_latents(seed=cfg.train.seed, semantic_chans=cfg.sfd.semantic_chans,
-                                  num_samples=cfg.data.demo_samples).decode
+        from ..data.sources import build_training_data
+        return build_training_data(cfg).decode
     path = texture_vae or cfg.sample.texture_vae
     if not path:
         raise ConfigError(f"decoding data.source={cfg.data.source!r} samples needs the texture VAE: set "

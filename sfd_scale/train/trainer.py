@@ -208,13 +208,8 @@ class Trainer:
             return None
         if not hasattr(self, "_fid_reference"):  # the network and the reference statistics, once per run
             self._inception = InceptionFeatures(e.inception, self.device)
-            source = e.fid_reference
-            if source == "demo":  # the digits the demo trains on (rebuilt: deterministic)
-                from ..data.demo import build_demo_latents, images_to_uint8
-
-                demo = build_demo_latents(seed=self.cfg.train.seed, semantic_chans=self.cfg.sfd.semantic_chans,
-                                          num_samples=self.cfg.data.demo_samples)
-                source = images_to_uint8(demo.images).numpy().repeat(3, axis=-1)
+            # "demo": the images this run trains on (config.validate: only with data.source=demo)
+            source = self.data.reference_images() if e.fid_reference == "demo" else e.fid_reference
             self._fid_reference: Reference = load_reference(source, self._inception, e.fid_batch)
         npz, _ = merge_samples(out)
         return evaluate(npz, self._fid_reference, extractor=self._inception, batch_size=e.fid_batch,
