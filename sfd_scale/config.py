@@ -5,7 +5,7 @@ A wrong key or a value of the wrong type fails at start-up with the key's full n
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import List, Optional, Sequence
 
@@ -48,6 +48,8 @@ class ModelConfig:
 
 @dataclass
 class SFDConfig:
+    """The latent layout and the semantic lead (``SFDSpec``), and the objective's settings under its own field
+    names (``diffusion.sfd.ObjectiveConfig``, built from them by name)."""
     texture_chans: int = 32
     semantic_chans: int = 16
     delta_t: float = 0.3
@@ -150,6 +152,8 @@ class LoggingConfig:
 
 @dataclass
 class SampleConfig:
+    """The sampler's settings under its own field names (``diffusion.sampling.SamplerConfig``, built from them
+    by name), guidance under the official argument names, and what sampling reads and writes."""
     method: str = "dopri5"
     num_steps: int = 250
     atol: float = 1e-6
@@ -270,13 +274,9 @@ def model_args(cfg: Config) -> ModelArgs:
         depth, hidden, heads, patch = parse_model_name(m.name)
         if m.in_channels is not None:
             spec.check_channels(m.in_channels, "model.in_channels")
-        return ModelArgs(
-            input_size=m.input_size, patch_size=m.patch_size or patch, in_channels=spec.channels,
-            hidden_size=m.hidden_size or hidden, depth=m.depth or depth, num_heads=m.num_heads or heads,
-            mlp_ratio=m.mlp_ratio, num_classes=m.num_classes, class_dropout_prob=m.class_dropout_prob,
-            learn_sigma=m.learn_sigma, use_qknorm=m.use_qknorm, use_swiglu=m.use_swiglu, use_rope=m.use_rope,
-            use_rmsnorm=m.use_rmsnorm, wo_shift=m.wo_shift, dual_time_embed=spec.is_async, use_repa=m.use_repa,
-            repa_depth=m.repa_depth, repa_projector_dim=m.repa_projector_dim, repa_feature_dim=m.repa_feature_dim)
+        return _by_field_name(ModelArgs, m, patch_size=m.patch_size or patch, in_channels=spec.channels,
+                              hidden_size=m.hidden_size or hidden, depth=m.depth or depth,
+                              num_heads=m.num_heads or heads, dual_time_embed=spec.is_async)
     except ValueError as err:
         raise ConfigError(f"model.name / model section: {err}" if "model name" in str(err) else str(err)) from None
 
@@ -289,14 +289,20 @@ def sfd_spec(cfg: Config) -> SFDSpec:
         raise ConfigError(str(err)) from None
 
 
+def _by_field_name(cls, section, **derived):
+    """A library dataclass ``cls`` built from the config section's fields of the same names, plus ``derived``:
+    a setting added to both is passed on without another line here (the library classes are frozen, so the
+    sections cannot inherit them)."""
+    return cls(**{f.name: getattr(section, f.name) for f in fields(cls) if f.name not in derived and
+                  hasattr(section, f.name)}, **derived)
+
+
 def objective_config(cfg: Config) -> ObjectiveConfig:
-    s = cfg.sfd
-    return ObjectiveConfig(s.semantic_weight, s.use_cosine_loss, s.use_lognorm, s.repa_weight, s.repa_mode)
+    return _by_field_name(ObjectiveConfig, cfg.sfd)
 
 
 def sampler_config(cfg: Config) -> SamplerConfig:
-    s = cfg.sample
-    return SamplerConfig(s.method, s.num_steps, s.atol, s.rtol, s.timestep_shift)
+    return _by_field_name(SamplerConfig, cfg.sample)
 
 
 def guidance_config(cfg: Config) -> GuidanceConfig:

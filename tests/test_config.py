@@ -93,3 +93,25 @@ def test_train_tool_exits_with_one_clear_line(capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "optim.lrr" in err[0]
+
+
+def test_library_settings_are_built_from_the_config_by_field_name():
+    """ModelArgs / ObjectiveConfig / SamplerConfig take every setting from the config section field of the same
+    name (``config._by_field_name``): a library field missing from its section would silently keep the library
+    default, and a default that differs would make the config and the library disagree."""
+    from dataclasses import MISSING, fields
+
+    from sfd_scale.config import ModelConfig, SampleConfig, SFDConfig
+    from sfd_scale.diffusion.sampling import SamplerConfig
+    from sfd_scale.diffusion.sfd import ObjectiveConfig
+    from sfd_scale.models.lightningdit import ModelArgs
+
+    derived = {"patch_size", "in_channels", "hidden_size", "depth", "num_heads", "dual_time_embed"}  # model_args
+    for library, section, skip in ((ModelArgs, ModelConfig, derived), (ObjectiveConfig, SFDConfig, set()),
+                                   (SamplerConfig, SampleConfig, set())):
+        ours = {f.name: f.default for f in fields(section)}
+        for f in fields(library):
+            if f.name in skip:
+                continue
+            assert f.name in ours, f"{library.__name__}.{f.name} has no {section.__name__} field"
+            assert f.default is not MISSING and ours[f.name] == f.default, (library.__name__, f.name)
