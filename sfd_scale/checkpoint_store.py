@@ -21,6 +21,7 @@ manifest.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -30,6 +31,7 @@ import shutil
 import subprocess
 import threading
 import time
+import warnings
 from pathlib import Path
 from typing import Callable, Dict, Iterable, Optional
 
@@ -244,11 +246,12 @@ class Checkpointer:
             dist.barrier(group=self.group)
         kwargs = dict(checkpoint_id=str(tmp), process_group=self.group, no_dist=self.group is None)
         staging = time.perf_counter()
-        if self.asynchronous:
-            future = dcp.async_save(state, async_stager=self.stager, **kwargs)  # returns once staged in host memory
-        else:
-            dcp.save(state, **kwargs)
-            future = None
+        with _quiet_if_one_process(self.group is None):
+            if self.asynchronous:  # returns once staged in host memory
+                future = dcp.async_save(state, async_stager=self.stager, **kwargs)
+            else:
+                dcp.save(state, **kwargs)
+                future = None
         done = time.perf_counter()
         self.last_save = {"step": step, "blocking_s": done - started, "waited_s": waited, "staging_s": done - staging}
         self.report(f"checkpoint step {step}: training blocked {done - started:.3f} s (waiting for the previous save "
@@ -304,11 +307,22 @@ def empty_like_stored(directory: Path, keys: Iterable[str], meta: Optional[dict]
     return out
 
 
+@contextlib.contextmanager
+def _quiet_if_one_process(no_dist: bool):
+    """DCP warns that it "assumes the intent" to read or write in one process; here that is the intent (tools,
+    one-process runs), so the warning is silenced there and only there."""
+    with warnings.catch_warnings():
+        if no_dist:
+            warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
+        yield
+
+
 def load(directory: Path, state: Dict[str, object], group=None) -> Dict[str, object]:
     """Fill ``state`` (tensors of the right shapes, placeholders for objects) from ``directory``; each rank
     reads only its keys. Collective over ``group`` when distributed."""
-    dcp.load(state, checkpoint_id=str(directory), process_group=group,
-             no_dist=not (dist.is_initialized() and dist.get_world_size() > 1))
+    no_dist = not (dist.is_initialized() and dist.get_world_size() > 1)
+    with _quiet_if_one_process(no_dist):
+        dcp.load(state, checkpoint_id=str(directory), process_group=group, no_dist=no_dist)
     return state
 
 
@@ -323,12 +337,14 @@ def read_weights(directory: str | os.PathLike, which: str = "ema") -> Dict[str, 
     if not keys:
         raise CheckpointError(f"checkpoint {directory} has no {which!r} weights")
     state = empty_like_stored(directory, keys, meta)
-    dcp.load(state, checkpoint_id=str(directory), no_dist=True)
+    with _quiet_if_one_process(True):
+        dcp.load(state, checkpoint_id=str(directory), no_dist=True)
     return {k[len(which) + 1:]: v for k, v in state.items()}
 
 
 def read_object(directory: str | os.PathLike, key: str):
     """One stored object (``config``, ``trainer``, ``counters``), in one process."""
     state = empty_like_stored(Path(directory), [key])
-    dcp.load(state, checkpoint_id=str(directory), no_dist=True)
+    with _quiet_if_one_process(True):
+        dcp.load(state, checkpoint_id=str(directory), no_dist=True)
     return unpack(state[key])

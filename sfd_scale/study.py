@@ -42,7 +42,6 @@ import os
 import re
 import subprocess
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
@@ -268,9 +267,7 @@ def evaluate_point(study: Study, out, run: str, step: int, evaluator: Optional[E
     slurm_rendezvous()
     rank, world = rank_and_world()
     started = time.monotonic()
-    with warnings.catch_warnings():  # torch.distributed.checkpoint read without a process group: expected
-        warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
-        model, cfg = load_sampling_model(directory, overrides=study.cli_overrides + study.eval.sample)
+    model, cfg = load_sampling_model(directory, overrides=study.cli_overrides + study.eval.sample)
     device = resolve_device(cfg.train.device)
     log(f"[{study.name}] {run}: FID of step {step} ({study.eval.images} EMA samples, {cfg.sample.method} x "
         f"{cfg.sample.num_steps}, guidance {cfg.sample.guidance})")
