@@ -3,7 +3,7 @@ import sys
 
 from sfd_scale.cli import config_parser
 from sfd_scale.config import ConfigError
-from sfd_scale.data.semvae_train import load_semvae_config, semvae_summary_text, train_semvae
+from sfd_scale.semvae.train import load_semvae_config, semvae_summary_text, train_semvae
 
 
 def main(argv=None) -> None:

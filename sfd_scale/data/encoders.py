@@ -8,7 +8,7 @@
   GroupNorm(32, eps 1e-6) and 1/sqrt(C) scaling, as LDM's ``AttnBlock``).
 * ``DinoEncoder``: timm ``vit_base_patch14_reg4_dinov2`` (``dynamic_img_size``, so the 37x37 position embedding
   of the released weights is resampled per input size with antialiased bicubic, as the torch-hub model does).
-* ``SemanticEncoder``: ``sfd_scale.data.semvae.SemanticVAE`` (posterior mean of the semantic latent).
+* ``SemanticEncoder``: ``sfd_scale.semvae.model.SemanticVAE`` (posterior mean of the semantic latent).
 
 Weights come from user-given paths only. Every loader raises ``FileNotFoundError`` naming a missing path and one
 ``WeightsError`` (a ``ValueError``) naming the file and the first offending keys when tensors are missing,
@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .semvae import SemanticVAE, SemVAEArgs, load_semvae
+from ..semvae.model import SemanticVAE, SemVAEArgs, load_semvae
 
 Generators = Union[None, torch.Generator, Sequence[torch.Generator]]
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)

@@ -345,7 +345,7 @@ def summary_text(s: dict) -> str:
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     import argparse
     from .encoders import WeightsError
-    from .semvae import SemVAECheckpointError
+    from ..semvae.model import SemVAECheckpointError
     p = argparse.ArgumentParser(description="Extract SFD latent shards (texture + semantic latents, DINOv2 "
                                             "features) from an image folder.")
     p.add_argument("--config", action="append", default=[], metavar="YAML")

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .shards import LatentShardDataset, Normalization, PartWriter, composite_latent, finalize, flip_choice, read_stats
 from .sources import Placement, ShardBatches
-from .streaming_cleanup import StreamingLease
+from ..streaming_leases import StreamingLease
 
 
 def synthetic_sample(i: int, feats: bool, size: int = 16) -> Dict[str, np.ndarray]:

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 from .demo import build_demo_latents, images_to_uint8
 from .official import OfficialLatentDataset
 from .shards import LatentShardDataset, Normalization, fetch_dataset_files, latent_channels, read_meta
-from .streaming_cleanup import StreamingLease
+from ..streaming_leases import StreamingLease
 
 
 @dataclass

@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 
 from sfd_scale.data.encoders import (CompositeEncoder, DinoEncoder, SemanticEncoder, TextureVAE, WeightsError,
                                      image_generators)
-from sfd_scale.data.semvae import save_semvae
+from sfd_scale.semvae.model import save_semvae
 
 RES = 64  # 64x64 images -> 4x4 latents / tokens
 

@@ -69,7 +69,7 @@ pytestmark = pytest.mark.usefixtures("streaming_tmp")
 def read_all(root) -> list:
     """Every sample in dataset order (copies: streaming hands out read-only arrays)."""
     from streaming import StreamingDataset
-    from sfd_scale.data.streaming_cleanup import StreamingLease
+    from sfd_scale.streaming_leases import StreamingLease
     lease = StreamingLease.acquire()
     ds = StreamingDataset(local=str(root), shuffle=False, batch_size=1)
     lease.record(ds)

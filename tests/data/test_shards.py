@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from sfd_scale.data import shards
 from sfd_scale.data.official import OfficialLatentDataset, import_official
 from sfd_scale.data.shards import LatentShardDataset, Normalization, PartWriter, ShardFormatError, finalize
-from sfd_scale.data.streaming_cleanup import reclaim_stale
+from sfd_scale.streaming_leases import reclaim_stale
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -151,7 +151,7 @@ def _leftovers(tmp: Path, prefix: int):
 RUN = textwrap.dedent("""
     import sys, time, torch
     from sfd_scale.data.shards import LatentShardDataset, Normalization
-    from sfd_scale.data.streaming_cleanup import StreamingLease
+    from sfd_scale.streaming_leases import StreamingLease
     lease = StreamingLease.acquire()
     ds = LatentShardDataset(sys.argv[1], batch_size=4, norm=Normalization(False, False, 1.0))
     lease.record(ds)
@@ -265,7 +265,7 @@ def test_a_truncated_shard_is_named(tmp_path):
 def test_a_zombie_owner_counts_as_dead():
     """A killed loader whose parent has not reaped it yet (or never will, without an init that reaps) must not
     keep its leaked segments alive."""
-    from sfd_scale.data.streaming_cleanup import _start_time
+    from sfd_scale.streaming_leases import _start_time
 
     child = subprocess.Popen([sys.executable, "-c", "pass"])
     deadline = time.time() + 30

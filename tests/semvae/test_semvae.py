@@ -10,9 +10,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from sfd_scale.config import ConfigError
-from sfd_scale.data.semvae import (SemanticVAE, SemVAEArgs, SemVAECheckpointError, feature_cosine, load_semvae,
+from sfd_scale.semvae.model import (SemanticVAE, SemVAEArgs, SemVAECheckpointError, feature_cosine, load_semvae,
                                    save_semvae, semvae_loss, semvae_metadata)
-from sfd_scale.data.semvae_train import load_semvae_config, semvae_lr, train_semvae
+from sfd_scale.semvae.train import load_semvae_config, semvae_lr, train_semvae
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = SemVAEArgs(width=32, depth=1, num_heads=2)

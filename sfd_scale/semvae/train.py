@@ -22,7 +22,7 @@ from ..atomic import atomic_path
 from ..device import resolve_device
 from ..config import ConfigError, LoggingConfig, OptimConfig, load_structured
 from ..logging import RunLogger
-from .semvae import SemanticVAE, SemVAEArgs, feature_cosine, save_semvae, semvae_loss
+from .model import SemanticVAE, SemVAEArgs, feature_cosine, save_semvae, semvae_loss
 
 STATE_FILE = "semvae_state.pt"      # optimizer + scheduler + weights + data position, for exact resume
 FINAL_FILE = "semvae.safetensors"
@@ -177,7 +177,7 @@ class ShardFeatures(_Source):
     def __init__(self, cfg: SemVAETrainConfig):
         from streaming import StreamingDataLoader, StreamingDataset
 
-        from .streaming_cleanup import StreamingLease
+        from ..streaming_leases import StreamingLease
 
         d, bs = cfg.data, cfg.train.batch_size
         for p in filter(None, (d.path, d.eval_path)):

@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 from typing import List, Optional
 
-from ..atomic import write_text
+from .atomic import write_text
 
 SHM_ROOT = Path("/dev/shm")
 
