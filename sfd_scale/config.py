@@ -311,6 +311,16 @@ def guidance_config(cfg: Config) -> GuidanceConfig:
                           s.interval_mode)
 
 
+def check_layout_sizes(tensor_parallel: int, pipeline_parallel: int, virtual_stages: int) -> None:
+    """The parallel section's sizes on their own (``parallel.layout.ParallelLayout`` checks them again with the
+    world size at start-up, through this function)."""
+    if tensor_parallel < 1 or pipeline_parallel < 1 or virtual_stages < 1:
+        raise ConfigError(f"parallel.tensor_parallel ({tensor_parallel}), parallel.pipeline_parallel "
+                          f"({pipeline_parallel}) and parallel.virtual_stages ({virtual_stages}) must be >= 1")
+    if virtual_stages > 1 and pipeline_parallel < 2:
+        raise ConfigError("parallel.virtual_stages > 1 needs parallel.pipeline_parallel >= 2")
+
+
 def validate(cfg: Config) -> None:
     """Cross-section checks; each error names the key(s) involved."""
     def need(ok: bool, msg: str):
@@ -372,11 +382,7 @@ def validate(cfg: Config) -> None:
     need(not e.fid_every or cfg.parallel.pipeline_parallel == 1,
          "eval.fid_every needs parallel.pipeline_parallel = 1 (evaluate pipelined runs from their checkpoints)")
     p = cfg.parallel
-    need(p.tensor_parallel >= 1 and p.pipeline_parallel >= 1 and p.virtual_stages >= 1,
-         f"parallel.tensor_parallel ({p.tensor_parallel}), parallel.pipeline_parallel ({p.pipeline_parallel}) and "
-         f"parallel.virtual_stages ({p.virtual_stages}) must be >= 1")
-    need(p.virtual_stages == 1 or p.pipeline_parallel > 1,
-         "parallel.virtual_stages > 1 needs parallel.pipeline_parallel > 1")
+    check_layout_sizes(p.tensor_parallel, p.pipeline_parallel, p.virtual_stages)
     need(p.pipeline_parallel == 1 or p.engine == "megatron",
          f"parallel.pipeline_parallel > 1 needs parallel.engine='megatron', got {p.engine!r}")
     need(p.pipeline_parallel == 1 or not cfg.train.sample_every,

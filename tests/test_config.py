@@ -115,3 +115,14 @@ def test_library_settings_are_built_from_the_config_by_field_name():
                 continue
             assert f.name in ours, f"{library.__name__}.{f.name} has no {section.__name__} field"
             assert f.default is not MISSING and ours[f.name] == f.default, (library.__name__, f.name)
+
+
+def test_layout_sizes_are_checked_once_for_config_and_layout():
+    from sfd_scale.parallel.layout import ParallelLayout
+
+    with pytest.raises(ConfigError, match=r"parallel.virtual_stages > 1 needs parallel.pipeline_parallel >= 2"):
+        load_config(["configs/demo/digits.yaml"], ["parallel.virtual_stages=2"])
+    with pytest.raises(ConfigError, match=r"parallel.virtual_stages > 1 needs parallel.pipeline_parallel >= 2"):
+        ParallelLayout(virtual_stages=2).check(4)
+    with pytest.raises(ValueError, match="world size 6 is not divisible"):
+        ParallelLayout(tensor_parallel=4).check(6)

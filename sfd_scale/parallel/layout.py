@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
+from ..config import check_layout_sizes
 from . import cpu_compat
 from .slurm_env import slurm_rendezvous
 
@@ -25,11 +26,7 @@ class ParallelLayout:
 
     def check(self, world_size: int) -> None:
         tp, pp = self.tensor_parallel, self.pipeline_parallel
-        if tp < 1 or pp < 1 or self.virtual_stages < 1:
-            raise ValueError(f"parallel.tensor_parallel ({tp}), parallel.pipeline_parallel ({pp}) and "
-                             f"parallel.virtual_stages ({self.virtual_stages}) must be >= 1")
-        if self.virtual_stages > 1 and pp < 2:
-            raise ValueError("parallel.virtual_stages > 1 needs parallel.pipeline_parallel >= 2")
+        check_layout_sizes(tp, pp, self.virtual_stages)
         if world_size % (tp * pp):
             raise ValueError(f"world size {world_size} is not divisible by parallel.tensor_parallel x "
                              f"parallel.pipeline_parallel = {tp} x {pp}")
