@@ -24,17 +24,23 @@ def test_imports_keep_the_layering_contract():
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def _broken_copy(tmp_path, name: str, module: str, line: str):
+    """A copy of the package with ``line`` appended to ``module`` (a path under sfd_scale/), linted."""
+    root = tmp_path / name
+    shutil.copytree(ROOT / "sfd_scale", root / "sfd_scale", ignore=shutil.ignore_patterns("__pycache__"))
+    with open(root / "sfd_scale" / module, "a") as f:
+        f.write(f"\n{line}\n")
+    result = lint(root)
+    return result.returncode, result.stdout + result.stderr
+
+
 def test_the_contract_catches_an_upward_import_and_a_cycle(tmp_path):
     """The contract is not vacuous: a copy of the package with one import from a higher layer (models ->
-    train) and one circle between siblings (train.official_step <-> train.benchmark) breaks both rules,
-    each report naming the offending import."""
-    shutil.copytree(ROOT / "sfd_scale", tmp_path / "sfd_scale", ignore=shutil.ignore_patterns("__pycache__"))
-    with open(tmp_path / "sfd_scale" / "models" / "flops.py", "a") as f:
-        f.write("\nfrom ..train import ema  # an upward import\n")
-    with open(tmp_path / "sfd_scale" / "train" / "official_step.py", "a") as f:
-        f.write("\nfrom .benchmark import sweep  # benchmark imports official_step: a cycle\n")
-    result = lint(tmp_path)
-    report = result.stdout + result.stderr
-    assert result.returncode != 0, report
-    assert "sfd_scale.models.flops -> sfd_scale.train.ema" in report, report
-    assert ".official_step -> .benchmark" in report, report
+    train) breaks the layers, one with a circle between siblings (bench.official_step <-> bench.throughput)
+    breaks the acyclic rule; each report names the offending import."""
+    status, report = _broken_copy(tmp_path, "upward", "models/flops.py", "from ..train import ema  # upward")
+    assert status != 0 and "sfd_scale.models.flops -> sfd_scale.train.ema" in report, report
+    status, report = _broken_copy(tmp_path, "cycle", "bench/official_step.py",
+                                  "from .throughput import sweep  # throughput imports official_step: a cycle")
+    assert status != 0 and "No cycles are allowed in sfd_scale.bench" in report, report
+    assert ".official_step -> .throughput" in report or ".throughput -> .official_step" in report, report

@@ -9,7 +9,7 @@ import statistics
 import sys
 import tempfile
 
-from sfd_scale.data.loader_bench import benchmark
+from sfd_scale.bench.loader import benchmark
 
 # for scale: what one training GPU consumes at the issue #7 target for SFD-XXL (500 images/s per H100)
 CONSUMED = 500

@@ -1,5 +1,5 @@
 """Training throughput: images/s, step time, model FLOPs, MFU, peak memory, loader share, and the ratio to an
-official-style training step of the same model, for one setting or a sweep (``sfd_scale/train/benchmark.py``).
+official-style training step of the same model, for one setting or a sweep (``sfd_scale/bench/throughput.py``).
 
     python tools/benchmark.py --config configs/bench/cpu_small.yaml --layouts cpu --out benchmarks/cpu_layouts.md
     python tools/benchmark.py --config configs/experiments/sfd_xxl.yaml --sweep train.micro_batch_size=32,64 \\
@@ -19,7 +19,7 @@ import sys
 import torch
 
 from sfd_scale.config import ConfigError
-from sfd_scale.train.benchmark import CPU_LAYOUTS, Setting, benchmark, device_name, markdown, sweep
+from sfd_scale.bench.throughput import CPU_LAYOUTS, Setting, benchmark, device_name, markdown, sweep
 
 
 def main(argv=None) -> int:
@@ -101,7 +101,7 @@ def _write(args, text: str, data: dict) -> int:
 
 def _paired(args, overrides, argv) -> int:
     from sfd_scale.config import load_config
-    from sfd_scale.train.official_step import paired, paired_markdown
+    from sfd_scale.bench.official_step import paired, paired_markdown
 
     modes = [m.strip() for m in args.compile_modes.split(",") if m.strip()]
     if not modes or set(modes) - {"eager", "compiled"}:
@@ -126,7 +126,7 @@ def _paired(args, overrides, argv) -> int:
 
 def _forward_backward(args, overrides) -> int:
     from sfd_scale.config import load_config
-    from sfd_scale.train.benchmark import forward_backward
+    from sfd_scale.bench.throughput import forward_backward
 
     try:
         cfg = load_config(args.config, overrides)

@@ -1,4 +1,4 @@
-"""Predict an H100 training step from counts taken on CPU (``sfd_scale/train/cost_model.py``):
+"""Predict an H100 training step from counts taken on CPU (``sfd_scale/bench/cost_model.py``):
 
     python tools/cost_model.py --config configs/bench/h100_xxl.yaml [key=value ...] [--micro-batch 64] \
         [--device meta|cpu|auto] [--json benchmarks/cost_model.json] [--out benchmarks/cost_model.md] \
@@ -14,11 +14,11 @@ import sys
 from pathlib import Path
 
 from sfd_scale.cli import config_parser, parse_config
-from sfd_scale.train import cost_model
+from sfd_scale.bench import cost_model
 
 HEADER = """# Cost model: predicted H100 training step from counts taken on CPU
 
-Produced by `tools/cost_model.py` (`sfd_scale/train/cost_model.py`, `sfd_scale/train/dispatch_count.py`):
+Produced by `tools/cost_model.py` (`sfd_scale/bench/cost_model.py`, `sfd_scale/bench/dispatch_count.py`):
 one training step (`Trainer.train_step`: draws, objective forward + backward, engine optimizer step, EMA
 update) counted aten op by aten op, eager, on real CPU tensors or on the meta device; the training
 forward explained by dynamo; one transformer block compiled by inductor (CPU) at micro-batch 2 and 4,

@@ -7,7 +7,7 @@
   2. bf16 vs fp32 loss on the same batch and draws (relative difference of the total <= ``BF16_RTOL``);
   3. attention: flash-attn (when importable) and SDPA against an fp32 math reference, bf16 inputs;
   4. the SFD-XXL sweep (``configs/bench/h100_xxl.yaml``, micro-batch 32/64/128 x activation checkpointing
-     off/on, compile on): images/s, MFU, peak memory (``sfd_scale/train/benchmark.py``);
+     off/on, compile on): images/s, MFU, peak memory (``sfd_scale/bench/throughput.py``);
   5. the official training step of the same model in the same run (``--official-code``), compiled;
   6. the async-checkpoint stall (time training is blocked) for the full XXL training state;
   7. the cost model's prediction error: ``tools/cost_model.py --device meta`` (fixed constants) vs the
@@ -84,7 +84,7 @@ def bf16_vs_fp32(device: torch.device, config: list, overrides: list, batch: int
     from sfd_scale.diffusion.sfd import SFDObjective
     from sfd_scale.models.lightningdit import LightningDiT
     from sfd_scale.parallel.layout import ensure_initialized
-    from sfd_scale.train.timing_inputs import synthetic_batch
+    from sfd_scale.bench.timing_inputs import synthetic_batch
 
     ensure_initialized()
     cfg = load_config(config, overrides)
@@ -149,7 +149,7 @@ def keyed_draws_on_device(device: torch.device) -> dict:
 def sweep(config: list, overrides: list, micro_batches: list, checkpointing: list, steps: int, warmup: int,
           compile_on: bool, checkpoint_dir: str) -> list:
     """One row per (micro-batch, activation checkpointing); the first also times two full-state saves."""
-    from sfd_scale.train.benchmark import Setting, benchmark
+    from sfd_scale.bench.throughput import Setting, benchmark
 
     rows = []
     for i, (mb, ac) in enumerate((mb, ac) for mb in micro_batches for ac in checkpointing):
@@ -166,7 +166,7 @@ def sweep(config: list, overrides: list, micro_batches: list, checkpointing: lis
 
 def official_step(config: list, overrides: list, code_dir: str, mb: int, steps: int, warmup: int,
                   compile_on: bool) -> dict:
-    from sfd_scale.train.official_step import run_isolated
+    from sfd_scale.bench.official_step import run_isolated
 
     result = run_isolated("official", config, overrides + [f"train.global_batch_size={mb}"], steps, warmup,
                           torch.get_num_threads(), compile_on, code_dir)
@@ -204,7 +204,7 @@ SMOKE_PLAN = dict(config=["configs/bench/cpu_small.yaml"],
                   overrides=["model.depth=2", "model.hidden_size=32", "model.num_heads=2", "data.source=synthetic",
                              "train.device=cpu"],
                   micro_batches=[2], activation_checkpointing=[False], steps=2, warmup=1, compile=False, bf16_batch=2,
-                  official_mb=2)  # AC on is the same code path (and tests/train/test_benchmark.py runs it)
+                  official_mb=2)  # AC on is the same code path (and tests/bench/test_throughput.py runs it)
 
 
 def run_checks(plan: dict, device: torch.device, golden_dir: Path, official_code: str | None) -> dict:
@@ -253,7 +253,7 @@ def run_checks(plan: dict, device: torch.device, golden_dir: Path, official_code
 
 
 def markdown(results: dict, header: str) -> str:
-    from sfd_scale.train.benchmark import markdown as sweep_table
+    from sfd_scale.bench.throughput import markdown as sweep_table
 
     lines = [header, ""]
     for name, r in results.items():

@@ -53,7 +53,7 @@ from .step_io import DevicePrefetcher, StepWindow, log_line
 
 class Trainer:
     def __init__(self, cfg: Config, device: Optional[torch.device] = None):
-        """``device`` overrides ``train.device``: the cost model (``train/cost_model.py``) passes
+        """``device`` overrides ``train.device``: the cost model (``bench/cost_model.py``) passes
         ``torch.device("meta")`` to count a step of a model too big to materialise."""
         self.cfg = cfg
         self.out = Path(cfg.train.output_dir)

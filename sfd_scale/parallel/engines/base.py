@@ -199,7 +199,7 @@ class Engine:
     def forward_precision(self):
         """The context the objective's forward and loss run in: bf16 autocast under ``train.precision='bf16'``
         (megatron / DeepSpeed keep bf16 weights besides; the plain engine fp32 ones), else nothing. The cost
-        model puts its CUDA-autocast stand-in here (``train/cost_model.py``)."""
+        model puts its CUDA-autocast stand-in here (``bench/cost_model.py``)."""
         if self.cfg.train.precision != "bf16":
             return contextlib.nullcontext()
         return torch.autocast(next(self._chunks()[0].parameters()).device.type, dtype=torch.bfloat16)

@@ -1,4 +1,4 @@
-"""The compiled side of the cost model (``train/cost_model.py``): what dynamo and inductor make of the model.
+"""The compiled side of the cost model (``bench/cost_model.py``): what dynamo and inductor make of the model.
 
 ``graph_breaks`` asks ``torch._dynamo.explain`` about the training forward at TP = 1 (on real CPU tensors; a
 model over ``EXPLAIN_MAX_PARAMS`` keeps its width, heads and tokens at depth 2). ``compiled_block`` compiles

@@ -20,7 +20,7 @@ of the model the trainer builds from ``train.seed``): both sides train the same 
 
 Every measurement of a paired comparison (``paired``) runs in a fresh Python process with the same thread
 count, warm-up and step count, ours and theirs alternating, so compiled caches, thread pools and allocator
-state never leak from one into the other. ``python -m sfd_scale.train.official_step JSON`` is that process.
+state never leak from one into the other. ``python -m sfd_scale.bench.official_step JSON`` is that process.
 """
 from __future__ import annotations
 
@@ -147,7 +147,7 @@ def official_step_times(cfg: Config, code_dir: str, steps: int, warmup: int) -> 
 
 def our_step_times(cfg: Config, steps: int, warmup: int) -> dict:
     """Seconds of each timed ``Trainer.train_step`` of ours (one process, synthetic batch reused)."""
-    from .trainer import Trainer
+    from ..train.trainer import Trainer
 
     trainer = Trainer(cfg)
     batch = synthetic_batch(cfg, cfg.train.global_batch_size)
@@ -177,7 +177,7 @@ def run_isolated(which: str, config_files: Sequence[str], overrides: Sequence[st
         env["TORCH_COMPILE_DISABLE"] = "1"
     root = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    proc = subprocess.run([sys.executable, "-m", "sfd_scale.train.official_step", json.dumps(job)], env=env,
+    proc = subprocess.run([sys.executable, "-m", "sfd_scale.bench.official_step", json.dumps(job)], env=env,
                           capture_output=True, text=True, timeout=timeout)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:

@@ -8,8 +8,8 @@ from sfd_scale.config import load_config, model_args
 from sfd_scale.diffusion.sfd import SFDObjective
 from sfd_scale.models.flops import forward_flops
 from sfd_scale.models.lightningdit import LightningDiT
-from sfd_scale.train import cost_model
-from sfd_scale.train.dispatch_count import CudaAutocast, OpCounter
+from sfd_scale.bench import cost_model
+from sfd_scale.bench.dispatch_count import CudaAutocast, OpCounter
 from tools.cost_model import main as cost_model_main
 
 TINY = ["model.depth=2", "model.hidden_size=32", "model.num_heads=2", "train.global_batch_size=4",
@@ -86,7 +86,7 @@ def test_injected_syncs_are_counted_at_their_caller(monkeypatch):
     lines = {tag: i + 1 for i, line in enumerate(open(__file__).read().splitlines())
              for tag in ("SYNC item", "SYNC cpu", "SYNC mask") if f"# {tag}" in line}
     where = {(s["op"], s["where"].split(" ")[0]) for s in counted["syncs"]["step"]["where"]}
-    here = "tests/train/test_cost_model.py"
+    here = "tests/bench/test_cost_model.py"
     assert ("_local_scalar_dense", f"{here}:{lines['SYNC item']}") in where
     assert ("copy to host", f"{here}:{lines['SYNC cpu']}") in where
     assert ("boolean-mask indexing", f"{here}:{lines['SYNC mask']}") in where

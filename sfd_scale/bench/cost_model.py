@@ -10,7 +10,7 @@ The forward runs under ``CudaAutocast`` (CUDA autocast semantics on any device) 
 optimizer runs as it would on CUDA (fused AdamW when ``optim.fused`` allows it).
 
 The compiled side (graph breaks, the block as inductor compiles it, C++ and Triton scheduling) is
-``train/compile_count.py``.
+``bench/compile_count.py``.
 
 ``predict`` turns counts into an H100 step time and MFU with the fixed constants below, eager and with
 the blocks compiled (block non-GEMM figures replaced by ``compiled_block``'s, the rest eager).
@@ -33,7 +33,7 @@ from ..parallel.engines.base import adam_state, fused_adamw
 from .compile_count import (EXPLAIN_MAX_PARAMS, compiled_block, compiled_per_block,  # noqa: F401 (re-exported)
                             graph_breaks, triton_scheduled_block)
 from .dispatch_count import CudaAutocast, OpCounter
-from .step_io import StepWindow
+from ..train.step_io import StepWindow
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 from torch.utils.module_tracker import ModuleTracker
 
@@ -103,7 +103,7 @@ def _phases(counter: OpCounter, trainer):
 
 
 def build_counting_trainer(cfg: Config, device: torch.device):
-    from .trainer import Trainer
+    from ..train.trainer import Trainer
 
     trainer = Trainer(cfg, device=device)
     dtype = torch.bfloat16 if cfg.train.precision == "bf16" else None

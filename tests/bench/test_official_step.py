@@ -7,7 +7,7 @@ import types
 
 import pytest
 
-from sfd_scale.train.official_step import import_official, run_isolated
+from sfd_scale.bench.official_step import import_official, run_isolated
 from tools.benchmark import main
 
 TINY = ["model.depth=2", "model.hidden_size=32", "model.num_heads=2", "train.global_batch_size=4",

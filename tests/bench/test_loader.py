@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from sfd_scale.data.loader_bench import PerFileDataset, benchmark, write_both
+from sfd_scale.bench.loader import PerFileDataset, benchmark, write_both
 from sfd_scale.data.shards import LatentShardDataset, flip_choice, read_stats
 
 

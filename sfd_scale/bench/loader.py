@@ -23,8 +23,9 @@ from safetensors.numpy import save_file
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader, Dataset
 
-from .shards import LatentShardDataset, Normalization, PartWriter, composite_latent, finalize, flip_choice, read_stats
-from .sources import Placement, ShardBatches
+from ..data.shards import (LatentShardDataset, Normalization, PartWriter, composite_latent, finalize, flip_choice,
+                           read_stats)
+from ..data.sources import Placement, ShardBatches
 from ..streaming_leases import StreamingLease
 
 

@@ -8,7 +8,7 @@ right shapes (the step alone); ``real`` draws every batch from the trainer's loa
 of the wall time spent waiting for it.
 
 The baseline ("ours / official") is the REAL official training step when ``official_code`` names the
-official code's directory (``train/official_step.py``: its model with its own ``@torch.compile`` wrappers,
+official code's directory (``bench/official_step.py``: its model with its own ``@torch.compile`` wrappers,
 its transport, train.py's loop; timed in a fresh process with the setting's thread count, compiled when
 the setting compiles ours). Without it, an **official-style eager stand-in** is timed instead and labelled
 as such: what train.py does per step written plainly around sfd_scale's network (eager, SDPA, torch AdamW,
@@ -94,7 +94,7 @@ def _peak_memory_gb(device: torch.device) -> float:
 
 def _time_steps(rank: int, world_size: int, config_files: List[str], overrides: List[str], steps: int,
                 warmup: int, synthetic: bool, checkpoint: bool = False) -> dict:
-    from .trainer import Trainer
+    from ..train.trainer import Trainer
 
     trainer = Trainer(load_config(config_files, overrides))
     device = trainer.device
