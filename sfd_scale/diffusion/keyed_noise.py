@@ -6,7 +6,7 @@ they are a pure function of (``train.seed``, step, the sample's dataset index, e
 generator state. Each rank computes only its own samples, on its own device, in a few elementwise
 kernels (no per-sample host work, no host -> device copy of the draws).
 
-The generator is a stateless integer hash on int64 tensors: ``_mix`` is a 32-bit avalanche mixer (xor-shift
+The generator is a stateless integer hash on int64 tensors: ``_mix_`` is a 32-bit avalanche mixer (xor-shift
 / multiply rounds) whose values stay below 2^32 and whose multipliers are below 2^31, so no product
 overflows int64 and the arithmetic is exact and identical on every device (CPU, CUDA) and every torch
 version. Keys are folded word by word (seed, step, index: each split into two 32-bit words) and a stream
@@ -43,13 +43,8 @@ def _mix_(x: torch.Tensor) -> torch.Tensor:
     return x.bitwise_xor_(x >> 16)
 
 
-def _mix(x: torch.Tensor) -> torch.Tensor:
-    """``_mix_`` on a copy."""
-    return _mix_(x.clone())
-
-
 def _mix_int(x: int) -> int:
-    """``_mix`` on a Python int (the host-side part of a key: seed and step)."""
+    """``_mix_`` on a Python int (the host-side part of a key: seed and step)."""
     x ^= x >> 16
     x = (x * _MUL1) & _M32
     x ^= x >> 15

@@ -87,6 +87,12 @@ def with_prefix(state: dict, prefix: str) -> dict:
     return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
 
+def chunk_part(full: dict, chunk, pipelined: bool) -> dict:
+    """The part of a full state dict a model chunk holds: its pipeline stage's (block indices made local), or
+    all of it (checked strictly by the loader) without pipeline stages."""
+    return stage_state_dict(full, chunk) if pipelined else full
+
+
 def native_state(cfg, model: State, ema: State, step: int, layout: dict) -> Tuple[State, dict]:
     """(state, run info) of a checkpoint with these full weights and no optimizer state (a run resumes from it
     at ``step`` with a fresh optimizer, on any layout)."""
@@ -116,10 +122,6 @@ class TrainingState:
 
     def __init__(self, chunks: list, ema_chunks: list, engine, pipelined: bool):
         self.chunks, self.ema_chunks, self.engine, self.pipelined = chunks, ema_chunks, engine, pipelined
-
-    def part(self, full: dict, chunk) -> dict:
-        """The part of a full state dict a pipeline chunk holds (all of it, checked strictly, otherwise)."""
-        return stage_state_dict(full, chunk) if self.pipelined else full
 
     # ------------------------------------------------------------------------------------------ weights
     @staticmethod
@@ -188,14 +190,16 @@ class TrainingState:
     def restore(self, state: State, kinds: List[str], rank: int) -> None:
         """Put ``read``'s entries into the chunks, their EMA, the engine (sharded over TP here, over DP by the
         engine) and this rank's RNGs."""
+        model, ema = with_prefix(state, weights_key("model", "")), with_prefix(state, weights_key("ema", ""))
+        optim = {kind: with_prefix(state, optim_key(kind, "")) for kind in kinds}
         params = []
         for chunk, ema_chunk in zip(self.chunks, self.ema_chunks):
-            load_official_state_dict(chunk, self.part(with_prefix(state, "model/"), chunk))
-            load_official_state_dict(ema_chunk, self.part(with_prefix(state, "ema/"), chunk))
+            load_official_state_dict(chunk, chunk_part(model, chunk, self.pipelined))
+            load_official_state_dict(ema_chunk, chunk_part(ema, chunk, self.pipelined))
             tp_rank, tp_size, _ = model_tp(chunk)
             per: Dict[str, dict] = {}
             for kind in kinds:
-                full = self.part(with_prefix(state, optim_key(kind, "")), chunk)
+                full = chunk_part(optim[kind], chunk, self.pipelined)
                 local = shard_state_dict(full, chunk.args, tp_rank, tp_size) if tp_size > 1 else full
                 for name, t in local.items():
                     per.setdefault(name, {})[kind] = t

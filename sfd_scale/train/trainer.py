@@ -44,10 +44,10 @@ from ..parallel.engines import build_engine
 from ..parallel.engines.base import local_micro_batches
 from ..parallel.layout import ParallelLayout, initialize
 from ..parallel.optimizations import apply_activation_checkpointing, apply_compile, compile_enabled, compiled_modules
-from ..parallel.pipeline import build_stages, stage_state_dict
+from ..parallel.pipeline import build_stages
 from .ema import EMA
 from .run_control import REQUEUE_EXIT, RunControl
-from .state import TrainingState, choose_checkpoint, run_info
+from .state import TrainingState, choose_checkpoint, chunk_part, run_info
 from .step_io import DevicePrefetcher, StepWindow, log_line
 
 
@@ -89,7 +89,7 @@ class Trainer:
         if cfg.checkpoint.init_from:
             full = read_checkpoint(cfg.checkpoint.init_from, which="ema")
             for chunk in chunks:
-                load_official_state_dict(chunk, stage_state_dict(full, chunk) if self.pipelined else full)
+                load_official_state_dict(chunk, chunk_part(full, chunk, self.pipelined))
         # Label dropout is drawn with the step's other draws (``self.draws``), not inside the model from a
         # per-rank RNG, so that every layout drops the same labels.
         for chunk in chunks:
