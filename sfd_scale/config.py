@@ -15,7 +15,7 @@ from omegaconf.errors import OmegaConfBaseException
 from .diffusion.guidance import GuidanceConfig
 from .diffusion.sampling import SamplerConfig
 from .diffusion.sfd import ObjectiveConfig, SFDSpec
-from .models.lightningdit import ModelArgs, parse_model_name
+from .models.lightningdit import ArchitectureOptions, ModelArgs, parse_model_name
 
 
 class ConfigError(ValueError):
@@ -23,41 +23,24 @@ class ConfigError(ValueError):
 
 
 @dataclass
-class ModelConfig:
+class ModelConfig(ArchitectureOptions):
+    """The architecture switches (``models.lightningdit.ArchitectureOptions``, declared there) plus how the size
+    is chosen: a registry name, with optional explicit overrides."""
     name: str = "LightningDiT-XL/1"     # size + patch from the registry (S, B, L, XL, XXL=1p0B, 1p6B)
     depth: Optional[int] = None          # explicit overrides of the registry size (tiny demo models)
     hidden_size: Optional[int] = None
     num_heads: Optional[int] = None
     patch_size: Optional[int] = None
-    input_size: int = 16                 # latent side length (image size / VAE downsampling)
     in_channels: Optional[int] = None    # optional cross-check: must equal sfd.texture_chans + semantic_chans
-    num_classes: int = 1000
-    class_dropout_prob: float = 0.1
-    learn_sigma: bool = False
-    mlp_ratio: float = 4.0
-    use_qknorm: bool = True
-    use_swiglu: bool = True
-    use_rope: bool = True
-    use_rmsnorm: bool = True
-    wo_shift: bool = False
-    use_repa: bool = False
-    repa_depth: int = 2
-    repa_projector_dim: int = 2048
-    repa_feature_dim: int = 768
 
 
 @dataclass
-class SFDConfig:
-    """The latent layout and the semantic lead (``SFDSpec``), and the objective's settings under its own field
-    names (``diffusion.sfd.ObjectiveConfig``, built from them by name)."""
+class SFDConfig(ObjectiveConfig):
+    """The objective's settings (``diffusion.sfd.ObjectiveConfig``, declared there) plus the latent layout and
+    the semantic lead (``SFDSpec``)."""
     texture_chans: int = 32
     semantic_chans: int = 16
     delta_t: float = 0.3
-    semantic_weight: float = 2.0
-    use_cosine_loss: bool = True
-    use_lognorm: bool = True
-    repa_weight: float = 1.0
-    repa_mode: str = "cos"
 
 
 @dataclass
@@ -151,26 +134,19 @@ class LoggingConfig:
 
 
 @dataclass
-class SampleConfig:
-    """The sampler's settings under its own field names (``diffusion.sampling.SamplerConfig``, built from them
-    by name), guidance under the official argument names, and what sampling reads and writes."""
-    method: str = "dopri5"
-    num_steps: int = 250
-    atol: float = 1e-6
-    rtol: float = 1e-3
-    timestep_shift: float = 0.0
-    guidance: str = "none"          # none | cfg | autoguidance
-    cfg_scale: float = 1.0
-    cfg_scale_tex: Optional[float] = None
-    cfg_scale_sem: Optional[float] = None
-    cfg_interval_start: Optional[float] = None
-    interval_mode: str = "both"
+class SampleConfig(SamplerConfig, GuidanceConfig):
+    """The solver's settings (``diffusion.sampling.SamplerConfig``) and guidance under the official argument
+    names (``diffusion.guidance.GuidanceConfig``), both declared there, plus what sampling reads and writes."""
     guide_checkpoint: Optional[str] = None
     guide_model: Optional[str] = None   # registry name of the guide (autoguidance), e.g. LightningDiT-B/1
     grid_images: int = 16
     seed: int = 0
     texture_vae: Optional[str] = None   # texture VAE weights (as extract's ``texture_vae``) to decode samples to
                                         # images for FID (eval/fid_sampling.py); not needed for demo data
+
+    def __post_init__(self):  # both libraries' checks (a dataclass runs only the first base's)
+        SamplerConfig.__post_init__(self)
+        GuidanceConfig.__post_init__(self)
 
 
 @dataclass
@@ -184,6 +160,9 @@ class EvalConfig:
 
 @dataclass
 class Config:
+    """One run: every section, merged from the schema defaults, YAML files and ``key=value`` overrides. The
+    model, ``sfd`` and ``sample`` sections inherit the library's own settings classes, so each setting is
+    declared once, next to the code that uses it."""
     model: ModelConfig = field(default_factory=ModelConfig)
     sfd: SFDConfig = field(default_factory=SFDConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -230,10 +209,18 @@ def load_structured(schema, files: Sequence[str] = (), overrides: Sequence[str] 
             merged = OmegaConf.merge(merged, layer)
         except OmegaConfBaseException as err:
             raise ConfigError(f"{name}: {_describe(err)}") from None
+    return _instantiate(merged)
+
+
+def _instantiate(merged: DictConfig):
+    """The dataclass tree of a merged config; the sections inherit the libraries' own checks
+    (``__post_init__``), whose messages name the key."""
     try:
         return OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
         raise ConfigError(_describe(err)) from None
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
 
 
 def load_config(files: Sequence[str] = (), overrides: Sequence[str] = ()) -> Config:
@@ -248,9 +235,9 @@ def config_from_dict(values: dict, overrides: Sequence[str] = ()) -> Config:
     try:
         merged = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(values),
                                  OmegaConf.from_dotlist(list(overrides)))
-        cfg: Config = OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
         raise ConfigError(_describe(err)) from None
+    cfg: Config = _instantiate(merged)
     validate(cfg)
     return cfg
 
@@ -306,9 +293,7 @@ def sampler_config(cfg: Config) -> SamplerConfig:
 
 
 def guidance_config(cfg: Config) -> GuidanceConfig:
-    s = cfg.sample
-    return GuidanceConfig(s.guidance, s.cfg_scale, s.cfg_scale_tex, s.cfg_scale_sem, s.cfg_interval_start,
-                          s.interval_mode)
+    return _by_field_name(GuidanceConfig, cfg.sample)
 
 
 def check_layout_sizes(tensor_parallel: int, pipeline_parallel: int, virtual_stages: int) -> None:

@@ -95,26 +95,42 @@ def test_train_tool_exits_with_one_clear_line(capsys):
     assert len(err) == 1 and "optim.lrr" in err[0]
 
 
-def test_library_settings_are_built_from_the_config_by_field_name():
-    """ModelArgs / ObjectiveConfig / SamplerConfig take every setting from the config section field of the same
-    name (``config._by_field_name``): a library field missing from its section would silently keep the library
-    default, and a default that differs would make the config and the library disagree."""
-    from dataclasses import MISSING, fields
+def test_each_library_setting_is_declared_once_and_reaches_the_library():
+    """The model / sfd / sample sections inherit the library settings classes (one declaration each); every
+    other ModelArgs field is derived by ``model_args``; values set in the config reach the library objects."""
+    from dataclasses import fields
 
-    from sfd_scale.config import ModelConfig, SampleConfig, SFDConfig
+    from sfd_scale.config import (ModelConfig, SampleConfig, SFDConfig, guidance_config, model_args,
+                                  objective_config, sampler_config)
+    from sfd_scale.diffusion.guidance import GuidanceConfig
     from sfd_scale.diffusion.sampling import SamplerConfig
     from sfd_scale.diffusion.sfd import ObjectiveConfig
-    from sfd_scale.models.lightningdit import ModelArgs
+    from sfd_scale.models.lightningdit import ArchitectureOptions, ModelArgs
 
-    derived = {"patch_size", "in_channels", "hidden_size", "depth", "num_heads", "dual_time_embed"}  # model_args
-    for library, section, skip in ((ModelArgs, ModelConfig, derived), (ObjectiveConfig, SFDConfig, set()),
-                                   (SamplerConfig, SampleConfig, set())):
-        ours = {f.name: f.default for f in fields(section)}
-        for f in fields(library):
-            if f.name in skip:
-                continue
-            assert f.name in ours, f"{library.__name__}.{f.name} has no {section.__name__} field"
-            assert f.default is not MISSING and ours[f.name] == f.default, (library.__name__, f.name)
+    for section, libraries in ((ModelConfig, (ArchitectureOptions,)), (SFDConfig, (ObjectiveConfig,)),
+                               (SampleConfig, (SamplerConfig, GuidanceConfig))):
+        for library in libraries:
+            assert issubclass(section, library), (section.__name__, library.__name__)
+    derived = {"patch_size", "in_channels", "hidden_size", "depth", "num_heads", "dual_time_embed"}
+    assert {f.name for f in fields(ModelArgs)} - {f.name for f in fields(ArchitectureOptions)} == derived
+
+    cfg = load_config(["configs/demo/digits.yaml"],
+                      ["model.mlp_ratio=2.0", "model.repa_feature_dim=384", "sfd.repa_weight=0.5",
+                       "sample.method=heun2", "sample.atol=1e-5", "sample.guidance=cfg", "sample.cfg_scale=1.7",
+                       "sample.cfg_interval_start=0.2", "sample.interval_mode=tex"])
+    assert (model_args(cfg).mlp_ratio, model_args(cfg).repa_feature_dim) == (2.0, 384)
+    assert objective_config(cfg) == ObjectiveConfig(**{f.name: getattr(cfg.sfd, f.name)
+                                                       for f in fields(ObjectiveConfig)})
+    assert objective_config(cfg).repa_weight == 0.5
+    assert (sampler_config(cfg).method, sampler_config(cfg).atol) == ("heun2", 1e-5)
+    assert guidance_config(cfg) == GuidanceConfig("cfg", 1.7, None, None, 0.2, "tex")
+
+
+def test_library_checks_run_on_the_config_section_with_the_key_named():
+    for override, key in (("sample.method=rk45", "sample.method"), ("sample.guidance=classifier", "sample.guidance"),
+                          ("sfd.repa_mode=l1", "sfd.repa_mode")):
+        with pytest.raises(ConfigError, match=key):
+            load_config(["configs/demo/digits.yaml"], [override])
 
 
 def test_layout_sizes_are_checked_once_for_config_and_layout():

@@ -3,7 +3,7 @@
 Per part (texture / semantic): v = v_weak + s_part * (v_strong - v_weak), where (strong, weak) is
 (conditional, unconditional) for CFG and (main model, guide model) for autoguidance. The guidance
 interval keeps the strong (unguided) value for a part whose time (element 0 only) is below
-``interval_start``; ``interval_mode`` says which parts obey that rule ('both', 'tex' or 'sem').
+``cfg_interval_start``; ``interval_mode`` says which parts obey that rule ('both', 'tex' or 'sem').
 """
 from __future__ import annotations
 
@@ -18,24 +18,26 @@ INTERVAL_MODES = ("both", "tex", "sem")
 KINDS = ("none", "cfg", "autoguidance")
 
 
-@dataclass(frozen=True)
+@dataclass
 class GuidanceConfig:
-    kind: str = "none"              # none | cfg | autoguidance
-    scale: float = 1.0              # used only when > 1, like the official code
-    scale_tex: Optional[float] = None  # per-part scales, default ``scale``
-    scale_sem: Optional[float] = None
-    interval_start: Optional[float] = None  # None = no interval (official cfg_interval=False)
-    interval_mode: str = "both"
+    """Guidance settings under the official argument names (``forward_with_cfg`` / ``forward_with_autoguidance``;
+    the run config's ``sample`` section inherits them)."""
+    guidance: str = "none"          # none | cfg | autoguidance
+    cfg_scale: float = 1.0          # used only when > 1, like the official code (autoguidance too)
+    cfg_scale_tex: Optional[float] = None  # per-part scales, default ``cfg_scale``
+    cfg_scale_sem: Optional[float] = None
+    cfg_interval_start: Optional[float] = None  # None = no interval (official cfg_interval=False)
+    interval_mode: str = "both"     # which parts the interval rule holds back: both | tex | sem
 
     def __post_init__(self):
-        if self.kind not in KINDS:
-            raise ValueError(f"sample.guidance must be one of {KINDS}, got {self.kind!r}")
+        if self.guidance not in KINDS:
+            raise ValueError(f"sample.guidance must be one of {KINDS}, got {self.guidance!r}")
         if self.interval_mode not in INTERVAL_MODES:
             raise ValueError(f"sample.interval_mode must be one of {INTERVAL_MODES}, got {self.interval_mode!r}")
 
     @property
     def active(self) -> bool:
-        return self.kind != "none" and self.scale > 1.0
+        return self.guidance != "none" and self.cfg_scale > 1.0
 
 
 def _below_start(t: torch.Tensor, start: Optional[float]) -> bool:
@@ -45,17 +47,17 @@ def _below_start(t: torch.Tensor, start: Optional[float]) -> bool:
 def combine(spec: SFDSpec, strong: torch.Tensor, weak: torch.Tensor, t: Time, g: GuidanceConfig) -> torch.Tensor:
     """Guided velocity from a strong and a weak prediction, part by part, with the interval rule."""
     if not spec.is_async:  # plain model: one part, one time
-        return strong if _below_start(t, g.interval_start) else weak + g.scale * (strong - weak)
+        return strong if _below_start(t, g.cfg_interval_start) else weak + g.cfg_scale * (strong - weak)
     t_tex, t_sem = t
-    s_tex = g.scale if g.scale_tex is None else g.scale_tex
-    s_sem = g.scale if g.scale_sem is None else g.scale_sem
+    s_tex = g.cfg_scale if g.cfg_scale_tex is None else g.cfg_scale_tex
+    s_sem = g.cfg_scale if g.cfg_scale_sem is None else g.cfg_scale_sem
     st_tex, st_sem = spec.split(strong)
     wk_tex, wk_sem = spec.split(weak)
     tex = wk_tex + s_tex * (st_tex - wk_tex)
     sem = wk_sem + s_sem * (st_sem - wk_sem)
-    if g.interval_mode in ("both", "tex") and _below_start(t_tex, g.interval_start):
+    if g.interval_mode in ("both", "tex") and _below_start(t_tex, g.cfg_interval_start):
         tex = st_tex
-    if g.interval_mode in ("both", "sem") and _below_start(t_sem, g.interval_start):
+    if g.interval_mode in ("both", "sem") and _below_start(t_sem, g.cfg_interval_start):
         sem = st_sem
     return torch.cat([tex, sem], dim=1)
 

@@ -55,6 +55,6 @@ def guidance_from_official(guidance: str = "cfg", cfg_scale: float = 1.0, cfg_in
     ``guidance`` is 'none', 'cfg' or 'autoguidance' (which official method the caller used); the
     interval start only counts when ``cfg_interval`` is on, exactly as in the official methods.
     """
-    return GuidanceConfig(kind=guidance, scale=cfg_scale, scale_tex=cfg_scale_tex, scale_sem=cfg_scale_sem,
-                          interval_start=cfg_interval_start if cfg_interval else None,
+    return GuidanceConfig(guidance=guidance, cfg_scale=cfg_scale, cfg_scale_tex=cfg_scale_tex,
+                          cfg_scale_sem=cfg_scale_sem, cfg_interval_start=cfg_interval_start if cfg_interval else None,
                           interval_mode=semfirst_infer_interval_mode)

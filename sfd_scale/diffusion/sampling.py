@@ -20,8 +20,9 @@ FIXED_METHODS = ("euler", "midpoint", "heun2", "heun3", "rk4", "explicit_adams",
 ADAPTIVE_METHODS = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")
 
 
-@dataclass(frozen=True)
+@dataclass
 class SamplerConfig:
+    """ODE solver settings (the run config's ``sample`` section inherits them)."""
     method: str = "dopri5"
     num_steps: int = 250     # grid points (fixed-step solvers take num_steps - 1 steps)
     atol: float = 1e-6
@@ -57,7 +58,7 @@ class Sampler:
     def __init__(self, model: Callable, spec: SFDSpec, config: SamplerConfig = SamplerConfig(),
                  guidance: GuidanceConfig = GuidanceConfig(), guide: Optional[Callable] = None,
                  null_class: int = 1000):
-        if guidance.active and guidance.kind == "autoguidance" and guide is None:
+        if guidance.active and guidance.guidance == "autoguidance" and guide is None:
             raise ValueError("sample.guidance='autoguidance' needs a guide model (sample.guide_checkpoint)")
         self.model, self.spec, self.config = model, spec, config
         self.guidance, self.guide, self.null_class = guidance, guide, null_class
@@ -66,7 +67,7 @@ class Sampler:
         g = self.guidance
         if not g.active:
             return lambda x, t: self.model(x, t, y)
-        if g.kind == "cfg":
+        if g.guidance == "cfg":
             return lambda x, t: cfg_velocity(self.model, self.spec, x, t, y, g)
         return lambda x, t: autoguidance_velocity(self.model, self.guide, self.spec, x, t, y, g)
 
@@ -75,7 +76,7 @@ class Sampler:
         """Final latents (B, C, H, W) at t_end from initial noise ``z`` and class labels ``y``."""
         self.spec.check_channels(z.shape[1], "noise channels")
         b = z.shape[0]
-        if self.guidance.active and self.guidance.kind == "cfg":
+        if self.guidance.active and self.guidance.guidance == "cfg":
             z = torch.cat([z, z], dim=0)
             y = torch.cat([y, torch.full_like(y, self.null_class)], dim=0)
         traj = integrate(self.velocity(y), z, self.spec, self.config)[:, :b]

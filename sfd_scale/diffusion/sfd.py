@@ -212,9 +212,9 @@ def repa_loss(projection: torch.Tensor, features: torch.Tensor, mode: str = "cos
 
 
 # ----------------------------------------------------------------------------------------------- objective
-@dataclass(frozen=True)
+@dataclass
 class ObjectiveConfig:
-    """Loss settings (official Transport arguments)."""
+    """Loss settings (official Transport arguments; the run config's ``sfd`` section inherits them)."""
 
     semantic_weight: float = 2.0
     use_cosine_loss: bool = True

@@ -43,30 +43,39 @@ SIZE_ALIASES = {"XXL": "1p0B"}
 REPA_FEATURE_DIMS = {"dinov2_vits14": 384, "dinov2_vitb14": 768, "dinov2_vitl14": 1024, "dinov2_vitg14": 1536}
 
 
-@dataclass(frozen=True)
-class ModelArgs:
-    """Everything that fixes the architecture (and therefore the state-dict shapes)."""
+@dataclass
+class ArchitectureOptions:
+    """The architecture settings a run's config (``config.ModelConfig``) and ``ModelArgs`` share, declared once
+    here: the config section inherits them and adds how the size is chosen (a registry name, optional
+    overrides); ``ModelArgs`` adds the resolved size and channel count."""
 
-    input_size: int = 16
-    patch_size: int = 1
-    in_channels: int = 48
-    hidden_size: int = 1152
-    depth: int = 28
-    num_heads: int = 16
-    mlp_ratio: float = 4.0
+    input_size: int = 16                 # latent side length (image size / VAE downsampling)
     num_classes: int = 1000
     class_dropout_prob: float = 0.1
     learn_sigma: bool = False
+    mlp_ratio: float = 4.0
     use_qknorm: bool = True
     use_swiglu: bool = True
     use_rope: bool = True
     use_rmsnorm: bool = True
     wo_shift: bool = False
-    dual_time_embed: bool = True  # SFD: separate texture / semantic time embedders
     use_repa: bool = False
-    repa_depth: int = 2
+    repa_depth: int = 2                  # REPA projection after this many blocks
     repa_projector_dim: int = 2048
-    repa_feature_dim: int = 768
+    repa_feature_dim: int = 768          # width of the REPA target features (DINOv2 variant: REPA_FEATURE_DIMS)
+
+
+@dataclass
+class ModelArgs(ArchitectureOptions):
+    """Everything that fixes the architecture (and therefore the state-dict shapes). Not frozen only because a
+    dataclass cannot share a base with the (mutable) config section; treat it as a value."""
+
+    patch_size: int = 1
+    in_channels: int = 48
+    hidden_size: int = 1152
+    depth: int = 28
+    num_heads: int = 16
+    dual_time_embed: bool = True  # SFD: separate texture / semantic time embedders
 
     def __post_init__(self):
         checks = [

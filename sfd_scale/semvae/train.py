@@ -69,6 +69,8 @@ class SemVAETrainSection:
 
 @dataclass
 class SemVAETrainConfig:
+    """One Semantic VAE training run (``tools/train_semvae.py``); the model section is the model's own
+    ``SemVAEArgs``, as the run config nests the libraries' settings."""
     model: SemVAEArgs = field(default_factory=SemVAEArgs)
     data: SemVAEDataConfig = field(default_factory=SemVAEDataConfig)
     optim: SemVAEOptimConfig = field(default_factory=SemVAEOptimConfig)

@@ -14,22 +14,22 @@ T = (torch.tensor([0.2]), torch.tensor([0.5]))  # t_tex below 0.3, t_sem above
 @pytest.mark.parametrize("mode,tex_guided,sem_guided", [("both", False, True), ("tex", False, True),
                                                         ("sem", True, True)])
 def test_interval_modes(mode, tex_guided, sem_guided):
-    out = combine(SPEC, STRONG, WEAK, T, GuidanceConfig("cfg", 2.0, interval_start=0.3, interval_mode=mode))
+    out = combine(SPEC, STRONG, WEAK, T, GuidanceConfig("cfg", 2.0, cfg_interval_start=0.3, interval_mode=mode))
     assert out[0, 0].item() == (5.0 if tex_guided else 3.0)
     assert out[0, 4].item() == (5.0 if sem_guided else 3.0)
 
 
 def test_interval_sem_mode_leaves_texture_guided_and_can_hold_semantics():
     t = (torch.tensor([0.2]), torch.tensor([0.25]))
-    out = combine(SPEC, STRONG, WEAK, t, GuidanceConfig("cfg", 2.0, interval_start=0.3, interval_mode="sem"))
+    out = combine(SPEC, STRONG, WEAK, t, GuidanceConfig("cfg", 2.0, cfg_interval_start=0.3, interval_mode="sem"))
     assert out[0, 0].item() == 5.0 and out[0, 4].item() == 3.0
 
 
 def test_per_part_scales_and_plain_model():
-    out = combine(SPEC, STRONG, WEAK, T, GuidanceConfig("autoguidance", 1.5, scale_tex=1.25, scale_sem=2.0))
+    out = combine(SPEC, STRONG, WEAK, T, GuidanceConfig("autoguidance", 1.5, cfg_scale_tex=1.25, cfg_scale_sem=2.0))
     assert out[0, 0].item() == pytest.approx(1 + 1.25 * 2) and out[0, 4].item() == pytest.approx(1 + 2.0 * 2)
     plain = SFDSpec(texture_chans=6)
-    g = GuidanceConfig("cfg", 2.0, interval_start=0.3)
+    g = GuidanceConfig("cfg", 2.0, cfg_interval_start=0.3)
     assert combine(plain, STRONG, WEAK, torch.tensor([0.1]), g).eq(3.0).all()
     assert combine(plain, STRONG, WEAK, torch.tensor([0.5]), g).eq(5.0).all()
 
