@@ -41,6 +41,8 @@ class SFDConfig(ObjectiveConfig):
     texture_chans: int = 32
     semantic_chans: int = 16
     delta_t: float = 0.3
+    interval_mode: str = "both"     # the model's guidance interval mode (official semfirst_infer_interval_mode):
+                                    # both | tex | sem; sampling uses it unless sample.interval_mode names another
 
 
 @dataclass
@@ -271,7 +273,7 @@ def model_args(cfg: Config) -> ModelArgs:
 def sfd_spec(cfg: Config) -> SFDSpec:
     s = cfg.sfd
     try:
-        return SFDSpec(s.texture_chans, s.semantic_chans, s.delta_t if s.semantic_chans else 0.0)
+        return SFDSpec(s.texture_chans, s.semantic_chans, s.delta_t if s.semantic_chans else 0.0, s.interval_mode)
     except ValueError as err:
         raise ConfigError(str(err)) from None
 

@@ -3,7 +3,9 @@
 Per part (texture / semantic): v = v_weak + s_part * (v_strong - v_weak), where (strong, weak) is
 (conditional, unconditional) for CFG and (main model, guide model) for autoguidance. The guidance
 interval keeps the strong (unguided) value for a part whose time (element 0 only) is below
-``cfg_interval_start``; ``interval_mode`` says which parts obey that rule ('both', 'tex' or 'sem').
+``cfg_interval_start``; the interval mode says which parts obey that rule ('both', 'tex' or 'sem'): the
+model's own (``SFDSpec.interval_mode``, the official constructor's ``semfirst_infer_interval_mode``) unless
+``GuidanceConfig.interval_mode`` names another.
 """
 from __future__ import annotations
 
@@ -12,9 +14,8 @@ from typing import Callable, Optional
 
 import torch
 
-from .sfd import SFDSpec, Time
+from .sfd import INTERVAL_MODES, SFDSpec, Time
 
-INTERVAL_MODES = ("both", "tex", "sem")
 KINDS = ("none", "cfg", "autoguidance")
 
 
@@ -27,12 +28,13 @@ class GuidanceConfig:
     cfg_scale_tex: Optional[float] = None  # per-part scales, default ``cfg_scale``
     cfg_scale_sem: Optional[float] = None
     cfg_interval_start: Optional[float] = None  # None = no interval (official cfg_interval=False)
-    interval_mode: str = "both"     # which parts the interval rule holds back: both | tex | sem
+    interval_mode: Optional[str] = None  # which parts the interval holds back (both | tex | sem); None: the
+                                         # model's own (SFDSpec.interval_mode)
 
     def __post_init__(self):
         if self.guidance not in KINDS:
             raise ValueError(f"sample.guidance must be one of {KINDS}, got {self.guidance!r}")
-        if self.interval_mode not in INTERVAL_MODES:
+        if self.interval_mode is not None and self.interval_mode not in INTERVAL_MODES:
             raise ValueError(f"sample.interval_mode must be one of {INTERVAL_MODES}, got {self.interval_mode!r}")
 
     @property
@@ -55,9 +57,10 @@ def combine(spec: SFDSpec, strong: torch.Tensor, weak: torch.Tensor, t: Time, g:
     wk_tex, wk_sem = spec.split(weak)
     tex = wk_tex + s_tex * (st_tex - wk_tex)
     sem = wk_sem + s_sem * (st_sem - wk_sem)
-    if g.interval_mode in ("both", "tex") and _below_start(t_tex, g.cfg_interval_start):
+    mode = spec.interval_mode if g.interval_mode is None else g.interval_mode
+    if mode in ("both", "tex") and _below_start(t_tex, g.cfg_interval_start):
         tex = st_tex
-    if g.interval_mode in ("both", "sem") and _below_start(t_sem, g.cfg_interval_start):
+    if mode in ("both", "sem") and _below_start(t_sem, g.cfg_interval_start):
         sem = st_sem
     return torch.cat([tex, sem], dim=1)
 

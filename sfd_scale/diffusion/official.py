@@ -48,12 +48,14 @@ def sampler_from_official(sampling_method: str = "dopri5", num_steps: int = 250,
 
 def guidance_from_official(guidance: str = "cfg", cfg_scale: float = 1.0, cfg_interval: bool = False,
                            cfg_interval_start: float = 0.0, cfg_scale_sem: Optional[float] = None,
-                           cfg_scale_tex: Optional[float] = None, semfirst_infer_interval_mode: str = "both",
+                           cfg_scale_tex: Optional[float] = None, semfirst_infer_interval_mode: Optional[str] = None,
                            **ignored) -> GuidanceConfig:
     """``forward_with_cfg`` / ``forward_with_autoguidance`` arguments -> GuidanceConfig.
 
     ``guidance`` is 'none', 'cfg' or 'autoguidance' (which official method the caller used); the
-    interval start only counts when ``cfg_interval`` is on, exactly as in the official methods.
+    interval start only counts when ``cfg_interval`` is on, exactly as in the official methods. The interval
+    mode is the model's (``sfd_spec_from_official`` reads it from the constructor arguments); pass
+    ``semfirst_infer_interval_mode`` only to sample with another one.
     """
     return GuidanceConfig(guidance=guidance, cfg_scale=cfg_scale, cfg_scale_tex=cfg_scale_tex,
                           cfg_scale_sem=cfg_scale_sem, cfg_interval_start=cfg_interval_start if cfg_interval else None,

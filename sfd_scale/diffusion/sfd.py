@@ -21,6 +21,7 @@ import torch.nn.functional as F
 Time = Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]
 
 REPA_MODES = ("cos", "mse", "cos_mse")
+INTERVAL_MODES = ("both", "tex", "sem")
 
 
 @dataclass(frozen=True)
@@ -30,11 +31,17 @@ class SFDSpec:
     ``semantic_chans == 0`` or ``delta_t == 0`` describes a synchronous model (plain LightningDiT, or the
     dt = 0 baseline that denoises both parts together): one time per sample, clock [0, 1], no phase masks.
     The semantic loss weight still applies to the semantic channels of a dt = 0 model.
+
+    ``interval_mode`` is part of the model's description, as in the official constructor
+    (``semfirst_infer_interval_mode``): which parts the guidance interval holds back at inference ('both',
+    'tex' or 'sem'; ``diffusion/guidance.py``). It travels with the spec so that guided sampling of a model
+    uses the model's own mode unless the guidance settings name another.
     """
 
     texture_chans: int
     semantic_chans: int = 0
     delta_t: float = 0.0
+    interval_mode: str = "both"
 
     def __post_init__(self):
         if self.texture_chans <= 0:
@@ -46,6 +53,8 @@ class SFDSpec:
                              f"baseline), got {self.delta_t}")
         if self.semantic_chans == 0 and self.delta_t != 0.0:
             raise ValueError(f"sfd.delta_t={self.delta_t} needs sfd.semantic_chans > 0 (no semantic part to run ahead)")
+        if self.interval_mode not in INTERVAL_MODES:
+            raise ValueError(f"sfd.interval_mode must be one of {INTERVAL_MODES}, got {self.interval_mode!r}")
 
     @property
     def channels(self) -> int:

@@ -40,7 +40,7 @@ _OFFICIAL_DEFAULTS = dict(input_size=32, patch_size=2, in_channels=32, hidden_si
                           mlp_ratio=4.0, class_dropout_prob=0.1, num_classes=1000, learn_sigma=False,
                           use_qknorm=False, use_swiglu=False, use_rope=False, use_rmsnorm=False, wo_shift=False,
                           use_repa=False, repa_depth=2, repa_projector_dim=2048, semantic_chans=0,
-                          semfirst_delta_t=0.0, repa_dino_version=None)
+                          semfirst_delta_t=0.0, repa_dino_version=None, semfirst_infer_interval_mode="both")
 
 
 def repa_feature_dim(version: Optional[str]) -> int:
@@ -53,13 +53,15 @@ def repa_feature_dim(version: Optional[str]) -> int:
 
 
 def sfd_spec_from_official(**kwargs) -> SFDSpec:
-    """Channel split and dt of an official model: texture = in_channels - semantic_chans."""
+    """Channel split, dt and guidance interval mode of an official model: texture = in_channels -
+    semantic_chans."""
     kw = {**_OFFICIAL_DEFAULTS, **kwargs}
     sem = int(kw["semantic_chans"] or 0)
     if not 0 <= sem < kw["in_channels"]:
         raise ValueError(f"channel split does not add up: semantic_chans={sem} with in_channels={kw['in_channels']}")
     return SFDSpec(texture_chans=kw["in_channels"] - sem, semantic_chans=sem,
-                   delta_t=float(kw["semfirst_delta_t"] or 0.0) if sem else 0.0)
+                   delta_t=float(kw["semfirst_delta_t"] or 0.0) if sem else 0.0,
+                   interval_mode=kw["semfirst_infer_interval_mode"])
 
 
 def args_from_official(**kwargs) -> ModelArgs:
@@ -82,7 +84,7 @@ def official_kwargs(args: ModelArgs, spec: SFDSpec, use_checkpoint: bool = False
         raise ValueError(f"in_channels={args.in_channels} but the SFD spec has {spec.channels} channels")
     kwargs = {k: getattr(args, k) for k in _DIRECT}
     kwargs.update(semantic_chans=spec.semantic_chans, semfirst_delta_t=spec.delta_t, use_checkpoint=use_checkpoint,
-                  repa_dino_version=None)
+                  repa_dino_version=None, semfirst_infer_interval_mode=spec.interval_mode)
     if args.use_repa:
         versions = [v for v, dim in REPA_FEATURE_DIMS.items() if dim == args.repa_feature_dim]
         if not versions:

@@ -37,10 +37,10 @@ def _case(golden_dir, section, name):
 
 
 def _guidance(golden_dir, case, kind=None):
-    """The case's guidance with the model's own interval mode (an official constructor argument)."""
-    mode = golden.config(golden_dir)["models"]["main"]["kwargs"].get("semfirst_infer_interval_mode", "both")
+    """The case's guidance as the official call passes it; the interval mode is not passed: it comes with the
+    model (``sfd_spec_from_official`` reads the constructor's ``semfirst_infer_interval_mode``)."""
     extra = {"guidance": kind} if kind else {}
-    return guidance_from_official(**{**case, **extra}, semfirst_infer_interval_mode=mode)
+    return guidance_from_official(**{**case, **extra})
 
 
 @pytest.mark.parametrize("name", _cases("cfg"))
