@@ -84,7 +84,7 @@ TAB9 = {
 }
 # the official inference configs (sample section) and §4 Solver [P]
 SOLVER = {"method": "dopri5", "atol": 1e-6, "rtol": 1e-3, "timestep_shift": 0.0, "guidance": "autoguidance",
-          "cfg_interval_start": 0.0, "interval_mode": "both", "guide_model": "LightningDiT-B/1"}
+          "cfg_interval_start": 0.0, "guide_model": "LightningDiT-B/1"}
 
 
 def test_guide_run_keeps_every_tab9_guide_step():
@@ -104,6 +104,9 @@ def test_one_sampling_config_per_tab9_row(row):
     assert cfg.sample.cfg_scale == scale, f"Tab. 9 {row}: scale {scale}"
     for key, want in SOLVER.items():
         assert getattr(cfg.sample, key) == want, f"{file}: sample.{key}"
+    # the interval mode is the model's (sfd.interval_mode, official default 'both'): a sampling config must not
+    # override it, or an official 'tex'-mode model would be sampled in another mode
+    assert cfg.sample.interval_mode is None, f"{file}: sample.interval_mode"
     assert Path(cfg.sample.guide_checkpoint) == store.checkpoint_dir(guide.train.output_dir, step), \
         f"Tab. 9 {row}: the guide run's checkpoint of step {step}"
 
