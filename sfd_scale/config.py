@@ -144,7 +144,11 @@ class SampleConfig(SamplerConfig, GuidanceConfig):
     grid_images: int = 16
     seed: int = 0
     texture_vae: Optional[str] = None   # texture VAE weights (as extract's ``texture_vae``) to decode samples to
-                                        # images for FID (eval/fid_sampling.py); not needed for demo data
+                                        # images (grids, FID); not needed for demo data. Unset: grids show a
+                                        # false-colour view of latent channels
+    latent_stats: Optional[str] = None  # the dataset's statistics file (official latents_stats.pt or shards'
+                                        # stats.safetensors) to decode samples of a checkpoint that does not
+                                        # carry them (official weights); null: the checkpoint's, else data.path's
 
     def __post_init__(self):  # both libraries' checks (a dataclass runs only the first base's)
         SamplerConfig.__post_init__(self)
@@ -195,11 +199,17 @@ def _read_yaml(path: Path, seen: tuple = ()) -> list:
     return layers + [(str(path), layer)]
 
 
-def load_structured(schema, files: Sequence[str] = (), overrides: Sequence[str] = ()):
-    """A ``schema`` dataclass instance: its defaults <- each YAML file (after its ``includes``) <- dotlist
-    overrides. Errors name the file and the key. Shared by every typed config (run, extraction, SemVAE)."""
+def load_structured(schema, files: Sequence[str] = (), overrides: Sequence[str] = (), base: Optional[tuple] = None):
+    """A ``schema`` dataclass instance: its defaults <- ``base`` (a (name, plain dict) layer, e.g. a checkpoint's
+    stored config) <- each YAML file (after its ``includes``) <- dotlist overrides. Errors name the file (or
+    layer) and the key. Shared by every typed config (run, extraction, SemVAE)."""
     merged = OmegaConf.structured(schema)
     layers: List = []
+    if base is not None:
+        try:
+            layers.append((base[0], OmegaConf.create(base[1])))
+        except OmegaConfBaseException as err:
+            raise ConfigError(f"{base[0]}: {_describe(err)}") from None
     for f in files:
         layers += _read_yaml(Path(f))
     try:
@@ -225,22 +235,20 @@ def _instantiate(merged: DictConfig):
         raise ConfigError(str(err)) from None
 
 
-def load_config(files: Sequence[str] = (), overrides: Sequence[str] = ()) -> Config:
-    """Schema defaults <- each YAML file (after its ``includes``) <- dotlist overrides; then ``validate``."""
+def load_config(files: Sequence[str] = (), overrides: Sequence[str] = (), *, for_training: bool = True) -> Config:
+    """Schema defaults <- each YAML file (after its ``includes``) <- dotlist overrides; then ``validate``
+    (``for_training=False``: without the checks only training needs, e.g. ``data.path``, for sampling)."""
     cfg: Config = load_structured(Config, files, overrides)
-    validate(cfg)
+    validate(cfg, for_training=for_training)
     return cfg
 
 
-def config_from_dict(values: dict, overrides: Sequence[str] = ()) -> Config:
-    """A Config from a plain dict (e.g. the one stored in a checkpoint) plus dotlist overrides."""
-    try:
-        merged = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(values),
-                                 OmegaConf.from_dotlist(list(overrides)))
-    except OmegaConfBaseException as err:
-        raise ConfigError(_describe(err)) from None
-    cfg: Config = _instantiate(merged)
-    validate(cfg)
+def config_from_dict(values: dict, overrides: Sequence[str] = (), *, files: Sequence[str] = (),
+                     for_training: bool = True) -> Config:
+    """A Config from a plain dict (e.g. the one stored in a checkpoint) <- each YAML file in ``files`` <- dotlist
+    overrides: a run's own config with a sampling recipe and settings layered on top."""
+    cfg: Config = load_structured(Config, files, overrides, base=("stored config", values))
+    validate(cfg, for_training=for_training)
     return cfg
 
 
@@ -308,8 +316,9 @@ def check_layout_sizes(tensor_parallel: int, pipeline_parallel: int, virtual_sta
         raise ConfigError("parallel.virtual_stages > 1 needs parallel.pipeline_parallel >= 2")
 
 
-def validate(cfg: Config) -> None:
-    """Cross-section checks; each error names the key(s) involved."""
+def validate(cfg: Config, for_training: bool = True) -> None:
+    """Cross-section checks; each error names the key(s) involved. ``for_training=False`` (sampling a trained
+    model) leaves out what only training reads: the dataset's location."""
     def need(ok: bool, msg: str):
         if not ok:
             raise ConfigError(msg)
@@ -351,21 +360,24 @@ def validate(cfg: Config) -> None:
     need(cfg.optim.grad_clip >= 0, f"optim.grad_clip must be >= 0 (0 = off), got {cfg.optim.grad_clip}")
     need(cfg.data.source in ("shards", "official", "demo", "synthetic"),
          f"data.source must be 'shards', 'official', 'demo' or 'synthetic', got {cfg.data.source!r}")
-    need(cfg.data.source in ("demo", "synthetic") or bool(cfg.data.path),
+    need(not for_training or cfg.data.source in ("demo", "synthetic") or bool(cfg.data.path),
          f"data.path is required when data.source is {cfg.data.source!r}")
     need(cfg.data.canonical_nodes >= 1, f"data.canonical_nodes must be >= 1, got {cfg.data.canonical_nodes}")
     need(cfg.logging.wandb_mode in ("offline", "online", "disabled"),
          f"logging.wandb_mode must be offline, online or disabled, got {cfg.logging.wandb_mode!r}")
     need(cfg.sample.guidance != "autoguidance" or bool(cfg.sample.guide_checkpoint),
          "sample.guide_checkpoint is required when sample.guidance is 'autoguidance'")
-    need(cfg.sample.texture_vae is None or bool(str(cfg.sample.texture_vae).strip()),
-         "sample.texture_vae must be a path (or null), got an empty string")
+    for key in ("texture_vae", "latent_stats"):
+        value = getattr(cfg.sample, key)
+        need(value is None or bool(str(value).strip()), f"sample.{key} must be a path (or null), got an empty string")
     e = cfg.eval
     need(e.fid_every >= 0 and e.fid_images >= 1 and e.fid_batch >= 1,
          f"eval.fid_every ({e.fid_every}) must be >= 0, eval.fid_images ({e.fid_images}) and eval.fid_batch "
          f"({e.fid_batch}) >= 1")
     need(not e.fid_every or bool(e.fid_reference), "eval.fid_every needs eval.fid_reference (an ADM .npz, or 'demo')")
     need(e.fid_reference != "demo" or cfg.data.source == "demo", "eval.fid_reference='demo' needs data.source=demo")
+    need(not e.fid_every or cfg.data.source == "demo" or bool(cfg.sample.texture_vae),
+         f"eval.fid_every on data.source={cfg.data.source!r} needs sample.texture_vae (to decode the samples)")
     need(not e.fid_every or cfg.parallel.pipeline_parallel == 1,
          "eval.fid_every needs parallel.pipeline_parallel = 1 (evaluate pipelined runs from their checkpoints)")
     p = cfg.parallel

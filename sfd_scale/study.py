@@ -50,7 +50,6 @@ import numpy as np
 from omegaconf import MISSING
 
 from . import atomic
-from .device import resolve_device
 
 COLUMNS = ["run", "step", "images_seen", "fid", "sfid", "precision", "recall"]
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
@@ -252,7 +251,7 @@ def evaluate_point(study: Study, out, run: str, step: int, evaluator: Optional[E
 
     from .eval.fid import evaluate
     from .eval.fid_sampling import rank_and_world, sample_for_fid
-    from .eval.generate import load_sampling_model
+    from .eval.generate import prepare_sampling
     from .parallel.slurm_env import slurm_rendezvous
     from . import checkpoint_store as store
 
@@ -267,12 +266,13 @@ def evaluate_point(study: Study, out, run: str, step: int, evaluator: Optional[E
     slurm_rendezvous()
     rank, world = rank_and_world()
     started = time.monotonic()
-    model, cfg = load_sampling_model(directory, overrides=study.cli_overrides + study.eval.sample)
-    device = resolve_device(cfg.train.device)
+    sampling = prepare_sampling(directory, overrides=study.cli_overrides + study.eval.sample)
+    cfg, device = sampling.cfg, sampling.device
     log(f"[{study.name}] {run}: FID of step {step} ({study.eval.images} EMA samples, {cfg.sample.method} x "
         f"{cfg.sample.num_steps}, guidance {cfg.sample.guidance})")
-    samples = sample_for_fid(model.to(device), cfg, Path(out) / "fid" / run / f"step_{step:07d}", study.eval.images,
-                             batch_size=study.eval.batch, rank=rank, world_size=world, device=device, png=False,
+    samples = sample_for_fid(sampling.model, cfg, Path(out) / "fid" / run / f"step_{step:07d}", study.eval.images,
+                             sampling.decode, batch_size=study.eval.batch, num_classes=sampling.num_classes,
+                             guide=sampling.guide, rank=rank, world_size=world, device=device, png=False,
                              checkpoint=f"{run}/{directory.name}")
     if not samples.complete:
         return None

@@ -1,10 +1,16 @@
 """Sample a PNG grid from a trained checkpoint.
 
     python tools/sample.py runs/demo_digits/checkpoints/step_0001500 [--out grid.png] [key=value ...]
-    python tools/sample.py official.pt --config configs/model/sfd_xl.yaml --config run.yaml sample.cfg_scale=1.5
+    python tools/sample.py runs/sfd_xl/checkpoints/step_0400000 --config configs/experiments/sample_autoguidance.yaml \
+        sample.texture_vae=ldm-imagenet256-f16d32-50ep.ckpt
+    python tools/sample.py official.pt --config configs/model/sfd_xl.yaml --config run.yaml \
+        sample.texture_vae=... sample.latent_stats=/data/latents/latents_stats.pt sample.cfg_scale=1.5
 
-With an sfd_scale checkpoint directory the run's own config is used (overrides apply on top); an official
-checkpoint (its ``ema``) needs ``--config``. Guidance, solver and grid size come from the ``sample`` section.
+An sfd_scale checkpoint directory brings the run's own config; each --config file, then the overrides, layer on
+top. An official checkpoint (its ``ema``) needs --config. Guidance, solver and grid size come from the
+``sample`` section; the images are decoded with ``sample.texture_vae`` (latent data) with the latent statistics
+the checkpoint carries (an official one: ``data.path`` or ``sample.latent_stats``), else the grid shows a
+false-colour view of latent channels. Runs on ``train.device`` (auto: the GPU when one is visible).
 """
 import argparse
 import sys
@@ -21,23 +27,21 @@ def main(argv=None) -> int:
 
     import torch
 
-    from sfd_scale.data.sources import build_training_data
-    from sfd_scale.eval.generate import load_guide, load_sampling_model, save_sample_grid
+    from sfd_scale.eval.generate import prepare_sampling, save_sample_grid
 
     path = Path(args.checkpoint)
     try:
-        model, cfg = load_sampling_model(path, args.config, args.overrides)
+        run = prepare_sampling(path, args.config, args.overrides)
     except (ValueError, KeyError, FileNotFoundError) as err:  # ConfigError, CheckpointError included
         print(f"error: {err}", file=sys.stderr)
         return 2
-    guide = load_guide(cfg) if cfg.sample.guidance == "autoguidance" else None
-    decode = num_classes = None
-    if cfg.data.source == "demo":  # the demo's fixed encoders are rebuilt from the seed: decode to pixels
-        data = build_training_data(cfg)
-        decode, num_classes = data.decode, data.num_classes
+    if run.decode is None:
+        print("note: no decoder (sample.texture_vae is not set): the grid shows a false-colour view of the first "
+              "texture latent channels", file=sys.stderr)
     out = args.out or str((path if path.is_dir() else path.parent) / "samples.png")
-    torch.manual_seed(cfg.sample.seed)
-    print(save_sample_grid(model, cfg, out, decode=decode, guide=guide, num_classes=num_classes))
+    torch.manual_seed(run.cfg.sample.seed)
+    print(save_sample_grid(run.model, run.cfg, out, decode=run.decode, guide=run.guide, num_classes=run.num_classes,
+                           device=run.device))
     return 0
 
 

@@ -6,8 +6,10 @@
 
 Writes <out>/images/*.png, per-batch parts and, once every rank is done, <out>/samples_NxHxWx3.npz (ADM
 format) and <out>/grid.png (sfd_scale/eval/fid_sampling.py). Rerun the same command to continue after a kill.
-An sfd_scale checkpoint directory brings its config (overrides apply on top); an official checkpoint needs
---config. Non-demo data decodes with the texture VAE: --texture-vae or sample.texture_vae.
+An sfd_scale checkpoint directory brings its config (each --config file, then the overrides, layer on top); an
+official checkpoint needs --config. Non-demo data decodes with the texture VAE (--texture-vae or
+sample.texture_vae) and the latent statistics the checkpoint carries (an official one: data.path or
+sample.latent_stats). Model, guide and VAE run on train.device (auto: the GPU when one is visible).
 """
 import argparse
 import sys
@@ -28,10 +30,8 @@ def main(argv=None) -> int:
     args = parser.parse_intermixed_args(argv)
 
 
-    from sfd_scale.config import ConfigError
-    from sfd_scale.device import resolve_device
     from sfd_scale.eval.fid_sampling import FidSamplingError, rank_and_world, sample_for_fid
-    from sfd_scale.eval.generate import load_sampling_model
+    from sfd_scale.eval.generate import prepare_sampling
     from sfd_scale.parallel.slurm_env import slurm_rendezvous
 
     overrides = args.overrides + ([f"sample.texture_vae={args.texture_vae}"] if args.texture_vae else [])
@@ -40,15 +40,12 @@ def main(argv=None) -> int:
             raise FidSamplingError(f"--num-images ({args.num_images}) and --batch ({args.batch}) must be >= 1")
         slurm_rendezvous()  # srun tasks: RANK / WORLD_SIZE / LOCAL_RANK from SLURM's variables
         rank, world = rank_and_world()
-        model, cfg = load_sampling_model(args.checkpoint, args.config, overrides)
-        try:
-            device = resolve_device(cfg.train.device)
-        except ValueError as err:
-            raise ConfigError(str(err)) from None
+        run = prepare_sampling(args.checkpoint, args.config, overrides)
+        cfg = run.cfg
         start = time.monotonic()
-        result = sample_for_fid(model.to(device), cfg, args.out, args.num_images, batch_size=args.batch,
-                                rank=rank, world_size=world, device=device, png=not args.no_png,
-                                checkpoint=str(Path(args.checkpoint).resolve()))
+        result = sample_for_fid(run.model, cfg, args.out, args.num_images, run.decode, batch_size=args.batch,
+                                num_classes=run.num_classes, guide=run.guide, rank=rank, world_size=world,
+                                device=run.device, png=not args.no_png, checkpoint=str(Path(args.checkpoint).resolve()))
     except (ValueError, KeyError, FileNotFoundError) as err:  # ConfigError, CheckpointError, FidSamplingError
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -22,9 +22,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from .decoding import LatentStats, TextureDecoder, official_latent_stats, shard_latent_stats, stats_file_latent_stats
 from .demo import build_demo_latents, images_to_uint8
 from .official import OfficialLatentDataset
 from .shards import LatentShardDataset, Normalization, fetch_dataset_files, latent_channels, read_meta
+from ..config import ConfigError
 from ..streaming_leases import StreamingLease
 
 
@@ -47,7 +49,9 @@ class Placement:
 class TrainingData:
     channels: int
     num_classes: Optional[int]
-    decode: Optional[Callable[[torch.Tensor], torch.Tensor]]  # latents -> uint8 (B, H, W, C) images
+    # latents -> uint8 (B, H, W, C) images: the demo's own decoder, the texture VAE (``sample.texture_vae``) on
+    # shards / official latents; None without one (grids then show a false-colour view of latent channels)
+    decode: Optional[Callable[[torch.Tensor], torch.Tensor]]
     description: str
     has_repa_features: bool
     batches: Callable[[int, Placement], Iterable[dict]]      # (start step, placement) -> this rank's batches
@@ -55,6 +59,9 @@ class TrainingData:
     # the training images themselves, uint8 (N, H, W, 3), where the source has them (the demo's digits): the
     # FID reference of ``eval.fid_reference=demo`` (trainer and studies), never rebuilt elsewhere
     reference_images: Optional[Callable[[], np.ndarray]] = None
+    # the normalisation the latents were given (shards / official): stored with every checkpoint, so that
+    # sampling it can decode without the dataset (``data/decoding.py``)
+    latent_stats: Optional[LatentStats] = None
 
 
 # ------------------------------------------------------------------------------------------ map-style
@@ -292,9 +299,10 @@ def _shard_source(cfg) -> TrainingData:
             lease.release(ds)
 
     channels = latent_channels(cols)
-    return TrainingData(channels, None, None,
+    stats = shard_latent_stats(d.path, d)
+    return TrainingData(channels, None, _texture_decoder(cfg, stats),
                         f"latent shards at {d.path}: {meta['num_samples']} samples, {channels} channels",
-                        has_repa_features="feats_dino" in cols, batches=batches, close=close)
+                        has_repa_features="feats_dino" in cols, batches=batches, close=close, latent_stats=stats)
 
 
 def _synthetic_source(cfg) -> TrainingData:
@@ -340,6 +348,47 @@ def build_training_data(cfg) -> TrainingData:
                                latent_multiplier=d.latent_multiplier)
     sample = ds.read(0, False)
     view = _IndexFlipView(ds.read, len(ds))
-    return TrainingData(sample[0].shape[0], None, None,
+    stats = official_latent_stats(ds, d)
+    return TrainingData(sample[0].shape[0], None, _texture_decoder(cfg, stats),
                         f"official latent folder {d.path}: {len(ds)} samples, latents {tuple(sample[0].shape)}",
-                        len(sample) == 3, _map_style_batches(view, cfg.train.seed, d.hflip))
+                        len(sample) == 3, _map_style_batches(view, cfg.train.seed, d.hflip), latent_stats=stats)
+
+
+# ------------------------------------------------------------------------------------------ decoding
+def _texture_decoder(cfg, stats: LatentStats) -> Optional[TextureDecoder]:
+    return TextureDecoder(cfg.sample.texture_vae, stats, cfg.sfd.texture_chans) if cfg.sample.texture_vae else None
+
+
+def sampling_latent_stats(cfg, stored: Optional[LatentStats] = None) -> LatentStats:
+    """The latent normalisation to undo when decoding samples of a model, without its training data at hand:
+    ``sample.latent_stats`` (a statistics file) when set, else ``stored`` (the checkpoint's own), else the
+    dataset at ``data.path``'s. ConfigError naming both keys when none is there and the latents were normalised."""
+    d = cfg.data
+    if cfg.sample.latent_stats:
+        return stats_file_latent_stats(cfg.sample.latent_stats, d)
+    if stored is not None:
+        return stored
+    if not d.latent_norm:
+        return LatentStats(False, d.latent_sv_norm, d.latent_multiplier)
+    if not d.path:
+        raise ConfigError("decoding samples needs the latent statistics the model was trained with, and this "
+                          "checkpoint does not carry them (official weights, or saved by an older sfd_scale): set "
+                          "data.path to its training latents, or sample.latent_stats to the dataset's statistics "
+                          "file (latents_stats.pt of an official latent folder, stats.safetensors of latent shards)")
+    if d.source == "shards":
+        fetch_dataset_files(d.path, d.remote)
+        return shard_latent_stats(d.path, d)
+    return official_latent_stats(OfficialLatentDataset(d.path, latent_norm=True, latent_sv_norm=False,
+                                                       latent_multiplier=d.latent_multiplier), d)
+
+
+def sampling_decoder(cfg, stored: Optional[LatentStats] = None) -> Tuple[Optional[Callable], Optional[int]]:
+    """(decoder, number of classes where the data knows it) of a run when sampling it from a checkpoint: its
+    ``TrainingData.decode`` built without reading the training latents. The demo's own decoder and 10 digits;
+    the texture VAE with ``sampling_latent_stats``; None (synthetic data, or no ``sample.texture_vae``)."""
+    if cfg.data.source == "demo":
+        demo = build_training_data(cfg)
+        return demo.decode, demo.num_classes
+    if cfg.data.source == "synthetic" or not cfg.sample.texture_vae:
+        return None, None
+    return _texture_decoder(cfg, sampling_latent_stats(cfg, stored)), None

@@ -35,9 +35,8 @@ import numpy as np
 import torch
 
 from ..atomic import atomic_path
-from ..config import Config, guidance_config, sampler_config, sfd_spec
+from ..config import Config, ConfigError, guidance_config, sampler_config, sfd_spec
 from ..diffusion.sampling import ADAPTIVE_METHODS, Sampler, balanced_labels
-from .generate import default_decoder
 
 FID_NOISE_KEY = 0x464944   # "FID": spawn key that keeps these draws apart from the trainer's (seed, step, index)
 MANIFEST, LOCK, STALE_LOCK_S = "fid_samples.json", "merge.lock", 3600.0
@@ -187,8 +186,9 @@ def sample_for_fid(model: torch.nn.Module, cfg: Config, out_dir, num_images: int
     """Sample this rank's share of ``num_images`` FID images into ``out_dir`` (see the module docstring) and merge
     when every part is there. ``rank`` / ``world_size`` default to RANK / WORLD_SIZE; under tensor parallelism
     pass the data-parallel ones and the TP ``group``: its ranks sample together, its first rank decides what is
-    left to do and alone writes. ``decode`` defaults to ``default_decoder(cfg)``; ``guide`` to ``load_guide``
-    for autoguidance. ``checkpoint`` is recorded (and checked on resume). ``after_part(a, b)``: a test hook."""
+    left to do and alone writes. ``decode``: the run's decoder (``TrainingData.decode``, ``SamplingRun.decode``),
+    required while images are left to do; ``guide`` defaults to ``load_guide`` for autoguidance. ``checkpoint`` is
+    recorded (and checked on resume). ``after_part(a, b)``: a test hook."""
     import torch.distributed as dist
     from tqdm import tqdm
 
@@ -208,7 +208,9 @@ def sample_for_fid(model: torch.nn.Module, cfg: Config, out_dir, num_images: int
             _clean_temps(out, lambda i: i < num_images and (i // batch_size) % world == rank)
             pending = ~_done_mask(out, num_images)
             plan = [r for k in batches for r in _runs(pending[k * batch_size:(k + 1) * batch_size], k * batch_size)]
-            decode = decode or (default_decoder(cfg, device) if plan else None)
+            if plan and decode is None:
+                raise ConfigError(f"decoding data.source={cfg.data.source!r} samples needs the texture VAE: set "
+                                  f"sample.texture_vae (tools/sample_fid.py --texture-vae)")
         except Exception as err:  # peers must not wait for a plan that never comes
             plan = err
     if group is not None:

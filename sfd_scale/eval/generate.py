@@ -1,12 +1,21 @@
-"""Generate latents / images from a trained model with the configured sampler and guidance."""
+"""Generate latents / images from a trained model with the configured sampler and guidance.
+
+Sampling a checkpoint (``prepare_sampling``, used by tools/sample.py, tools/sample_fid.py and the study): its own
+config with ``--config`` files and ``key=value`` overrides layered on top, its EMA weights, the latent statistics
+it carries, and model, guide and decoding on ``train.device`` (the GPU when one is visible). The decoder is the
+data's (``data.sources.sampling_decoder``, the same one training-time grids use): the texture VAE when
+``sample.texture_vae`` is set, else grids show ``latent_preview``.
+"""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, NamedTuple, Optional, Sequence
 
 import torch
 
 from ..config import Config, ConfigError, guidance_config, sampler_config, sfd_spec
+from ..data.decoding import LATENT_STATS, LatentStats
 from ..data.demo import save_image_grid
 from ..diffusion.sampling import Sampler
 
@@ -42,12 +51,13 @@ def save_sample_grid(model: Callable, cfg: Config, path: Optional[str], *, decod
     n = cfg.sample.grid_images
     classes = num_classes or model.args.num_classes
     labels = torch.arange(n) % classes
-    latents = generate_latents(model, cfg, labels, guide=guide, seed=cfg.sample.seed, device=device).cpu()
+    latents = generate_latents(model, cfg, labels, guide=guide, seed=cfg.sample.seed, device=device)
     if path is None:
         return None
-    images = decode(latents) if decode is not None else latent_preview(latents, sfd_spec(cfg).texture_chans)
+    # decoded where the latents are (the sampling device); the preview only without a decoder
+    images = (decode(latents) if decode is not None else latent_preview(latents, sfd_spec(cfg).texture_chans)).cpu()
     nrow = min(classes, n) if classes <= 16 else 8
-    return save_image_grid(images, path, nrow=nrow)
+    return save_image_grid(images, path, nrow=nrow, scale=max(1, 64 // images.shape[1]))
 
 
 def load_guide(cfg: Config, device: torch.device = torch.device("cpu")):
@@ -74,54 +84,27 @@ def load_guide(cfg: Config, device: torch.device = torch.device("cpu")):
     return guide.to(device).eval()
 
 
-def default_decoder(cfg: Config, device=None, texture_vae: Optional[str] = None) -> Callable:
-    """latents -> uint8 (B, H, W, C) images: the training data's own decoder where it has one (the demo's fixed
-    decoder), else the texture VAE (``sample.texture_vae``)."""
-    if cfg.data.source == "demo":
-        from ..data.sources import build_training_data
-        return build_training_data(cfg).decode
-    path = texture_vae or cfg.sample.texture_vae
-    if not path:
-        raise ConfigError(f"decoding data.source={cfg.data.source!r} samples needs the texture VAE: set "
-                               f"sample.texture_vae (tools/sample_fid.py --texture-vae)")
-    return texture_decoder(cfg, path, device)
+def sampling_device(cfg: Config) -> torch.device:
+    """Where sampling runs: ``train.device`` resolved (``auto``: the GPU when one is visible)."""
+    from ..device import resolve_device
+
+    try:
+        return resolve_device(cfg.train.device)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
 
 
-def texture_decoder(cfg: Config, path, device=None, dtype: torch.dtype = torch.float32) -> Callable:
-    """Undo the training normalisation of the texture channels (``x * std / multiplier + mean``, as the official
-    inference) with ``cfg.data``'s statistics, then decode with the texture VAE at ``path``."""
-    from ..data.demo import images_to_uint8
-    from ..data.encoders import TextureVAE
-
-    d, c = cfg.data, cfg.sfd.texture_chans
-    vae = TextureVAE.from_pretrained(path).vae.to(device or "cpu", dtype)
-    if vae.config.latent_channels != c:
-        raise ConfigError(f"texture VAE {path} has {vae.config.latent_channels} latent channels, "
-                               f"sfd.texture_chans is {c}")
-    mean = std = None
-    if d.latent_norm:
-        if d.source == "shards":
-            from ..data.shards import read_stats
-            stats = read_stats(d.path)
-            mean, std = stats["latents_mean"], stats["latents_std"]
-        else:
-            from ..data.official import OfficialLatentDataset
-            ds = OfficialLatentDataset(d.path, latent_norm=True, latent_sv_norm=False)
-            mean, std = ds.latent_mean, ds.latent_std
-        mean, std = mean.float().reshape(1, -1, 1, 1), std.float().reshape(1, -1, 1, 1)
-
-    @torch.no_grad()
-    def decode(latents: torch.Tensor) -> torch.Tensor:
-        x = latents[:, :c].float()
-        x = x * std.to(x.device) / d.latent_multiplier + mean.to(x.device) if mean is not None \
-            else x / d.latent_multiplier
-        return images_to_uint8(vae.decode(x.to(vae.device, dtype)).sample.float())
-    return decode
+class SamplingModel(NamedTuple):
+    model: torch.nn.Module              # eval mode, EMA weights, on the CPU
+    cfg: Config
+    latent_stats: Optional[LatentStats]  # the checkpoint's stored latent normalisation (None: not stored)
 
 
-def load_sampling_model(checkpoint, config_files: Sequence[str] = (), overrides: Sequence[str] = ()):
-    """(eval-mode model with the EMA weights, config) from an sfd_scale checkpoint directory (its own config,
-    overrides on top; or ``config_files``) or an official .pt / .safetensors (``config_files`` required)."""
+def load_sampling_model(checkpoint, config_files: Sequence[str] = (), overrides: Sequence[str] = ()) -> SamplingModel:
+    """(eval-mode model with the EMA weights, config, stored latent statistics) from an sfd_scale checkpoint
+    directory (its own config <- each of ``config_files`` <- ``overrides``) or an official .pt / .safetensors
+    (``config_files`` required: schema defaults <- files <- overrides). Validated for sampling: no ``data.path``
+    needed."""
     from ..config import config_from_dict, load_config, model_args
     from ..models.lightningdit import LightningDiT
     from ..models.official import load_official_state_dict, read_checkpoint
@@ -130,14 +113,40 @@ def load_sampling_model(checkpoint, config_files: Sequence[str] = (), overrides:
     path = Path(checkpoint)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint not found: {path}")
+    stats = None
     if path.is_dir():
-        cfg = (load_config(config_files, overrides) if config_files
-               else config_from_dict(store.read_object(path, "config"), overrides))
+        cfg = config_from_dict(store.read_object(path, "config"), overrides, files=config_files, for_training=False)
         weights = store.read_weights(path, "ema")
+        if LATENT_STATS in store.stored_keys(path):  # checkpoints saved before the statistics were stored lack it
+            stats = LatentStats.from_object(store.read_object(path, LATENT_STATS))
     else:
         if not config_files:
             raise ConfigError(f"{path} is not an sfd_scale checkpoint directory: give --config for its model")
-        cfg, weights = load_config(config_files, overrides), read_checkpoint(path, which="ema")
+        cfg, weights = load_config(config_files, overrides, for_training=False), read_checkpoint(path, which="ema")
     model = LightningDiT(model_args(cfg))
     load_official_state_dict(model, weights)
-    return model.eval(), cfg
+    return SamplingModel(model.eval(), cfg, stats)
+
+
+@dataclass
+class SamplingRun:
+    """Everything a sampling tool needs, on the sampling device: the model (and the autoguidance guide) moved
+    there, and the run's decoder (None: no ``sample.texture_vae`` on latent data; show ``latent_preview``)."""
+    model: torch.nn.Module
+    cfg: Config
+    device: torch.device
+    guide: Optional[torch.nn.Module]
+    decode: Optional[Callable[[torch.Tensor], torch.Tensor]]
+    num_classes: Optional[int]          # the data's classes where it knows them (demo); None: the model's
+
+
+def prepare_sampling(checkpoint, config_files: Sequence[str] = (), overrides: Sequence[str] = ()) -> SamplingRun:
+    """``load_sampling_model``, then the model and guide on ``sampling_device`` and the run's decoder
+    (``data.sources.sampling_decoder``: it decodes on the device of the latents it gets)."""
+    from ..data.sources import sampling_decoder
+
+    model, cfg, stats = load_sampling_model(checkpoint, config_files, overrides)
+    device = sampling_device(cfg)
+    guide = load_guide(cfg, device) if cfg.sample.guidance == "autoguidance" else None
+    decode, num_classes = sampling_decoder(cfg, stats)
+    return SamplingRun(model.to(device), cfg, device, guide, decode, num_classes)

@@ -11,6 +11,9 @@ checkpoint:
   ``counters``                                       optimizer steps, LR schedule, engine counters;
   ``trainer``                                        step, data position, skipped steps, layout, code version;
   ``config``                                         the resolved config (a plain dict);
+  ``latent_stats``                                   the data's latent normalisation (``data.decoding.LatentStats``
+                                                     as a dict; shards / official data): sampling decodes with it,
+                                                     without the dataset;
   ``rng/rank_00000`` ...                             every rank's torch / numpy / python RNG states
                                                      (objects are stored packed: ``checkpoint_store.pack``).
 
@@ -31,6 +34,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
+from ..data.decoding import LATENT_STATS
 from ..models.official import export_official_state_dict, load_official_state_dict
 from ..models.tensor_parallel import gather_state_dict, model_tp, shard_state_dict
 from ..parallel.engines.base import ADAM_KINDS
@@ -142,9 +146,10 @@ class TrainingState:
         return {k: v for part in parts for k, v in part.items()}
 
     # ------------------------------------------------------------------------------------------ save
-    def collect(self, cfg, rank: int, info: dict) -> State:
+    def collect(self, cfg, rank: int, info: dict, latent_stats: Optional[dict] = None) -> State:
         """Collective (TP gathers of optimizer state, DP gathers in the engine): every tensor this rank
-        contributes, under its checkpoint key; rank 0 adds the run's objects (``info``: ``run_info``)."""
+        contributes, under its checkpoint key; rank 0 adds the run's objects (``info``: ``run_info``;
+        ``latent_stats``: the data's ``LatentStats.to_object()``, where it has one)."""
         state: State = {}
         for which, chunks in (("model", self.chunks), ("ema", self.ema_chunks)):
             state.update({weights_key(which, k): v for k, v in self.stage_weights(chunks, copy=False).items()})
@@ -160,6 +165,8 @@ class TrainingState:
             state["counters"] = store.pack(engine_state["counters"])
             state["trainer"] = store.pack(info)
             state["config"] = store.pack(asdict(cfg))
+            if latent_stats is not None:
+                state[LATENT_STATS] = store.pack(latent_stats)
         return state
 
     # ------------------------------------------------------------------------------------------ load

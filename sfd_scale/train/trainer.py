@@ -130,7 +130,8 @@ class Trainer:
         """Collective: start writing a checkpoint of this step (contents: ``train/state.py``; directory and
         background write: ``checkpoint_store.py``)."""
         info = self._trainer_info()
-        state = self.state.collect(self.cfg, self.rank, info)
+        stats = self.data.latent_stats
+        state = self.state.collect(self.cfg, self.rank, info, None if stats is None else stats.to_object())
         self._saved_step = self.step
         return self.checkpointer.save(self.step, state, {"layout": info["layout"], "code": info["code"]})
 
@@ -243,6 +244,9 @@ class Trainer:
                      + (f"; resumed from {self.resumed_from} (step {self.step})" if self.resumed_from
                         else "; from scratch"))
         logger.write(self.hot_path_line())
+        if self.data.decode is None and not self.pipelined:
+            logger.write("sample grids show a false-colour view of the first texture latent channels: set "
+                         "sample.texture_vae to decode them to images")
         for note in self.engine.notes:
             logger.write(f"warning: {note}")
 

@@ -11,7 +11,7 @@ import torch
 
 from sfd_scale.config import load_config, model_args
 from sfd_scale.eval.fid_sampling import LOCK, FidSamplingError, merge_samples, sample_for_fid
-from sfd_scale.eval.generate import default_decoder, texture_decoder
+from sfd_scale.data.sources import sampling_decoder
 from sfd_scale.models.lightningdit import LightningDiT
 
 REPO = Path(__file__).resolve().parents[2]
@@ -39,7 +39,7 @@ def model():
 
 @pytest.fixture(scope="module")
 def decode():
-    return default_decoder(tiny_config())  # the demo's fixed decoder (built once: it fits a PCA)
+    return sampling_decoder(tiny_config())[0]  # the demo's fixed decoder (built once: it fits a PCA)
 
 
 def run(model, out, decode, **kw):
@@ -140,25 +140,6 @@ def test_resume_checks_settings_locks_and_parts(model, decode, tmp_path):
     with pytest.raises(FidSamplingError, match="part_000002_000004.npz cannot be read.*delete it"):
         merge_samples(tmp_path / "t")
     assert not (tmp_path / "t" / LOCK).exists() and not list((tmp_path / "t").glob(".tmp_*"))
-
-
-def test_texture_vae_decoder(tmp_path):
-    from safetensors.torch import save_file
-
-    from sfd_scale.data.encoders import TextureVAE
-
-    vae = TextureVAE.random_init(seed=0, latent_channels=4)
-    vae.vae.save_pretrained(str(tmp_path / "vae"))
-    mean, std = torch.randn(1, 4, 1, 1), torch.rand(1, 4, 1, 1) + 0.5
-    save_file({"latents_mean": mean, "latents_std": std}, str(tmp_path / "stats.safetensors"))
-    cfg = tiny_config("data.source=shards", f"data.path={tmp_path}", "data.latent_multiplier=2.0")
-    decode = texture_decoder(cfg, tmp_path / "vae")
-    latents = torch.randn(2, 6, 2, 2)
-    images = decode(latents)
-    assert images.dtype == torch.uint8 and images.shape == (2, 32, 32, 3)
-    with torch.no_grad():
-        expect = vae.vae.decode(latents[:, :4] * std / 2.0 + mean).sample
-    assert torch.equal(images, ((expect.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1))
 
 
 def test_cli_on_a_trained_checkpoint(tmp_path, capsys):
