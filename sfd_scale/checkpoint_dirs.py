@@ -132,29 +132,31 @@ def verify(directory: Path) -> Optional[str]:
 # Pruning verifies every checkpoint it counts after every save; hashing them all each time would cost as much as
 # the saves. A result is remembered per directory and the stat (size, mtime, ctime, inode) of its manifest and
 # every file it lists: a file changed since is hashed again. A save remembers its own checkpoint as verified.
-_verified: Dict[tuple, Optional[str]] = {}
+_verified: Dict[str, tuple] = {}  # directory -> (stat key, verify's answer): the latest only
 _verified_lock = threading.Lock()
 
 
 def _stat_key(directory: Path) -> Optional[tuple]:
     try:
         names = [MANIFEST] + sorted(json.loads((directory / MANIFEST).read_text())["files"])
-        return (str(directory.resolve()),) + tuple(
-            (n, s.st_size, s.st_mtime_ns, s.st_ctime_ns, s.st_ino) for n in names for s in [(directory / n).stat()])
+        return tuple((n, s.st_size, s.st_mtime_ns, s.st_ctime_ns, s.st_ino)
+                     for n in names for s in [(directory / n).stat()])
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
 
 
 def verify_cached(directory: Path) -> Optional[str]:
     """``verify``, remembered while the directory's files keep their stat (for pruning)."""
-    key = _stat_key(Path(directory))
+    directory = Path(directory)
+    key = _stat_key(directory)
     with _verified_lock:
-        if key is not None and key in _verified:
-            return _verified[key]
+        known = _verified.get(str(directory.resolve()))
+    if key is not None and known is not None and known[0] == key:
+        return known[1]
     problem = verify(directory)
-    if key is not None and key == _stat_key(Path(directory)):
+    if key is not None and key == _stat_key(directory):
         with _verified_lock:
-            _verified[key] = problem
+            _verified[str(directory.resolve())] = (key, problem)
     return problem
 
 
@@ -162,7 +164,7 @@ def _remember_verified(directory: Path) -> None:
     key = _stat_key(directory)
     if key is not None:
         with _verified_lock:
-            _verified[key] = None
+            _verified[str(directory.resolve())] = (key, None)
 
 
 def entries(output_dir: str | os.PathLike) -> list:

@@ -203,3 +203,15 @@ def test_resave_that_cannot_move_the_old_entry_is_reported_and_training_goes_on(
     assert names(tmp_path) == ["step_0000001", "step_0000002"]
     assert store.latest(tmp_path, report=lambda _: None).name == "step_0000001"
     assert any("checkpoint step 2 was not published" in line and "cannot be moved aside" in line for line in lines)
+
+
+def test_pruning_after_a_save_hashes_nothing_already_verified(tmp_path, monkeypatch):
+    saver = store.Checkpointer(tmp_path, keep_last=2, asynchronous=False)
+    saver.save(1, {"w": torch.ones(3)}, {})
+    saver.save(2, {"w": torch.ones(3)}, {})
+    hashed = []
+    sha256 = dirs._sha256
+    monkeypatch.setattr(dirs, "_sha256", lambda path: hashed.append(path.parent.name) or sha256(path))
+    saver.save(3, {"w": torch.ones(3)}, {})  # hashes its own files for the manifest, then prunes step 1
+    assert names(tmp_path) == ["step_0000002", "step_0000003"]
+    assert set(hashed) == {".tmp_step_0000003"}
