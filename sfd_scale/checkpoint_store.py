@@ -1,6 +1,6 @@
-"""Checkpoint directories: sharded DCP saves written by every rank in the background, published atomically,
-verified against a manifest, pruned, read back (ground floor: no sfd_scale imports, so models, eval and train
-all use it).
+"""Checkpoint contents: sharded DCP saves written by every rank in the background and read back (ground floor:
+no sfd_scale imports but ``checkpoint_dirs``, so models, eval and train all use it). The directories themselves
+(names, manifest, verify, publish, prune, latest) are ``checkpoint_dirs.py``'s, re-exported here.
 
 A checkpoint is a directory ``<output_dir>/checkpoints/step_0001000/`` holding a
 torch.distributed.checkpoint (DCP) save plus ``manifest.json``. What the keys mean is the writer's business
@@ -14,17 +14,22 @@ by DCP's plain stager; the caller passes its live tensors, no device-side copies
 training was blocked (``Checkpointer.last_save``, one report line per save); DCP then writes in a
 background thread into ``.tmp_step_…`` while training goes on. Rank 0 finishes in that thread: once DCP
 has every rank's writes it writes the manifest (size + sha256 of every file) last and renames the
-directory into place, then prunes (``keep_last`` newest + every ``keep_every`` steps). A directory named
-``step_*`` therefore exists only complete; a kill at any moment leaves at most a ``.tmp_*`` directory,
+directory into place, then prunes (``keep_last`` newest verified + every ``keep_every`` steps). A directory
+named ``step_*`` therefore exists only complete; a kill at any moment leaves at most a ``.tmp_*`` directory,
 removed at the next start. ``latest`` passes over (and reports) a checkpoint whose files do not match its
 manifest.
+
+A background save that fails is noticed by ``Checkpointer.poll``, which the trainer calls every step (it only
+asks whether the writer thread has ended: no wait, no device sync): the partial ``.tmp_step_…`` is removed and
+``CheckpointError`` says why in one line (for a full disk: "no space left on device: need ~X GB in DIR"). The
+run stops there rather than retrying: the earlier checkpoints are intact and the next start resumes from the
+newest, once there is space. Each rank polls its own writer; DCP's write reports a failure on every rank, and a
+failure in rank 0's publishing stops rank 0, whose launcher (torchrun, srun) then ends the others.
 """
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
-import json
 import logging
 import os
 import shutil
@@ -39,28 +44,15 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.staging import AsyncStager, BlockingAsyncStager, DefaultStager, StagingOptions
 
+from .checkpoint_dirs import (  # noqa: F401 (re-exported: callers use checkpoint_store.*)
+    FORMAT, MANIFEST, CheckpointError, checkpoint_dir, entries, latest, manifest, newest_verified, prune,
+    publish, remove_unfinished, save_failure, step_of, verify)
+
+
 log = logging.getLogger(__name__)
-
-MANIFEST = "manifest.json"
-FORMAT = "sfd_scale.dcp.v1"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used: named, with the reason."""
-
-
-def checkpoint_dir(output_dir: str | os.PathLike, step: int) -> Path:
-    return Path(output_dir) / "checkpoints" / f"step_{step:07d}"
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def code_version() -> dict:
@@ -93,82 +85,6 @@ def pack(obj) -> torch.Tensor:
 
 def unpack(t: torch.Tensor):
     return torch.load(io.BytesIO(t.numpy().tobytes()), weights_only=True)
-
-
-# ----------------------------------------------------------------------------------------------- verify
-def verify(directory: Path) -> Optional[str]:
-    """None when every file listed in the manifest is there with its size and sha256; else the reason."""
-    try:
-        manifest = json.loads((directory / MANIFEST).read_text())
-        for name, meta in manifest["files"].items():
-            path = directory / name
-            if not path.is_file():
-                return f"{name} is missing"
-            if path.stat().st_size != meta["bytes"]:
-                return f"{name} has {path.stat().st_size} bytes, the manifest says {meta['bytes']}"
-            if _sha256(path) != meta["sha256"]:
-                return f"{name} does not match its sha256 in the manifest"
-        return None
-    except FileNotFoundError:
-        return f"no {MANIFEST}"
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        return f"unreadable {MANIFEST} ({err})"
-
-
-def latest(output_dir: str | os.PathLike, report: Callable[[str], None] = log.warning) -> Optional[Path]:
-    """Newest checkpoint whose files verify against its manifest; each one passed over is reported."""
-    root = Path(output_dir) / "checkpoints"
-    if not root.is_dir():
-        return None
-    for directory in sorted(root.glob("step_*"), reverse=True):
-        problem = verify(directory)
-        if problem is None:
-            return directory
-        report(f"skipping checkpoint {directory}: {problem}")
-    return None
-
-
-def manifest(directory: Path) -> dict:
-    return json.loads((Path(directory) / MANIFEST).read_text())
-
-
-def _publish(tmp: Path, final: Path, info: dict) -> None:
-    files = sorted(p.name for p in tmp.iterdir() if p.is_file())
-    info = {**info, "format": FORMAT,
-            "files": {f: {"bytes": (tmp / f).stat().st_size, "sha256": _sha256(tmp / f)} for f in files}}
-    with open(tmp / MANIFEST, "w") as f:
-        json.dump(info, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    if final.exists():  # a re-save of the same step (e.g. the final save after a periodic one)
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    fd = os.open(final.parent, os.O_RDONLY)  # the rename itself durable
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def prune(output_dir: str | os.PathLike, keep_last: int, keep_every: int) -> list:
-    """Delete published checkpoints other than the ``keep_last`` newest and multiples of ``keep_every``."""
-    root = Path(output_dir) / "checkpoints"
-    steps = sorted(int(p.name[5:]) for p in root.glob("step_*"))
-    keep = set(steps[-keep_last:]) if keep_last > 0 else set(steps)
-    keep |= {s for s in steps if keep_every and s % keep_every == 0}
-    removed = [s for s in steps if s not in keep]
-    for s in removed:
-        shutil.rmtree(checkpoint_dir(output_dir, s), ignore_errors=True)
-    return removed
-
-
-def remove_unfinished(output_dir: str | os.PathLike) -> list:
-    """``.tmp_*`` directories of saves that never finished (a kill during a save); rank 0 at start."""
-    root = Path(output_dir) / "checkpoints"
-    gone = sorted(root.glob(".tmp_step_*")) if root.is_dir() else []
-    for path in gone:
-        shutil.rmtree(path, ignore_errors=True)
-    return gone
 
 
 # ----------------------------------------------------------------------------------------------- staging
@@ -217,7 +133,9 @@ class Checkpointer:
     ``last_save`` holds the seconds the latest ``save`` blocked its caller: ``blocking_s`` in all, of which
     ``waited_s`` waiting for the previous save's write and ``staging_s`` copying the state to host memory
     (with ``asynchronous=False``: the whole write); ``report`` gets one line per save (the trainer points it
-    at the run log)."""
+    at the run log), and, once each, what publishing and pruning had to say (from the caller's thread).
+    ``poll`` (every training step: no wait, no device sync) and ``wait`` raise ``CheckpointError`` naming the
+    cause of a failed background save."""
 
     def __init__(self, output_dir: str | os.PathLike, keep_last: int = 3, keep_every: int = 0,
                  asynchronous: bool = True):
@@ -226,7 +144,10 @@ class Checkpointer:
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.group = dist.new_group(backend="gloo") if dist.is_initialized() else None
         self._pending: Optional[threading.Thread] = None
-        self._error: Optional[BaseException] = None
+        self._error: Optional[str] = None
+        self._notes: list = []  # from the writer thread, reported by the caller's (list.append is atomic)
+        self._reported: set = set()
+        self._checkpoint_bytes = 0  # of the latest published checkpoint: the space a save needs
         self.stager = StateStager() if asynchronous else None
         self.last_save: Dict[str, float] = {}
         self.report: Callable[[str], None] = log.info
@@ -245,13 +166,20 @@ class Checkpointer:
         if self.group is not None:
             dist.barrier(group=self.group)
         kwargs = dict(checkpoint_id=str(tmp), process_group=self.group, no_dist=self.group is None)
+        need = max(self._checkpoint_bytes, sum(v.numel() * v.element_size() for v in state.values()
+                                               if torch.is_tensor(v)))
         staging = time.perf_counter()
-        with _quiet_if_one_process(self.group is None):
-            if self.asynchronous:  # returns once staged in host memory
-                future = dcp.async_save(state, async_stager=self.stager, **kwargs)
-            else:
-                dcp.save(state, **kwargs)
-                future = None
+        try:
+            with _quiet_if_one_process(self.group is None):
+                if self.asynchronous:  # returns once staged in host memory
+                    future = dcp.async_save(state, async_stager=self.stager, **kwargs)
+                else:
+                    dcp.save(state, **kwargs)
+                    future = None
+        except (Exception, CheckpointException) as err:  # DCP's CheckpointException is a BaseException
+            if self.rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise CheckpointError(save_failure(err, step, final.parent, need)) from err
         done = time.perf_counter()
         self.last_save = {"step": step, "blocking_s": done - started, "waited_s": waited, "staging_s": done - staging}
         self.report(f"checkpoint step {step}: training blocked {done - started:.3f} s (waiting for the previous save "
@@ -262,11 +190,13 @@ class Checkpointer:
             try:
                 if future is not None:
                     future.result()
+                if self.rank == 0 and publish(tmp, final, {**info, "step": step}, self._notes.append):
+                    self._checkpoint_bytes = sum(f["bytes"] for f in manifest(final)["files"].values())
+                    prune(self.out, self.keep_last, self.keep_every, self._notes.append, keep_step=step)
+            except BaseException as err:  # surfaced by the next poll() or wait()
                 if self.rank == 0:
-                    _publish(tmp, final, {**info, "step": step})
-                    prune(self.out, self.keep_last, self.keep_every)
-            except BaseException as err:  # surfaced by the next wait()
-                self._error = err
+                    shutil.rmtree(tmp, ignore_errors=True)
+                self._error = save_failure(err, step, final.parent, need)
 
         if self.asynchronous:
             self._pending = threading.Thread(target=finish, name=f"checkpoint-{step}", daemon=True)
@@ -276,6 +206,12 @@ class Checkpointer:
             self._raise()
         return final
 
+    def poll(self) -> None:
+        """Cheap, never blocks: raise now if the save in the background has failed; report its notes."""
+        if self._pending is not None and not self._pending.is_alive():
+            self.wait()
+        self._report_notes()
+
     def wait(self) -> None:
         """Block until the save in flight is written and published (rank 0) or written (others)."""
         if self._pending is not None:
@@ -283,10 +219,19 @@ class Checkpointer:
             self._pending = None
         self._raise()
 
+    def _report_notes(self) -> None:
+        while self._notes:
+            note = self._notes.pop(0)
+            if note not in self._reported:
+                self._reported.add(note)
+                self.report(note)
+
     def _raise(self) -> None:
+        self._report_notes()
         if self._error is not None:
-            err, self._error = self._error, None
-            raise RuntimeError(f"checkpoint save failed: {err}") from err
+            message, self._error = self._error, None
+            self.report(message)  # the run log too
+            raise CheckpointError(message)
 
 
 # ----------------------------------------------------------------------------------------------- load

@@ -125,6 +125,9 @@ class CheckpointConfig:
     keep_every: int = 0             # ... plus every checkpoint whose step is a multiple of this (0: none)
     asynchronous: bool = True       # write in the background; training waits only for the copy to CPU
     init_from: Optional[str] = None  # official or sfd_scale checkpoint to initialise the weights from
+    # resume finds step_* entries in checkpoints/ but none verifies: refused (the error lists them) unless this is
+    # set; then the run starts from step 0 and leaves them in place (never resumed from, counted or pruned)
+    start_fresh_over_unusable: bool = False
 
 
 @dataclass

@@ -107,17 +107,38 @@ def native_state(cfg, model: State, ema: State, step: int, layout: dict) -> Tupl
     return state, info
 
 
-def choose_checkpoint(output_dir: Path, rank: int) -> Tuple[Optional[Path], List[str]]:
+def choose_checkpoint(output_dir: Path, rank: int, start_fresh_over_unusable: bool = False
+                      ) -> Tuple[Optional[Path], List[str]]:
     """Collective: rank 0 removes unfinished saves and verifies the checkpoints newest first; every rank gets
-    (the checkpoint to resume from or None, rank 0's notes on what it removed or passed over)."""
-    found = [None, []]
+    (the checkpoint to resume from or None, rank 0's notes on what it removed or passed over). When
+    ``checkpoints/`` holds ``step_*`` entries but none can be resumed from, every rank raises ``CheckpointError``
+    listing them, unless ``start_fresh_over_unusable`` (then: None, the entries left in place)."""
+    found = [None, [], None]
     if rank == 0:
         notes = [f"removed the unfinished checkpoint save {p}" for p in store.remove_unfinished(output_dir)]
-        path = store.latest(output_dir, report=notes.append)
-        found = [None if path is None else str(path), notes]
+        path, passed = store.newest_verified(output_dir)
+        notes += [f"skipping checkpoint {entry}: {problem}" for entry, problem in passed]
+        refusal = None
+        if path is None and passed:
+            if start_fresh_over_unusable:
+                notes.append(f"starting from scratch over {len(passed)} unusable checkpoint entries "
+                             "(checkpoint.start_fresh_over_unusable=true); they are left in place")
+            else:
+                refusal = unusable_checkpoints_message(Path(output_dir) / "checkpoints", passed)
+        found = [None if path is None else str(path), notes, refusal]
     if dist.get_world_size() > 1:
         dist.broadcast_object_list(found, src=0)
+    if found[2] is not None:
+        raise store.CheckpointError(found[2])
     return (None if found[0] is None else Path(found[0])), found[1]
+
+
+def unusable_checkpoints_message(root: Path, passed: list) -> str:
+    """One line: what is wrong with each entry, and the two ways on."""
+    listed = "; ".join(f"{entry.name}: {problem}" for entry, problem in passed)
+    return (f"checkpoint.resume: {root} holds {len(passed)} checkpoint entries and none can be resumed from "
+            f"({listed}); refusing to start from scratch over them (nothing was changed): repair or move them away, "
+            f"or set checkpoint.start_fresh_over_unusable=true to start from step 0 and leave them in place")
 
 
 class TrainingState:

@@ -114,7 +114,8 @@ class Trainer:
         self._saved_step: Optional[int] = None
         self.state = TrainingState(chunks, list(self.ema.model) if self.pipelined else [self.ema.model], self.engine,
                                    self.pipelined)
-        self.resumed_from, self.notes = choose_checkpoint(self.out, self.rank) if c.resume else (None, [])
+        self.resumed_from, self.notes = (choose_checkpoint(self.out, self.rank, c.start_fresh_over_unusable)
+                                         if c.resume else (None, []))
         if self.resumed_from is not None:
             self.load_checkpoint(self.resumed_from)
 
@@ -300,6 +301,7 @@ class Trainer:
                     if self.step >= cfg.train.max_steps:
                         break
                     metrics = self.train_step(batch)
+                    self.checkpointer.poll()  # a failed background save stops the run here, one step later
                     window.add(self.step, metrics)
                     logger.advance()
                     if self.step % cfg.train.log_every == 0 or self.step == cfg.train.max_steps:

@@ -1,5 +1,6 @@
-"""Fault tolerance of the trainer: a requeue signal, a time budget, non-finite losses, pruning, and SIGKILL
-at random moments (also during an asynchronous save) all end in the run an uninterrupted job produces."""
+"""Fault tolerance of the trainer: a requeue signal, a time budget, non-finite losses, and SIGKILL at random
+moments (also during an asynchronous save) all end in the run an uninterrupted job produces (pruning:
+tests/test_checkpoint_dirs.py; damaged checkpoints and failed saves: tests/train/test_checkpoint_damage.py)."""
 import json
 import os
 import random
@@ -112,17 +113,6 @@ def test_too_many_nonfinite_losses_stop_with_a_checkpoint(tmp_path):
         trainer.fit()
     newest = store.latest(tmp_path)
     assert newest.name == "step_0000004" and store.read_object(newest, "trainer")["nonfinite_steps"] == 2
-
-
-def test_prune_keeps_last_and_every():
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as out:
-        for step in range(1, 11):
-            store.checkpoint_dir(out, step).mkdir(parents=True)
-        assert store.prune(out, keep_last=2, keep_every=4) == [1, 2, 3, 5, 6, 7]
-        assert sorted(p.name for p in (Path(out) / "checkpoints").iterdir()) == \
-            ["step_0000004", "step_0000008", "step_0000009", "step_0000010"]
 
 
 # ----------------------------------------------------------------------------------------------- SIGKILL
