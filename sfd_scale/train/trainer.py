@@ -112,6 +112,7 @@ class Trainer:
         self.checkpointer = store.Checkpointer(self.out, c.keep_last, c.keep_every, c.asynchronous)
         self.control = RunControl(cfg.train, self.rank, dist.get_world_size())  # signals, budget, NaN policy
         self._saved_step: Optional[int] = None
+        self.window = StepWindow()  # steps not logged yet: checkpointed, so loss_avg continues across a resume
         self.state = TrainingState(chunks, list(self.ema.model) if self.pipelined else [self.ema.model], self.engine,
                                    self.pipelined)
         self.resumed_from, self.notes = (choose_checkpoint(self.out, self.rank, c.start_fresh_over_unusable)
@@ -125,7 +126,7 @@ class Trainer:
         layout = {"tensor_parallel": p.tensor_parallel, "pipeline_parallel": p.pipeline_parallel,
                   "virtual_stages": p.virtual_stages, "data_parallel": self.dp_size, "engine": self.engine.name,
                   "world_size": dist.get_world_size()}
-        return run_info(self.cfg, self.step, layout, self.nonfinite_steps, self.code)
+        return run_info(self.cfg, self.step, layout, self.nonfinite_steps, self.code, self.window.state())
 
     def save(self) -> Path:
         """Collective: start writing a checkpoint of this step (contents: ``train/state.py``; directory and
@@ -146,6 +147,7 @@ class Trainer:
                                            f"not continue (use a new train.output_dir, or checkpoint.init_from)")
         self.state.restore(state, kinds, self.rank)
         self.step, self.nonfinite_steps = int(info["step"]), int(info["nonfinite_steps"])
+        self.window.restore(info.get("log_window", []))  # absent in checkpoints of older versions
         self._saved_step = self.step
 
     # ------------------------------------------------------------------------------------------ steps
@@ -294,7 +296,7 @@ class Trainer:
         self.checkpointer.report = logger.write  # one line per save: how long it blocked training
         self._log_start(logger, n_params)
         start_step, t0, first_loss, last_loss = self.step, time.time(), None, None
-        window, exit_status, grid, final_ckpt = StepWindow(), 0, None, None
+        window, exit_status, grid, final_ckpt = self.window, 0, None, None
         try:
             with self.control.handling_signals():
                 for batch in DevicePrefetcher(self.loader(), self.device):
@@ -318,9 +320,9 @@ class Trainer:
                         exit_status = REQUEUE_EXIT
                         break
                 self._settle(window, logger)
-                first_loss, last_loss = _loss_span(window.take(), first_loss, last_loss)
                 if self._saved_step != self.step:
-                    self.save()
+                    self.save()  # with the steps not logged yet (a stop between log steps)
+                first_loss, last_loss = _loss_span(window.take(), first_loss, last_loss)
                 final_ckpt = store.checkpoint_dir(self.out, self.step)
                 self.checkpointer.wait()
                 logger.write(f"checkpoint {final_ckpt} written")
