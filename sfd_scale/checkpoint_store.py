@@ -41,13 +41,15 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.staging import AsyncStager, BlockingAsyncStager, DefaultStager, StagingOptions
 
+from .errors import UserError
+
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 FORMAT = "sfd_scale.dcp.v1"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint that cannot be used: named, with the reason."""
 
 

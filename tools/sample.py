@@ -10,7 +10,10 @@ import argparse
 import sys
 from pathlib import Path
 
+from sfd_scale.cli import as_user_errors, entry_point
 
+
+@entry_point
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoint", help="sfd_scale checkpoint directory, or an official .pt / .safetensors")
@@ -25,11 +28,8 @@ def main(argv=None) -> int:
     from sfd_scale.eval.generate import load_guide, load_sampling_model, save_sample_grid
 
     path = Path(args.checkpoint)
-    try:
+    with as_user_errors(ValueError, KeyError, FileNotFoundError):  # a checkpoint that does not fit the config
         model, cfg = load_sampling_model(path, args.config, args.overrides)
-    except (ValueError, KeyError, FileNotFoundError) as err:  # ConfigError, CheckpointError included
-        print(f"error: {err}", file=sys.stderr)
-        return 2
     guide = load_guide(cfg) if cfg.sample.guidance == "autoguidance" else None
     decode = num_classes = None
     if cfg.data.source == "demo":  # the demo's fixed encoders are rebuilt from the seed: decode to pixels

@@ -26,6 +26,7 @@ import torch
 from safetensors import safe_open
 
 from ..atomic import atomic_path
+from ..errors import MissingInputError
 from .shards import PartWriter, composite_latent, finalize, finished_parts
 
 # Each optional block must come with its flipped twin, otherwise a flipped read would fail mid-epoch.
@@ -49,10 +50,10 @@ class OfficialLatentDataset(torch.utils.data.Dataset):
         self.latent_sv_norm = latent_sv_norm
         self.latent_multiplier = latent_multiplier
         if not os.path.isdir(self.data_dir):
-            raise FileNotFoundError(f"latent dataset directory not found: {self.data_dir}")
+            raise MissingInputError(f"latent dataset directory not found: {self.data_dir} (data.path)")
         self.files: List[str] = sorted(glob(os.path.join(self.data_dir, "*.safetensors")))
         if not self.files:
-            raise FileNotFoundError(f"no *.safetensors shard in latent dataset directory {self.data_dir}")
+            raise MissingInputError(f"no *.safetensors shard in latent dataset directory {self.data_dir} (data.path)")
 
         # Only shard headers are read here (no tensor data): sizes and key sets.
         self._keys: List[frozenset] = []
@@ -205,7 +206,7 @@ def import_official(src, dst, progress: bool = True) -> dict:
             stats.update({f"{key}_mean": mean.float(), f"{key}_std": std.float()})
     has_sv = any("latents_sv" in k for k in reader._keys)
     if stats and ("latents_mean" not in stats or (has_sv and "latents_sv_mean" not in stats)):
-        raise FileNotFoundError(f"{src} has only some of latents_stats.pt / latents_sv_stats.pt; provide both "
+        raise MissingInputError(f"{src} has only some of latents_stats.pt / latents_sv_stats.pt; provide both "
                                 f"or neither (then exact statistics are computed)")
     done = set(finished_parts(dst))
     for k, path in enumerate(tqdm(reader.files, desc="import", unit="shard", disable=not progress)):

@@ -37,6 +37,7 @@ from streaming import MDSWriter, StreamingDataset
 from streaming.base.util import merge_index
 
 from ..atomic import atomic_path, write_text
+from ..errors import DataError
 
 FORMAT_VERSION = 1
 PAIRED = ("latents", "latents_sv", "feats_dino", "latents_dino")  # each comes with a ``_flip`` twin
@@ -44,7 +45,7 @@ STATS_FILE, META_FILE, INDEX_FILE, MOMENTS_FILE = "stats.safetensors", "sfd_data
     "moments.safetensors"
 
 
-class ShardFormatError(ValueError):
+class ShardFormatError(DataError):
     """A latent-shard dataset is missing, incomplete or inconsistent; the message names the file/key."""
 
 

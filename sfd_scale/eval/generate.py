@@ -8,6 +8,7 @@ import torch
 
 from ..config import Config, ConfigError, guidance_config, sampler_config, sfd_spec
 from ..data.demo import save_image_grid
+from ..errors import MissingInputError
 from ..diffusion.sampling import Sampler
 
 
@@ -129,7 +130,7 @@ def load_sampling_model(checkpoint, config_files: Sequence[str] = (), overrides:
 
     path = Path(checkpoint)
     if not path.exists():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+        raise MissingInputError(f"checkpoint not found: {path}")
     if path.is_dir():
         cfg = (load_config(config_files, overrides) if config_files
                else config_from_dict(store.read_object(path, "config"), overrides))
