@@ -93,6 +93,6 @@ class RunControl:
     def nonfinite_error(self, skipped: int, step: int, output_dir) -> NonFiniteError:
         return NonFiniteError(f"{skipped} steps had a non-finite loss or grad norm "
                               f"(train.max_nonfinite_steps={self.cfg.max_nonfinite_steps}); stopped at step {step} "
-                              f"with a checkpoint in {output_dir} (log.txt names the skipped steps); to continue from it, "
-                              f"remove the cause (e.g. lower optim.lr, set optim.grad_clip) and raise "
+                              f"with a checkpoint in {output_dir} (log.txt names the skipped steps); to continue "
+                              f"from it, remove the cause (e.g. lower optim.lr, set optim.grad_clip) and raise "
                               f"train.max_nonfinite_steps above {skipped}")
