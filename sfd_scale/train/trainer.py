@@ -32,7 +32,7 @@ from megatron.core import parallel_state
 from .. import atomic, checkpoint_store as store
 from ..config import Config, ConfigError, model_args, objective_config, sfd_spec, to_yaml
 from ..device import resolve_device
-from ..errors import one_line
+from ..errors import UserError, one_line
 from ..data.sources import Placement, build_training_data
 from ..diffusion.micro_batch import MicroBatch, TrainingDraws
 from ..diffusion.sfd import SFDObjective
@@ -89,9 +89,10 @@ class Trainer:
                 full = read_checkpoint(cfg.checkpoint.init_from, which="ema")
                 for chunk in chunks:
                     load_official_state_dict(chunk, chunk_part(full, chunk, self.pipelined))
-            except (ValueError, KeyError, FileNotFoundError) as err:
-                raise store.CheckpointError(f"checkpoint.init_from={cfg.checkpoint.init_from}: {one_line(err)}; "
-                                            f"give a checkpoint of this model (model.*)") from err
+            except (ValueError, KeyError, FileNotFoundError) as err:  # ours say what to do; a misfit does not
+                advice = "" if isinstance(err, UserError) else "; give a checkpoint of this model (model.*)"
+                raise store.CheckpointError(f"checkpoint.init_from={cfg.checkpoint.init_from}: {one_line(err)}"
+                                            f"{advice}") from err
         # Label dropout is drawn with the step's other draws (``self.draws``), not inside the model from a
         # per-rank RNG, so that every layout drops the same labels.
         for chunk in chunks:

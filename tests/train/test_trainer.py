@@ -156,7 +156,9 @@ def test_init_from_a_text_file_and_an_unusable_output_dir(tmp_path, capsys, monk
     text = tmp_path / "notes.txt"
     text.write_text("hello\n")
     line = _train_tool(tmp_path, capsys, tmp_path / "run", f"checkpoint.init_from={text}")
-    assert f"checkpoint.init_from={text}: unreadable checkpoint {text}" in line and "give a checkpoint" in line
+    assert line.startswith(f"error: checkpoint.init_from={text}: unreadable checkpoint {text}: not a torch.save "
+                           f"archive") and line.endswith("give an official .pt / .safetensors or an sfd_scale "
+                                                         "checkpoint directory")
     assert not (tmp_path / "run").exists()
     line = _train_tool(tmp_path, capsys, text / "run")
     assert line == f"error: train.output_dir={text / 'run'} cannot hold the run: {text} is a file, not a directory; " \
