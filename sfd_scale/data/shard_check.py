@@ -32,12 +32,14 @@ from typing import Dict, Iterable, List, Optional, Tuple
 import numpy as np
 import xxhash
 
+from ..errors import DataError
+
 CHECKSUM = "xxh3_64"  # streaming's name for it; several GB/s, so hashing costs less than reading the file
 VERIFY_THREADS = 2  # shard files hashed at once by one process (many are opened together at an epoch start)
 _READ_CHUNK = 8 << 20
 
 
-class ShardFormatError(ValueError):
+class ShardFormatError(DataError):
     """A latent-shard dataset is missing, incomplete or inconsistent; the message names the file/key."""
 
 

@@ -39,12 +39,14 @@ import torch
 import torch.nn.functional as F
 from scipy import linalg
 
+from ..errors import UserError
+
 INCEPTION_SIZE = 299
 POOL_DIM = 2048
 SPATIAL_CHANNELS = 7  # ADM: spatial = mixed_6/conv[..., :7]
 
 
-class FIDInputError(ValueError):
+class FIDInputError(UserError, ValueError):
     """Bad input (missing or unreadable file, wrong keys, wrong dtype or shape); the message names it."""
 
 
