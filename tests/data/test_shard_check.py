@@ -82,7 +82,7 @@ def test_training_stops_with_the_damaged_shard(tmp_path):
                            "model.depth=1", "model.hidden_size=32", "model.num_heads=2", "model.input_size=2",
                            "model.num_classes=10", "train.global_batch_size=8", "train.max_steps=5",
                            f"train.output_dir={tmp_path / 'run'}", "train.device=cpu", "logging.wandb_mode=disabled",
-                           "logging.progress=false", "parallel.engine=plain", "sample.grid_images=0"])
+                           "logging.progress=false", "parallel.engine=plain", "sample.grid_images=1"])
     with pytest.raises(ShardCorruptError, match=str(damaged)):
         Trainer(cfg).fit()  # one epoch (5 steps) reads every shard
     assert not (tmp_path / "run" / "checkpoints").is_dir() or not list((tmp_path / "run" / "checkpoints").iterdir())
