@@ -13,7 +13,7 @@ import contextlib
 import os
 import secrets
 from pathlib import Path
-from typing import Iterator, Union
+from typing import Iterator, Optional, Union
 
 PathLike = Union[str, os.PathLike]
 
@@ -55,3 +55,23 @@ def write_bytes(path: PathLike, data: bytes, sync: bool = False) -> Path:
 
 def write_text(path: PathLike, text: str, sync: bool = False) -> Path:
     return write_bytes(path, text.encode(), sync)
+
+
+def unwritable_reason(directory: PathLike) -> Optional[str]:
+    """Why files could not be written under ``directory`` (created with its parents if missing), or None.
+    Checked without writing anything: the directory, or its nearest existing ancestor, must be a directory
+    this process may write into and enter."""
+    path = Path(directory).absolute()
+    existing = next((p for p in (path, *path.parents) if p.exists()), None)
+    if existing is None or not existing.is_dir():
+        return f"{existing} is a file, not a directory" if existing is not None else "no existing ancestor"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{existing} is not writable" + (" (read-only file system)" if _read_only_fs(existing) else "")
+    return None
+
+
+def _read_only_fs(path: Path) -> bool:
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False

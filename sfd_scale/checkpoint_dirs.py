@@ -35,13 +35,15 @@ import threading
 from pathlib import Path
 from typing import Callable, Dict, Optional, Tuple
 
+from .errors import UserError
+
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 FORMAT = "sfd_scale.dcp.v1"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint that cannot be used: named, with the reason."""
 
 

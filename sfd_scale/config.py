@@ -15,10 +15,11 @@ from omegaconf.errors import OmegaConfBaseException
 from .diffusion.guidance import GuidanceConfig
 from .diffusion.sampling import SamplerConfig
 from .diffusion.sfd import ObjectiveConfig, SFDSpec
+from .errors import UserError
 from .models.lightningdit import ArchitectureOptions, ModelArgs, parse_model_name
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration problem; the message names the offending key or file."""
 
 
@@ -319,6 +320,31 @@ def check_layout_sizes(tensor_parallel: int, pipeline_parallel: int, virtual_sta
         raise ConfigError("parallel.virtual_stages > 1 needs parallel.pipeline_parallel >= 2")
 
 
+# Numeric settings with a lower bound: key -> (smallest allowed value, what the bound value means, if anything).
+# A negative count or period would be accepted by the loop and do something nobody asked for (max_steps=-5 wrote
+# a checkpoint of step 0; log_every=0 divides by zero after the first step).
+LOWER_BOUNDS = {
+    "train.max_steps": (0, ""), "train.log_every": (1, ""), "train.sample_every": (0, "0 = only at the end"),
+    "train.seed": (0, ""), "train.time_budget_s": (0, "0 = off"), "train.max_nonfinite_steps": (1, ""),
+    "train.stop_check_every": (1, ""), "checkpoint.every": (0, "0 = only at the end"),
+    "checkpoint.keep_last": (1, ""), "checkpoint.keep_every": (0, "0 = off"), "optim.grad_clip": (0, "0 = off"),
+    "optim.warmup_steps": (0, ""), "optim.weight_decay": (0, ""), "data.num_workers": (0, "0 = the training "
+    "thread reads"), "data.canonical_nodes": (1, ""), "model.num_classes": (1, ""), "model.input_size": (1, ""),
+    "sample.grid_images": (1, ""),  # sample.num_steps: the sampler's own check (>= 2 grid points)
+}
+
+
+def check_lower_bounds(cfg: Config) -> None:
+    """``LOWER_BOUNDS``, each error naming the key, the bound and the value given."""
+    for key, (minimum, meaning) in LOWER_BOUNDS.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value < minimum:
+            raise ConfigError(f"{key} must be >= {minimum}" + (f" ({meaning})" if meaning else "") + f", got {value}")
+    if cfg.data.demo_samples is not None and cfg.data.demo_samples < 1:
+        raise ConfigError(f"data.demo_samples must be >= 1 (or null = all 1797 digits), got {cfg.data.demo_samples}")
+
+
 def validate(cfg: Config, for_training: bool = True) -> None:
     """Cross-section checks; each error names the key(s) involved. ``for_training=False`` (sampling a trained
     model) leaves out what only training reads: the dataset's location."""
@@ -337,6 +363,7 @@ def validate(cfg: Config, for_training: bool = True) -> None:
          f"train.compile must be true, false or null (= on when training on CUDA), got {cfg.train.compile!r}")
     need(cfg.train.device in ("auto", "cpu", "cuda"),
          f"train.device must be auto, cpu or cuda, got {cfg.train.device!r}")
+    check_lower_bounds(cfg)
     need(cfg.train.global_batch_size > 0, f"train.global_batch_size must be > 0, got {cfg.train.global_batch_size}")
     mb = cfg.train.micro_batch_size
     need(mb is None or mb > 0,
@@ -352,20 +379,10 @@ def validate(cfg: Config, for_training: bool = True) -> None:
 
     bad = [name for name in cfg.train.requeue_signals if not isinstance(getattr(signal, name, None), signal.Signals)]
     need(not bad, f"train.requeue_signals: unknown signal name(s) {bad} (e.g. SIGUSR1, SIGTERM)")
-    need(cfg.train.time_budget_s >= 0, f"train.time_budget_s must be >= 0 (0 = off), got {cfg.train.time_budget_s}")
-    need(cfg.train.max_nonfinite_steps >= 1,
-         f"train.max_nonfinite_steps must be >= 1, got {cfg.train.max_nonfinite_steps}")
-    need(cfg.train.stop_check_every >= 1, f"train.stop_check_every must be >= 1, got {cfg.train.stop_check_every}")
-    need(cfg.checkpoint.keep_last >= 1, f"checkpoint.keep_last must be >= 1, got {cfg.checkpoint.keep_last}")
-    need(cfg.checkpoint.keep_every >= 0,
-         f"checkpoint.keep_every must be >= 0 (0 = off), got {cfg.checkpoint.keep_every}")
-    need(cfg.checkpoint.every >= 0, f"checkpoint.every must be >= 0 (0 = only at the end), got {cfg.checkpoint.every}")
-    need(cfg.optim.grad_clip >= 0, f"optim.grad_clip must be >= 0 (0 = off), got {cfg.optim.grad_clip}")
     need(cfg.data.source in ("shards", "official", "demo", "synthetic"),
          f"data.source must be 'shards', 'official', 'demo' or 'synthetic', got {cfg.data.source!r}")
     need(not for_training or cfg.data.source in ("demo", "synthetic") or bool(cfg.data.path),
          f"data.path is required when data.source is {cfg.data.source!r}")
-    need(cfg.data.canonical_nodes >= 1, f"data.canonical_nodes must be >= 1, got {cfg.data.canonical_nodes}")
     need(cfg.logging.wandb_mode in ("offline", "online", "disabled"),
          f"logging.wandb_mode must be offline, online or disabled, got {cfg.logging.wandb_mode!r}")
     need(cfg.sample.guidance != "autoguidance" or bool(cfg.sample.guide_checkpoint),

@@ -50,12 +50,13 @@ import numpy as np
 from omegaconf import MISSING
 
 from . import atomic
+from .errors import UserError
 
 COLUMNS = ["run", "step", "images_seen", "fid", "sfid", "precision", "recall"]
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
-class StudyError(ValueError):
+class StudyError(UserError, ValueError):
     """A bad study file or a study directory that cannot be continued; the message says which and why."""
 
 

@@ -1,4 +1,5 @@
 """Typed config: shipped YAMLs load, and every bad input fails at start-up naming its key."""
+import re
 from pathlib import Path
 
 import pytest
@@ -88,11 +89,31 @@ def test_config_round_trips_through_a_checkpoint_dict():
 
 
 def test_train_tool_exits_with_one_clear_line(capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        train_tool.main(["--config", "configs/demo/digits.yaml", "optim.lrr=1"])
-    assert exit_info.value.code == 2
+    assert train_tool.main(["--config", "configs/demo/digits.yaml", "optim.lrr=1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "optim.lrr" in err[0]
+    assert len(err) == 1 and err[0].startswith("error: ") and "optim.lrr" in err[0]
+
+
+@pytest.mark.parametrize("override,message", [
+    ("train.max_steps=-5", "train.max_steps must be >= 0, got -5"),
+    ("train.log_every=0", "train.log_every must be >= 1, got 0"),
+    ("train.sample_every=-1", "train.sample_every must be >= 0 (0 = only at the end), got -1"),
+    ("train.seed=-3", "train.seed must be >= 0, got -3"),
+    ("checkpoint.every=-100", "checkpoint.every must be >= 0 (0 = only at the end), got -100"),
+    ("checkpoint.keep_last=-1", "checkpoint.keep_last must be >= 1, got -1"),
+    ("checkpoint.keep_every=-2", "checkpoint.keep_every must be >= 0 (0 = off), got -2"),
+    ("optim.warmup_steps=-1", "optim.warmup_steps must be >= 0, got -1"),
+    ("data.num_workers=-1", "data.num_workers must be >= 0 (0 = the training thread reads), got -1"),
+    ("data.demo_samples=0", "data.demo_samples must be >= 1 (or null = all 1797 digits), got 0"),
+    ("sample.grid_images=0", "sample.grid_images must be >= 1, got 0"),
+])
+def test_negative_counts_and_periods_are_refused(override, message, capsys):
+    """A negative step count or period used to be accepted (max_steps=-5 wrote a checkpoint of step 0): the tool
+    refuses it in one line naming the key and the value, before anything is written."""
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(["configs/demo/digits.yaml"], [override])
+    assert train_tool.main(["--config", "configs/demo/digits.yaml", override, "train.output_dir=/nonexistent/x"]) == 2
+    assert capsys.readouterr().err.splitlines() == [f"error: {message}"]
 
 
 def test_each_library_setting_is_declared_once_and_reaches_the_library():

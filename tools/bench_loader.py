@@ -10,12 +10,14 @@ import sys
 import tempfile
 
 from sfd_scale.bench.loader import benchmark
+from sfd_scale.cli import entry_point
 
 # for scale: what one training GPU consumes at the issue #7 target for SFD-XXL (500 images/s per H100)
 CONSUMED = 500
 
 
-def main(argv=None) -> None:
+@entry_point
+def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--work", default=None, help="folder for the synthetic data (default: a temp dir)")
@@ -55,6 +57,8 @@ def main(argv=None) -> None:
         with open(args.out, "w") as f:
             f.write(text)
     print(text)
+    return 0
+
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -18,10 +18,11 @@ import sys
 
 import torch
 
-from sfd_scale.config import ConfigError
+from sfd_scale.cli import entry_point
 from sfd_scale.bench.throughput import CPU_LAYOUTS, Setting, benchmark, device_name, markdown, sweep
 
 
+@entry_point
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", action="append", default=[], metavar="YAML")
@@ -69,13 +70,9 @@ def main(argv=None) -> int:
             parser.error("--paired needs --official-code DIR")
         return _paired(args, overrides, argv)
     base = CPU_LAYOUTS if args.layouts == "cpu" else [Setting(f"{args.ranks} rank(s)", args.ranks)]
-    try:
-        rows = benchmark(sweep(base, axes), args.config, overrides, args.steps, args.warmup, args.data == "synthetic",
-                         not args.no_official, args.threads_per_rank, args.peak_tflops, args.official_code,
-                         args.checkpoint)
-    except ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
-        return 2
+    rows = benchmark(sweep(base, axes), args.config, overrides, args.steps, args.warmup, args.data == "synthetic",
+                     not args.no_official, args.threads_per_rank, args.peak_tflops, args.official_code,
+                     args.checkpoint)  # a ConfigError: one line, exit 2 (entry_point)
     command = _command(argv)
     text = markdown(rows, f"Training throughput on {device_name()}, torch {torch.__version__}, "
                           f"{args.threads_per_rank} thread(s) per rank, {args.data} data; mean of {args.steps} steps "
@@ -107,11 +104,7 @@ def _paired(args, overrides, argv) -> int:
     if not modes or set(modes) - {"eager", "compiled"}:
         print(f"--compile-modes wants eager and/or compiled, got {args.compile_modes!r}", file=sys.stderr)
         return 2
-    try:
-        load_config(args.config, overrides)
-    except ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
-        return 2
+    load_config(args.config, overrides)  # a ConfigError: one line, exit 2 (entry_point)
     results = [paired(args.config, overrides, args.official_code, args.paired, args.steps, args.warmup,
                       args.threads_per_rank, mode == "compiled") for mode in modes]
     command = _command(argv)
@@ -128,11 +121,7 @@ def _forward_backward(args, overrides) -> int:
     from sfd_scale.config import load_config
     from sfd_scale.bench.throughput import forward_backward
 
-    try:
-        cfg = load_config(args.config, overrides)
-    except ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
-        return 2
+    cfg = load_config(args.config, overrides)
     torch.set_num_threads(max(args.threads_per_rank, torch.get_num_threads()))
     row = forward_backward(cfg, args.micro_batch, args.steps, args.warmup, args.count_flops, args.peak_tflops)
     row["command"] = "python tools/benchmark.py " + " ".join(sys.argv[1:])

@@ -14,9 +14,11 @@ loading), so there is no offline resharding step: point ``train.output_dir`` at 
 import argparse
 import sys
 
-from sfd_scale.config import ConfigError, load_config
+from sfd_scale.cli import as_user_errors, entry_point
+from sfd_scale.config import load_config
 
 
+@entry_point
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -46,7 +48,7 @@ def main(argv=None) -> int:
 
     from sfd_scale.train import convert
 
-    try:
+    with as_user_errors(ValueError, KeyError, FileNotFoundError):  # weights that do not fit the config
         if args.command == "official-to-native":
             out = convert.official_to_native(args.src, load_config(args.config, args.overrides), args.out, args.step)
         elif args.command == "deepspeed-to-native":
@@ -56,9 +58,6 @@ def main(argv=None) -> int:
             out = convert.native_to_official(args.src, args.out)
         else:
             out = convert.native_to_safetensors(args.src, args.out, args.which, args.dtype)
-    except (ConfigError, ValueError, KeyError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
     print(out)
     return 0
 

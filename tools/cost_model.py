@@ -13,7 +13,7 @@ import json
 import sys
 from pathlib import Path
 
-from sfd_scale.cli import config_parser, parse_config
+from sfd_scale.cli import config_parser, entry_point, parse_config
 from sfd_scale.bench import cost_model
 
 HEADER = """# Cost model: predicted H100 training step from counts taken on CPU
@@ -76,6 +76,7 @@ changes); the tables then show before | after side by side.
 """
 
 
+@entry_point
 def main(argv=None) -> int:
     parser = config_parser(__doc__.split("\n\n")[0])
     parser.add_argument("--micro-batch", type=int, default=None, help="per step (default: the config's)")

@@ -13,7 +13,10 @@ import argparse
 import json
 import sys
 
+from sfd_scale.cli import as_user_errors, entry_point
 
+
+@entry_point
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("inputs", nargs="+", metavar="NPZ", help="SAMPLES.npz REFERENCE.npz, or REFERENCE.npz "
@@ -38,7 +41,7 @@ def main(argv=None) -> int:
     from sfd_scale.eval.fid import InceptionFeatures, evaluate, load_reference, save_stats
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    try:
+    with as_user_errors(ValueError):  # too few images for precision/recall; FIDInputError is a UserError
         extractor = InceptionFeatures(args.inception, device)
         if args.save_stats:
             ref = load_reference(args.inputs[0], extractor, args.batch)
@@ -48,9 +51,6 @@ def main(argv=None) -> int:
             return 0
         metrics = evaluate(args.inputs[0], args.inputs[1], extractor=extractor, batch_size=args.batch,
                            fid_method=args.fid_method)
-    except ValueError as err:  # FIDInputError names the file / key; too few images for precision/recall
-        print(f"error: {err}", file=sys.stderr)
-        return 2
     shown = {k: ("n/a" if v is None else f"{v:.4f}" if isinstance(v, float) else v) for k, v in metrics.items()}
     print(" ".join(f"{k}={v}" for k, v in shown.items()))
     if args.json:

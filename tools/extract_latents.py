@@ -9,7 +9,17 @@
 Rerunning the same command resumes: finished parts are kept, only missing chunks are encoded.
 All logic lives in ``sfd_scale.data.extract``.
 """
-from sfd_scale.data.extract import main
+import sys
+
+from sfd_scale.cli import entry_point
+from sfd_scale.data import extract
+
+
+@entry_point
+def main(argv=None) -> int:
+    extract.main(argv)  # config, input and weights problems: UserErrors, one line
+    return 0
+
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

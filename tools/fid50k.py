@@ -1,7 +1,7 @@
 """FID-50K as the paper measures it, in one command: class-balanced sampling on every rank, then FID, sFID, IS,
 precision and recall against ADM's reference batch on rank 0, written to <out>/metrics.json.
 
-    torchrun --nproc-per-node 8 tools/fid50k.py runs/sfd_xl/checkpoints/step_0400000 \\
+    python -m sfd_scale.torchrun --standalone --nproc_per_node=8 tools/fid50k.py runs/sfd_xl/checkpoints/step_0400000 \\
         --config configs/experiments/sample_xl_80ep.yaml --texture-vae ldm-imagenet256-f16d32-50ep.ckpt \\
         --reference VIRTUAL_imagenet256_labeled.npz --inception inception-2015-12-05.pt --out fid/xl_80ep
     sbatch --gpus-per-node=8 --ntasks-per-node=8 slurm/fid50k.sbatch CHECKPOINT --reference ... --out ...
@@ -25,7 +25,10 @@ Downloads (nothing is fetched by the tool):
 import argparse
 import sys
 
+from sfd_scale.cli import entry_point
 
+
+@entry_point
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,

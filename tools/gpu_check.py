@@ -31,6 +31,8 @@ from pathlib import Path
 
 import torch
 
+from sfd_scale.cli import entry_point
+
 REPO = Path(__file__).resolve().parents[1]
 GOLDEN_RTOL = 1e-5  # relative to the largest golden magnitude; fp32, TF32 off
 BF16_RTOL = 2e-2    # bf16 autocast vs fp32, total loss of one batch
@@ -274,6 +276,7 @@ def markdown(results: dict, header: str) -> str:
     return "\n".join(lines)
 
 
+@entry_point
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cpu-smoke", action="store_true", help="every CPU-capable step at tiny sizes (~1 min)")

@@ -8,21 +8,19 @@ import argparse
 import sys
 import time
 
+from sfd_scale.cli import as_user_errors, entry_point
 from sfd_scale.data.official import import_official
-from sfd_scale.data.shards import ShardFormatError
 
 
+@entry_point
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("src", help="official latent folder")
     parser.add_argument("dst", help="output folder for the sfd_scale shards")
     args = parser.parse_args(argv)
     t0 = time.time()
-    try:
+    with as_user_errors(FileNotFoundError, KeyError, ValueError):  # the official folder's missing keys, shapes
         info = import_official(args.src, args.dst)
-    except (FileNotFoundError, KeyError, ValueError, ShardFormatError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
     print(f"Imported {info['num_samples']} samples from {args.src} into {info['parts']} parts at {args.dst} in "
           f"{time.time() - t0:.1f}s; columns {', '.join(sorted(info['columns']))}; statistics {info['stats']}.")
     return 0

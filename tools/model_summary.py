@@ -13,6 +13,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from sfd_scale.cli import as_user_errors, entry_point
+
 
 def parse(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -43,11 +45,12 @@ def parse(argv):
     return args, overrides
 
 
+@entry_point
 def main(argv=None) -> int:
     args, overrides = parse(sys.argv[1:] if argv is None else argv)
     from sfd_scale.models import summary  # after argument parsing: --help stays instant
 
-    try:
+    with as_user_errors(ValueError, TypeError):  # the model flags' values; messages name the bad key/flag
         if args.config:
             from sfd_scale.config import load_config, model_args, sfd_spec
 
@@ -60,9 +63,6 @@ def main(argv=None) -> int:
                 repa_feature_dim=args.repa_feature_dim, repa_depth=args.repa_depth, input_size=args.input_size,
                 learn_sigma=args.learn_sigma, wo_shift=args.wo_shift)
             result = summary.summarize(model, args.name, spec)
-    except (ValueError, TypeError) as err:  # ConfigError is a ValueError; messages name the bad key/flag
-        print(f"error: {err}", file=sys.stderr)
-        return 2
     print(summary.format_table(result))
     return 0
 

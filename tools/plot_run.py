@@ -5,7 +5,10 @@
 import argparse
 import sys
 
+from sfd_scale.cli import entry_point
 
+
+@entry_point
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dir", help="a train.output_dir")
@@ -13,11 +16,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     from sfd_scale.eval.plots import plot_run
 
-    try:
-        paths = plot_run(args.run_dir, args.out)
-    except FileNotFoundError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    paths = plot_run(args.run_dir, args.out)  # no metrics.jsonl: a MissingInputError, one line
     print("\n".join(map(str, paths)))
     return 0
 

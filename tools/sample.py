@@ -16,7 +16,10 @@ import argparse
 import sys
 from pathlib import Path
 
+from sfd_scale.cli import as_user_errors, entry_point
 
+
+@entry_point
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoint", help="sfd_scale checkpoint directory, or an official .pt / .safetensors")
@@ -30,11 +33,8 @@ def main(argv=None) -> int:
     from sfd_scale.eval.generate import prepare_sampling, save_sample_grid
 
     path = Path(args.checkpoint)
-    try:
+    with as_user_errors(ValueError, KeyError, FileNotFoundError):  # a checkpoint that does not fit the config
         run = prepare_sampling(path, args.config, args.overrides)
-    except (ValueError, KeyError, FileNotFoundError) as err:  # ConfigError, CheckpointError included
-        print(f"error: {err}", file=sys.stderr)
-        return 2
     if run.decode is None:
         print("note: no decoder (sample.texture_vae is not set): the grid shows a false-colour view of the first "
               "texture latent channels", file=sys.stderr)

@@ -16,7 +16,10 @@ import sys
 import time
 from pathlib import Path
 
+from sfd_scale.cli import as_user_errors, entry_point
 
+
+@entry_point
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoint", help="sfd_scale checkpoint directory, or an official .pt / .safetensors")
@@ -29,13 +32,12 @@ def main(argv=None) -> int:
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_intermixed_args(argv)
 
-
     from sfd_scale.eval.fid_sampling import FidSamplingError, rank_and_world, sample_for_fid
     from sfd_scale.eval.generate import prepare_sampling
     from sfd_scale.parallel.slurm_env import slurm_rendezvous
 
     overrides = args.overrides + ([f"sample.texture_vae={args.texture_vae}"] if args.texture_vae else [])
-    try:
+    with as_user_errors(ValueError, KeyError, FileNotFoundError):  # a checkpoint that does not fit the config
         if args.num_images < 1 or args.batch < 1:
             raise FidSamplingError(f"--num-images ({args.num_images}) and --batch ({args.batch}) must be >= 1")
         slurm_rendezvous()  # srun tasks: RANK / WORLD_SIZE / LOCAL_RANK from SLURM's variables
@@ -46,9 +48,6 @@ def main(argv=None) -> int:
         result = sample_for_fid(run.model, cfg, args.out, args.num_images, run.decode, batch_size=args.batch,
                                 num_classes=run.num_classes, guide=run.guide, rank=rank, world_size=world,
                                 device=run.device, png=not args.no_png, checkpoint=str(Path(args.checkpoint).resolve()))
-    except (ValueError, KeyError, FileNotFoundError) as err:  # ConfigError, CheckpointError, FidSamplingError
-        print(f"error: {err}", file=sys.stderr)
-        return 2
     secs = time.monotonic() - start
     done = (f"all {args.num_images} images merged into {result.npz} (grid {result.grid})" if result.complete
             else "other ranks' parts are still missing: the last rank to finish merges")

@@ -16,7 +16,10 @@ signal (checkpoint written: run again).
 import argparse
 import sys
 
+from sfd_scale.cli import as_user_errors, entry_point
 
+
+@entry_point
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("study", help="study file (configs/studies/*.yaml)")
@@ -30,7 +33,7 @@ def main(argv=None) -> int:
 
     from sfd_scale.study import collect, evaluate_point, load_study, run_local, submit_slurm, summary_text
 
-    try:
+    with as_user_errors(ValueError, FileNotFoundError):  # StudyError, ConfigError, CheckpointError, ... included
         study = load_study(args.study, args.overrides)
         if args.collect_only:
             print(summary_text(study, collect(study, args.out)))
@@ -50,9 +53,6 @@ def main(argv=None) -> int:
         if result is not None:
             print(summary_text(study, result))
         return status
-    except (ValueError, FileNotFoundError) as err:  # StudyError, ConfigError, CheckpointError, FidSamplingError, ...
-        print(f"error: {err}", file=sys.stderr)
-        return 2
 
 
 if __name__ == "__main__":

@@ -2,14 +2,17 @@
 
 Exit status 0 when ``train.max_steps`` is reached; 75 (``REQUEUE_EXIT``) when the run stopped early on a
 signal (``train.requeue_signals``) or its time budget, after writing a checkpoint: run the same command
-again (slurm/ launchers requeue the job) and it continues from there.
+again (slurm/ launchers requeue the job) and it continues from there. 2 for a problem to fix (config, data,
+checkpoint, output directory, too many non-finite steps: one line on stderr says what; ``--debug`` shows the
+traceback). Under torchrun use ``python -m sfd_scale.torchrun``, which keeps the status 75.
 """
 import sys
 
-from sfd_scale.cli import config_parser, parse_config
+from sfd_scale.cli import config_parser, entry_point, parse_config
 from sfd_scale.train.trainer import Trainer, summary_text
 
 
+@entry_point
 def main(argv=None) -> int:
     _, cfg = parse_config(config_parser(__doc__.split("\n\n")[0]), argv)
     summary = Trainer(cfg).fit()

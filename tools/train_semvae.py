@@ -1,21 +1,19 @@
 """Train the Semantic VAE: ``python tools/train_semvae.py --config configs/semvae/tiny_cpu.yaml [key=value ...]``."""
 import sys
 
-from sfd_scale.cli import config_parser
-from sfd_scale.config import ConfigError
+from sfd_scale.cli import config_parser, entry_point
 from sfd_scale.semvae.train import load_semvae_config, semvae_summary_text, train_semvae
 
 
-def main(argv=None) -> None:
+@entry_point
+def main(argv=None) -> int:
+    """Exit status 2 with one line on stderr for a config or start-up problem (data directory, resume state)."""
     args = config_parser(__doc__).parse_intermixed_args(argv)
-    try:
-        cfg = load_semvae_config(args.config, args.overrides)
-        summary = train_semvae(cfg)
-    except ConfigError as err:  # also start-up problems found by train_semvae (data directory, resume state)
-        print(f"config error: {err}", file=sys.stderr)
-        sys.exit(2)
+    cfg = load_semvae_config(args.config, args.overrides)
+    summary = train_semvae(cfg)
     print(semvae_summary_text(summary, cfg))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import MissingInputError, UserError
 from ..semvae.model import SemanticVAE, SemVAEArgs, load_semvae
 
 Generators = Union[None, torch.Generator, Sequence[torch.Generator]]
@@ -36,7 +37,7 @@ LDM_IGNORED_PREFIXES = ("loss.", "linear_proj.", "model_ema.", "foundation_model
 _SHOW = 6  # offending keys listed per kind in an error message
 
 
-class WeightsError(ValueError):
+class WeightsError(UserError, ValueError):
     """Weights that do not fit the model; the message names the file and the first offending keys."""
 
 
@@ -44,7 +45,7 @@ class WeightsError(ValueError):
 def _need_file(path, what: str) -> Path:
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"{what} weights not found: {path}")
+        raise MissingInputError(f"{what} weights not found: {path}")
     return path
 
 
@@ -184,7 +185,7 @@ class TextureVAE(nn.Module):
             files = [path / f"diffusion_pytorch_model.{ext}" for ext in ("safetensors", "bin")]
             file = next((f for f in files if f.is_file()), None)
             if file is None:
-                raise FileNotFoundError(f"texture VAE weights not found: {files[0]} (or .bin)")
+                raise MissingInputError(f"texture VAE weights not found: {files[0]} (or .bin)")
             check_and_load(model, read_state_dict(file), file)
             return cls(model, mode)
         model = AutoencoderKL.from_config(texture_vae_config(**config))

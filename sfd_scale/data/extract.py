@@ -19,7 +19,6 @@ import hashlib
 import json
 import math
 import os
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -343,21 +342,17 @@ def summary_text(s: dict) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
+    """The extraction command (``tools/extract_latents.py``); its problems are ``UserError``s (config, input
+    folder or list, weights), which the tool reports in one line."""
     import argparse
-    from .encoders import WeightsError
-    from ..semvae.model import SemVAECheckpointError
     p = argparse.ArgumentParser(description="Extract SFD latent shards (texture + semantic latents, DINOv2 "
                                             "features) from an image folder.")
     p.add_argument("--config", action="append", default=[], metavar="YAML")
     p.add_argument("--finalize-only", action="store_true", help="only merge finished parts and write statistics")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     args = p.parse_intermixed_args(argv)
-    try:
-        cfg = load_extract_config(args.config, args.overrides)
-        rank, world = rank_world()
-        summary = extract(cfg, rank, world, finalize_only=args.finalize_only)
-    except (ConfigError, FileNotFoundError, WeightsError, SemVAECheckpointError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2)
+    cfg = load_extract_config(args.config, args.overrides)
+    rank, world = rank_world()
+    summary = extract(cfg, rank, world, finalize_only=args.finalize_only)
     print(summary_text(summary), flush=True)
     return summary

@@ -26,11 +26,16 @@ import torch
 from safetensors import safe_open
 
 from ..atomic import atomic_path
+from ..errors import DataError, MissingInputError, one_line
 from .shards import PartWriter, composite_latent, finalize, finished_parts
 
 # Each optional block must come with its flipped twin, otherwise a flipped read would fail mid-epoch.
 _PAIRED_KEYS = ("latents", "latents_dino", "latents_sv", "feats_dino")
 _STATS_MAX_SAMPLES = 10_000  # the official class estimates stats from at most 10k samples
+
+
+class ShardKeyError(DataError, KeyError):
+    """An official shard or stats file lacks a key the reader needs (a KeyError, as a dict lookup would raise)."""
 
 
 class OfficialLatentDataset(torch.utils.data.Dataset):
@@ -49,19 +54,25 @@ class OfficialLatentDataset(torch.utils.data.Dataset):
         self.latent_sv_norm = latent_sv_norm
         self.latent_multiplier = latent_multiplier
         if not os.path.isdir(self.data_dir):
-            raise FileNotFoundError(f"latent dataset directory not found: {self.data_dir}")
+            raise MissingInputError(f"latent dataset directory not found: {self.data_dir} (data.path)")
         self.files: List[str] = sorted(glob(os.path.join(self.data_dir, "*.safetensors")))
         if not self.files:
-            raise FileNotFoundError(f"no *.safetensors shard in latent dataset directory {self.data_dir}")
+            raise MissingInputError(f"no *.safetensors shard in latent dataset directory {self.data_dir} (data.path)")
 
         # Only shard headers are read here (no tensor data): sizes and key sets.
         self._keys: List[frozenset] = []
         self._starts: List[int] = []  # global index of each shard's first sample
         total = 0
         for path in self.files:
-            with safe_open(path, framework="pt", device="cpu") as f:
-                keys = frozenset(f.keys())
-                n = self._check_shard(path, f, keys)
+            try:
+                with safe_open(path, framework="pt", device="cpu") as f:
+                    keys = frozenset(f.keys())
+                    n = self._check_shard(path, f, keys)
+            except DataError:
+                raise
+            except Exception as err:  # safetensors' own error type: a damaged or foreign file
+                raise DataError(f"shard {path} is not a readable safetensors file ({one_line(err)}): restore it "
+                                f"or remove it from data.path") from err
             self._keys.append(keys)
             self._starts.append(total)
             total += n
@@ -81,18 +92,18 @@ class OfficialLatentDataset(torch.utils.data.Dataset):
         """Validate one shard's keys and leading dims; return its number of samples."""
         for key in ("labels", "latents", "latents_flip"):
             if key not in keys:
-                raise KeyError(f"shard {path} has no required key '{key}'")
+                raise ShardKeyError(f"shard {path} has no required key '{key}'")
         for key in _PAIRED_KEYS:
             if key in keys and f"{key}_flip" not in keys:
-                raise KeyError(f"shard {path} has '{key}' but no required key '{key}_flip'")
+                raise ShardKeyError(f"shard {path} has '{key}' but no required key '{key}_flip'")
         labels_shape = f.get_slice("labels").get_shape()
         if len(labels_shape) != 1:
-            raise ValueError(f"shard {path}: 'labels' must be 1-D, got shape {labels_shape}")
+            raise DataError(f"shard {path}: 'labels' must be 1-D, got shape {labels_shape}")
         n = labels_shape[0]  # the official map counts samples by the labels length
         for key in keys:
             shape = f.get_slice(key).get_shape()
             if not shape or shape[0] != n:
-                raise ValueError(f"shard {path}: key '{key}' has shape {shape}, expected {n} samples "
+                raise DataError(f"shard {path}: key '{key}' has shape {shape}, expected {n} samples "
                                  f"(the length of 'labels')")
         return n
 
@@ -149,7 +160,7 @@ class OfficialLatentDataset(torch.utils.data.Dataset):
             stats = torch.load(path, map_location="cpu", weights_only=True)
             for name in ("mean", "std"):
                 if not isinstance(stats, dict) or name not in stats:
-                    raise KeyError(f"stats file {path} has no key '{name}'")
+                    raise ShardKeyError(f"stats file {path} has no key '{name}'")
         else:
             stats = self._compute_stats(key)
             self._save_stats(stats, path)
@@ -165,7 +176,7 @@ class OfficialLatentDataset(torch.utils.data.Dataset):
         for idx in indices:
             shard, row = self._locate(int(idx))
             if key not in self._keys[shard]:
-                raise KeyError(f"shard {self.files[shard]} has no key '{key}' needed for its stats")
+                raise ShardKeyError(f"shard {self.files[shard]} has no key '{key}' needed for its stats")
             with safe_open(self.files[shard], framework="pt", device="cpu") as f:
                 rows.append(f.get_slice(key)[row:row + 1])
         latents = torch.cat(rows, dim=0)
@@ -205,7 +216,7 @@ def import_official(src, dst, progress: bool = True) -> dict:
             stats.update({f"{key}_mean": mean.float(), f"{key}_std": std.float()})
     has_sv = any("latents_sv" in k for k in reader._keys)
     if stats and ("latents_mean" not in stats or (has_sv and "latents_sv_mean" not in stats)):
-        raise FileNotFoundError(f"{src} has only some of latents_stats.pt / latents_sv_stats.pt; provide both "
+        raise MissingInputError(f"{src} has only some of latents_stats.pt / latents_sv_stats.pt; provide both "
                                 f"or neither (then exact statistics are computed)")
     done = set(finished_parts(dst))
     for k, path in enumerate(tqdm(reader.files, desc="import", unit="shard", disable=not progress)):

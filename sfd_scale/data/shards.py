@@ -5,7 +5,8 @@ A dataset root holds
                            ``moments.safetensors``: per-channel sums for the statistics). A part is written
                            aside (``.tmp_part_*``) and renamed into place when complete, so a crashed writer leaves no
                            half part behind and a rerun skips the finished ones;
-  ``index.json``           streaming's index over all parts, merged in part order (the dataset order);
+  ``index.json``           streaming's index over all parts, merged in part order (the dataset order), with
+                           each shard file's size and content checksum (checked on first read: ``shard_check.py``);
   ``stats.safetensors``    per-channel ``latents_mean/_std`` and ``latents_sv_mean/_std``, (1,C,1,1) f32;
   ``sfd_dataset.json``     format version, sample count, columns, provenance (written last).
 Sample columns use the official key names: ``latents``/``latents_flip`` (texture latents of the image
@@ -25,6 +26,7 @@ import os
 import shutil
 import socket
 import threading
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,15 +39,13 @@ from streaming import MDSWriter, StreamingDataset
 from streaming.base.util import merge_index
 
 from ..atomic import atomic_path, write_text
+from .shard_check import (CHECKSUM, ShardFile, ShardFormatError, ShardVerifier, entry_of_reader, readable_by_offset,
+                          unverified_warning)
 
 FORMAT_VERSION = 1
 PAIRED = ("latents", "latents_sv", "feats_dino", "latents_dino")  # each comes with a ``_flip`` twin
 STATS_FILE, META_FILE, INDEX_FILE, MOMENTS_FILE = "stats.safetensors", "sfd_dataset.json", "index.json", \
     "moments.safetensors"
-
-
-class ShardFormatError(ValueError):
-    """A latent-shard dataset is missing, incomplete or inconsistent; the message names the file/key."""
 
 
 # ------------------------------------------------------------------------------------------ the math
@@ -187,7 +187,8 @@ class PartWriter:
 
     def write(self, sample: Dict[str, np.ndarray]) -> None:
         if self.writer is None:
-            self.writer = MDSWriter(out=str(self.tmp), columns=column_encodings(sample), size_limit=self.size_limit)
+            self.writer = MDSWriter(out=str(self.tmp), columns=column_encodings(sample), size_limit=self.size_limit,
+                                    hashes=[CHECKSUM])  # in index.json: shard_check verifies it on first read
         self.writer.write(sample)
         self.moments.add("latents", sample["latents"])
         if "latents_sv" in sample:
@@ -291,57 +292,6 @@ class Normalization:
 
 MAX_OPEN_SHARDS = 64  # shard files a loader process keeps open (least recently used closed first)
 STORED_KEYS = ("latents", "latents_dino", "latents_sv")  # the composite latent's stored blocks, in order
-READAHEAD_REQUEST = 8 << 20
-
-
-class _ShardFile:
-    """A local, uncompressed MDS shard open for positional reads: where every sample starts and where each
-    column sits inside a sample. MDS layout: a uint32 sample count, the samples' uint32 start offsets (one more
-    than samples, the last is the file's end), then each sample's columns back to back; sfd_scale's columns all
-    have a fixed size, so a column's place in a sample is fixed too. The descriptor closes with the object,
-    i.e. only after the last reader thread holding it is done."""
-
-    def __init__(self, reader):
-        self.path = os.path.join(reader.dirname, reader.split or "", reader.raw_data.basename)
-        self.columns: Dict[str, Tuple[int, int]] = {}  # name -> (byte offset in a sample, bytes)
-        offset = 0
-        for name, size in zip(reader.column_names, reader.column_sizes):
-            self.columns[name] = (offset, size)
-            offset += size
-        self.fd = os.open(self.path, os.O_RDONLY)
-        table = os.pread(self.fd, 4 * (reader.samples + 1), 4)
-        self.starts = np.frombuffer(table, np.uint32)
-        if len(self.starts) != reader.samples + 1 or os.fstat(self.fd).st_size < int(self.starts[-1]) or \
-                np.any(np.diff(self.starts.astype(np.int64)) != offset):
-            os.close(self.fd)
-            self.fd = None
-            raise ShardFormatError(f"{self.path} is truncated or does not match its index.json entry")
-        # Have the kernel read the whole file ahead, asynchronously, as streaming fetches whole shards: the
-        # shuffled order reads small pieces at random offsets, for which the kernel's own readahead never
-        # starts. In 8 MiB requests: Linux serves one WILLNEED request only up to a few MiB (measured).
-        # Nearly free when the file is cached.
-        if hasattr(os, "posix_fadvise"):
-            for start in range(0, int(self.starts[-1]), READAHEAD_REQUEST):
-                os.posix_fadvise(self.fd, start, READAHEAD_REQUEST, os.POSIX_FADV_WILLNEED)
-
-    def read_into(self, row: int, column: str, out: np.ndarray) -> None:
-        offset, size = self.columns[column]
-        got = os.preadv(self.fd, [out], int(self.starts[row]) + offset)  # releases the GIL while copying
-        if got != size:
-            raise ShardFormatError(f"{self.path}: sample {row}, column '{column}': read {got} of {size} bytes")
-
-    def __del__(self):
-        if getattr(self, "fd", None) is not None:
-            os.close(self.fd)
-
-
-def _readable_by_offset(reader) -> bool:
-    """Every column fixed-size and the shard stored uncompressed (all that sfd_scale writes)."""
-    return not reader.compression and all(reader.column_sizes) and \
-        all(e.startswith("ndarray:") or e in ("int64", "int32", "float32", "float64", "uint8")
-            for e in reader.column_encodings)
-
-
 def _column_spec(encoding: str) -> Tuple[np.dtype, Tuple[int, ...]]:
     """(dtype, per-sample shape) of an MDS column encoding (``ndarray:<dtype>:<shape>`` or a number)."""
     parts = encoding.split(":")
@@ -385,6 +335,7 @@ class LatentShardDataset(StreamingDataset):
             kwargs.setdefault("predownload", 1 << 40)
         super().__init__(local=str(root), remote=remote, shuffle=shuffle, shuffle_seed=seed, batch_size=batch_size,
                          replication=replication, num_canonical_nodes=canonical_nodes, **kwargs)
+        self._warn_unverified(root)
         self.stats = read_stats(root)
         self.seed, self.hflip, self.norm, self.repa = seed, hflip, norm, repa
         self.remote = remote
@@ -400,13 +351,20 @@ class LatentShardDataset(StreamingDataset):
         self._epoch = 0
         self._init_files()
 
-    def _init_files(self) -> None:
-        self._files: "OrderedDict[int, Optional[_ShardFile]]" = OrderedDict()  # LRU; None: read via streaming
-        self._files_lock = threading.Lock()
+    def _warn_unverified(self, root) -> None:
+        """One warning when some shard has no checksum (``shard_check``: the others are checked on first read)."""
+        unverified = sum(entry_of_reader(reader).digest is None for reader in self.shards)
+        if unverified:
+            warnings.warn(unverified_warning(root, unverified, len(self.shards)), stacklevel=3)
 
-    def __getstate__(self) -> dict:  # loader worker processes open their own files
+    def _init_files(self) -> None:
+        self._files: "OrderedDict[int, Optional[ShardFile]]" = OrderedDict()  # LRU; None: read via streaming
+        self._files_lock = threading.Lock()
+        self._verifier = ShardVerifier({i: entry_of_reader(reader) for i, reader in enumerate(self.shards)})
+
+    def __getstate__(self) -> dict:  # loader worker processes open their own files and check them themselves
         state = self.__dict__.copy()
-        state.pop("_files"), state.pop("_files_lock")
+        state.pop("_files"), state.pop("_files_lock"), state.pop("_verifier")
         return state
 
     def __setstate__(self, state: dict) -> None:
@@ -426,15 +384,21 @@ class LatentShardDataset(StreamingDataset):
         return self._key(index, self.hflip and flip_choice(self.seed, self._epoch, index))
 
     def _key(self, index: int, flip: bool) -> tuple:
-        return (index, flip) if self.remote is None else (index, flip, self.get_item(index))
+        if self.remote is None:
+            return index, flip
+        # Streaming has downloaded the whole shard into the local cache by now. It checks a hash only as it
+        # downloads, and then merely logs a mismatch from its download thread and reads the file anyway.
+        sample = self.get_item(index)
+        self._verifier.require([int(self.spanner[index][0])])
+        return index, flip, sample
 
-    def _shard_file(self, shard_id: int) -> Optional[_ShardFile]:
+    def _shard_file(self, shard_id: int) -> Optional[ShardFile]:
         with self._files_lock:  # reader threads share the open files
             if shard_id in self._files:
                 self._files.move_to_end(shard_id)
                 return self._files[shard_id]
         reader = self.shards[shard_id]  # opened outside the lock: starting the readahead may block
-        opened = _ShardFile(reader) if self.local_reads and _readable_by_offset(reader) else None
+        opened = ShardFile(reader) if self.local_reads and readable_by_offset(reader) else None
         with self._files_lock:
             opened = self._files.setdefault(shard_id, opened)  # another thread may have opened it meanwhile
             while len(self._files) > MAX_OPEN_SHARDS:
@@ -450,7 +414,9 @@ class LatentShardDataset(StreamingDataset):
         no temporaries. Streaming's own reader opens the shard file and re-parses every column's encoding for
         every sample, and decodes both flips of every column, which made it several times slower
         (``benchmarks/loader_cpu.md``). Remote or compressed shards go through streaming;
-        ``tests/data/test_shards.py`` checks that both paths give the same batches."""
+        ``tests/data/test_shards.py`` checks that both paths give the same batches. The batch is returned only
+        once every local shard it read from passed its content check (``shard_check.ShardVerifier``: hashed in
+        the background from its first read on, once per process)."""
         cols, n = self.meta["columns"], len(keys)
         latent = np.empty((n, *self._latent_shape), np.float32)
         # where each stored column lands: a float32 block straight into its channels of the latent, any other
@@ -463,12 +429,16 @@ class LatentShardDataset(StreamingDataset):
         if self.repa:
             dest["feats_dino"] = _column_array(cols["feats_dino"], n)
         dest["label"] = _column_array(cols["label"], n)
+        local_shards = set()
         for j, key in enumerate(keys):
             index, flip = key[0], key[1]
             shard_id, row = (int(x) for x in self.spanner[index])
-            if len(key) > 2:  # read when iterated (remote shards)
+            if len(key) > 2:  # read (and checked) when iterated: remote shards
                 file, sample = None, key[2]
             else:
+                if shard_id not in local_shards:
+                    local_shards.add(shard_id)
+                    self._verifier.start(shard_id)
                 file = self._shard_file(shard_id)
                 sample = self.get_item(index) if file is None else None
             for col, out in dest.items():
@@ -479,6 +449,7 @@ class LatentShardDataset(StreamingDataset):
                     out[j] = sample[name]
         for key, block in staged.items():
             block[...] = dest[key]
+        self._verifier.require(local_shards)  # ShardCorruptError naming the file if one is damaged
         sv = self._blocks.get("latents_sv")
         normalize_composite_(latent, self.stats, self.norm.latent_norm, self.norm.latent_sv_norm, self.norm.multiplier,
                              self._blocks["latents"].stop, sv.stop - sv.start if sv else 0)

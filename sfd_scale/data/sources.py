@@ -12,10 +12,12 @@ draws by it.
 from __future__ import annotations
 
 import itertools
+import json
 import queue
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Iterable, Iterator, List, Optional, Tuple
 
 import numpy as np
@@ -25,7 +27,9 @@ from torch.utils.data import DataLoader, Dataset
 from .decoding import LatentStats, TextureDecoder, official_latent_stats, shard_latent_stats, stats_file_latent_stats
 from .demo import build_demo_latents, images_to_uint8
 from .official import OfficialLatentDataset
-from .shards import LatentShardDataset, Normalization, fetch_dataset_files, latent_channels, read_meta
+from .shards import (INDEX_FILE, LatentShardDataset, Normalization, ShardFormatError, fetch_dataset_files,
+                     latent_channels, read_meta)
+from ..errors import one_line
 from ..config import ConfigError
 from ..streaming_leases import StreamingLease
 
@@ -276,10 +280,30 @@ def _read_ahead(keys: Iterator, read: Callable, readers: int, gate: _EpochGate) 
             pool.shutdown(wait=True, cancel_futures=True)
 
 
+def check_local_shards(root) -> None:
+    """Every shard file that ``root``'s index.json lists is there with the size it gives: a deleted or truncated
+    shard is named at start-up, before the run writes anything (streaming would fail at its first read, and
+    take a deleted file for a missing remote)."""
+    index = Path(root) / INDEX_FILE
+    try:
+        listed = [s["raw_data"] for s in json.loads(index.read_text())["shards"]]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ShardFormatError(f"{index} is unreadable ({one_line(err)}): rebuild the dataset") from None
+    for raw in listed:
+        path = Path(root) / raw["basename"]
+        size = path.stat().st_size if path.is_file() else None
+        if size is None or size != raw.get("bytes", size):
+            what = "is missing (deleted?)" if size is None else f"has {size} bytes, index.json says {raw['bytes']}"
+            raise ShardFormatError(f"shard file {path} {what}: restore it, or rebuild the dataset "
+                                   f"(tools/extract_latents.py, tools/import_official_latents.py)")
+
+
 def _shard_source(cfg) -> TrainingData:
     d = cfg.data
     fetch_dataset_files(d.path, d.remote)
     meta = read_meta(d.path)
+    if d.remote is None:  # a remote dataset's local cache fills as it streams
+        check_local_shards(d.path)
     cols = meta["columns"]
     opened: List[Tuple[LatentShardDataset, StreamingLease]] = []
 

@@ -39,12 +39,14 @@ import torch
 import torch.nn.functional as F
 from scipy import linalg
 
+from ..errors import UserError
+
 INCEPTION_SIZE = 299
 POOL_DIM = 2048
 SPATIAL_CHANNELS = 7  # ADM: spatial = mixed_6/conv[..., :7]
 
 
-class FIDInputError(ValueError):
+class FIDInputError(UserError, ValueError):
     """Bad input (missing or unreadable file, wrong keys, wrong dtype or shape); the message names it."""
 
 
@@ -343,37 +345,66 @@ def _psd_factor(a: np.ndarray) -> np.ndarray:
     return f
 
 
+FID_NUMERICS_HELP = ("check the statistics (finite features, enough images) and the numerical libraries: a "
+                     "broken BLAS / LAPACK build (e.g. some OpenBLAS builds) is known to make scipy.linalg.sqrtm "
+                     "return NaN or complex results; reinstall numpy / scipy from official wheels, or compare with "
+                     "the SVD-based method (tools/eval_fid.py --fid-method fast)")
+IMAGINARY_TOLERANCE = 1e-3  # ADM / pytorch-fid: a larger imaginary part on sqrtm's diagonal is an error
+
+
+def _sqrtm_trace(sigma1: np.ndarray, sigma2: np.ndarray, eps: float) -> float:
+    """Tr (sigma1 sigma2)^(1/2) by scipy.linalg.sqrtm, with ADM's / pytorch-fid's rescue: eps on both diagonals
+    when the product is singular (sqrtm not finite). Raises ``ValueError`` rather than return a wrong number:
+    still not finite after the rescue, or an imaginary diagonal above ``IMAGINARY_TOLERANCE`` (a slight one,
+    left by rounding, is dropped)."""
+    covmean = linalg.sqrtm(sigma1.dot(sigma2))  # scipy >= 1.16 deprecates disp=False; default is fine
+    if not np.isfinite(covmean).all():
+        warnings.warn(f"fid calculation produces singular product; adding {eps} to diagonal of cov estimates")
+        offset = np.eye(sigma1.shape[0]) * eps
+        covmean = linalg.sqrtm((sigma1 + offset).dot(sigma2 + offset))
+        if not np.isfinite(covmean).all():
+            raise ValueError(f"FID: the matrix square root of the covariance product is not finite, even with "
+                             f"{eps} added to the diagonals: {FID_NUMERICS_HELP}")
+    if np.iscomplexobj(covmean):
+        imaginary = float(np.max(np.abs(np.diagonal(covmean).imag)))
+        if not np.allclose(np.diagonal(covmean).imag, 0, atol=IMAGINARY_TOLERANCE):
+            raise ValueError(f"FID: the matrix square root of the covariance product is complex (imaginary part "
+                             f"{imaginary:.3g} on its diagonal, tolerance {IMAGINARY_TOLERANCE:g}), so the distance "
+                             f"would be wrong: {FID_NUMERICS_HELP}")
+        covmean = covmean.real
+    return float(np.trace(covmean))
+
+
 def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6, method: str = "sqrtm") -> float:
     """||mu1 - mu2||^2 + Tr(sigma1 + sigma2 - 2 (sigma1 sigma2)^(1/2)).
 
     ``method="sqrtm"`` (default) is ADM's / pytorch-fid's computation: scipy.linalg.sqrtm of the product;
     if that is not finite, eps on both diagonals; an imaginary diagonal above 1e-3 is an error, below it
-    is dropped. ``method="fast"`` gets the same trace as the nuclear norm of F1^T F2 (sigma_i = F_i F_i^T,
-    pivoted Cholesky): eig(s1 s2) = eig(F1^T F2 F2^T F1) = singular values of F1^T F2, squared. Seconds
-    instead of ~15 s at 2048-d on 2 CPU cores (milliseconds for few-image covariances), and exact for
-    rank-deficient covariances, where sqrtm loses ~1e-4; reported numbers should keep ADM's sqrtm."""
+    is dropped (``_sqrtm_trace``). ``method="fast"`` gets the same trace as the nuclear norm of F1^T F2
+    (sigma_i = F_i F_i^T, pivoted Cholesky): eig(s1 s2) = eig(F1^T F2 F2^T F1) = singular values of F1^T F2,
+    squared. Seconds instead of ~15 s at 2048-d on 2 CPU cores (milliseconds for few-image covariances), and
+    exact for rank-deficient covariances, where sqrtm loses ~1e-4; reported numbers should keep ADM's sqrtm.
+    Non-finite statistics or a non-finite result raise ``ValueError``: never a silent wrong number."""
     mu1, mu2 = np.atleast_1d(mu1).astype(np.float64), np.atleast_1d(mu2).astype(np.float64)
     sigma1, sigma2 = np.atleast_2d(sigma1).astype(np.float64), np.atleast_2d(sigma2).astype(np.float64)
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
         raise ValueError(f"statistics differ in shape: mu {mu1.shape} vs {mu2.shape}, "
                          f"sigma {sigma1.shape} vs {sigma2.shape}")
+    for name, value in (("mu1", mu1), ("sigma1", sigma1), ("mu2", mu2), ("sigma2", sigma2)):
+        if not np.isfinite(value).all():
+            raise ValueError(f"FID: the statistics {name} hold NaN or Inf (non-finite Inception features of "
+                             f"the samples or a damaged reference .npz): recompute them")
     diff = mu1 - mu2
     if method == "fast":
         tr_covmean = np.linalg.svd(_psd_factor(sigma1).T @ _psd_factor(sigma2), compute_uv=False).sum()
     elif method == "sqrtm":
-        covmean = linalg.sqrtm(sigma1.dot(sigma2))  # scipy >= 1.16 deprecates disp=False; default is fine
-        if not np.isfinite(covmean).all():
-            warnings.warn(f"fid calculation produces singular product; adding {eps} to diagonal of cov estimates")
-            offset = np.eye(sigma1.shape[0]) * eps
-            covmean = linalg.sqrtm((sigma1 + offset).dot(sigma2 + offset))
-        if np.iscomplexobj(covmean):  # rounding can leave a slight imaginary part
-            if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
-                raise ValueError(f"Imaginary component {np.max(np.abs(covmean.imag))}")
-            covmean = covmean.real
-        tr_covmean = np.trace(covmean)
+        tr_covmean = _sqrtm_trace(sigma1, sigma2, eps)
     else:
         raise ValueError(f"method must be 'sqrtm' or 'fast', not {method!r}")
-    return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
+    distance = float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
+    if not np.isfinite(distance):
+        raise ValueError(f"FID: the Fréchet distance ({method}) is not finite: {FID_NUMERICS_HELP}")
+    return distance
 
 
 def inception_score(logits: np.ndarray, split_size: int = 5000) -> float:

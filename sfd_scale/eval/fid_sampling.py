@@ -36,6 +36,7 @@ import torch
 
 from ..atomic import atomic_path
 from ..config import Config, ConfigError, guidance_config, sampler_config, sfd_spec
+from ..errors import UserError
 from ..diffusion.sampling import ADAPTIVE_METHODS, Sampler, balanced_labels
 
 FID_NOISE_KEY = 0x464944   # "FID": spawn key that keeps these draws apart from the trainer's (seed, step, index)
@@ -44,7 +45,7 @@ _PART = re.compile(r"part_(\d+)_(\d+)\.npz")
 _TMP = re.compile(r"\.tmp_(?:part_)?(\d+)[._]")
 
 
-class FidSamplingError(ValueError):
+class FidSamplingError(UserError, ValueError):
     """Bad arguments or an output directory that cannot be continued; the message says which and why."""
 
 

@@ -17,6 +17,7 @@ import torch
 from ..config import Config, ConfigError, guidance_config, sampler_config, sfd_spec
 from ..data.decoding import LATENT_STATS, LatentStats
 from ..data.demo import save_image_grid
+from ..errors import MissingInputError
 from ..diffusion.sampling import Sampler
 
 
@@ -112,7 +113,7 @@ def load_sampling_model(checkpoint, config_files: Sequence[str] = (), overrides:
 
     path = Path(checkpoint)
     if not path.exists():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+        raise MissingInputError(f"checkpoint not found: {path}")
     stats = None
     if path.is_dir():
         cfg = config_from_dict(store.read_object(path, "config"), overrides, files=config_files, for_training=False)

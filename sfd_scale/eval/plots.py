@@ -13,11 +13,13 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 
+from ..errors import MissingInputError  # noqa: E402
+
 
 def read_metrics(run_dir: str | Path) -> List[dict]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
-        raise FileNotFoundError(f"no metrics.jsonl in {run_dir} (is it a train.output_dir?)")
+        raise MissingInputError(f"no metrics.jsonl in {run_dir} (is it a train.output_dir?)")
     rows = []
     for line in path.read_text().splitlines():
         try:

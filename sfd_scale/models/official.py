@@ -23,7 +23,9 @@ from typing import Dict, Mapping, Optional, Union
 
 import torch
 
+from ..checkpoint_store import CheckpointError
 from ..diffusion.sfd import SFDSpec
+from ..errors import MissingInputError, one_line
 from .lightningdit import REPA_FEATURE_DIMS, LightningDiT, ModelArgs, parallel_config
 from .tensor_parallel import gather_state_dict, model_tp, shard_state_dict
 
@@ -127,12 +129,12 @@ def _torch_load(path: Path):
         if "omegaconf" not in str(err) and not zipfile.is_zipfile(path):
             # not torch.save's zip container: weights_only reports garbage bytes with the same error type
             # as a forbidden class, so name it for what it almost surely is (still refused either way)
-            raise ValueError(f"unreadable checkpoint {path}: neither a torch.save zip archive nor a loadable "
-                             "legacy torch file") from err
+            raise CheckpointError(f"unreadable checkpoint {path}: neither a torch.save zip archive nor a loadable "
+                                  "legacy torch file") from err
         if "omegaconf" not in str(err):
-            raise ValueError(f"cannot safely read checkpoint {path}: {err}. It holds pickled objects other than "
-                             "tensors and OmegaConf configs; convert it to safetensors with a trusted "
-                             "torch.load") from err
+            raise CheckpointError(f"cannot safely read checkpoint {path}: {err}. It holds pickled objects other "
+                                  "than tensors and OmegaConf configs; convert it to safetensors with a trusted "
+                                  "torch.load") from err
     import omegaconf
     from omegaconf import base, dictconfig, listconfig, nodes
 
@@ -147,7 +149,7 @@ def _torch_load(path: Path):
         with torch.serialization.safe_globals(safe):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        raise ValueError(f"cannot safely read checkpoint {path}: {err}") from err
+        raise CheckpointError(f"cannot safely read checkpoint {path}: {err}") from err
 
 
 def read_checkpoint(path: Union[str, os.PathLike], which: str = "ema") -> StateDict:
@@ -165,19 +167,19 @@ def read_checkpoint(path: Union[str, os.PathLike], which: str = "ema") -> StateD
 
         return read_weights(path, which)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+        raise MissingInputError(f"checkpoint not found: {path}")
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
             obj = load_file(str(path))
         else:
             obj = _torch_load(path)
-    except (ValueError, FileNotFoundError):
+    except (ValueError, FileNotFoundError):  # ours, naming the file
         raise
-    except (RuntimeError, OSError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError) as err:
-        raise ValueError(f"unreadable checkpoint {path}: {err}") from err
-    except Exception as err:  # safetensors raises its own error type on corrupt headers
-        raise ValueError(f"unreadable checkpoint {path}: {type(err).__name__}: {err}") from err
+    except Exception as err:  # corrupt zip / pickle / safetensors header: each library has its own error type
+        raise CheckpointError(f"unreadable checkpoint {path}: not a torch.save archive, legacy torch file or "
+                              f"safetensors file ({type(err).__name__}: {one_line(err)}); give an official .pt / "
+                              f".safetensors or an sfd_scale checkpoint directory") from err
     if not isinstance(obj, Mapping):
         raise ValueError(f"checkpoint {path} holds a {type(obj).__name__}, not a state dict or container")
     selected = which in obj and isinstance(obj[which], Mapping)

@@ -28,6 +28,7 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 from ..atomic import atomic_path
+from ..errors import UserError
 
 ARGS_KEY = "semvae_args"           # safetensors metadata key holding SemVAEArgs as JSON
 FORMAT_KEY = "format"
@@ -44,7 +45,7 @@ class SemVAEArgs:
     mlp_ratio: float = 4.0
 
 
-class SemVAECheckpointError(RuntimeError):
+class SemVAECheckpointError(UserError, RuntimeError):
     """A SemVAE checkpoint that cannot be used; the message names the file and the offending key(s)."""
 
 

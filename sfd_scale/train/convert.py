@@ -22,6 +22,7 @@ from .. import checkpoint_store as store
 from ..atomic import atomic_path
 from ..config import Config, model_args
 from ..models.lightningdit import LightningDiT
+from ..errors import MissingInputError
 from ..models.official import check_fits, read_checkpoint
 from .state import native_state
 
@@ -111,7 +112,7 @@ def deepspeed_to_native(ds_dir: str | os.PathLike, cfg: Config, out_dir: str | o
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     if not Path(ds_dir).is_dir():
-        raise FileNotFoundError(f"DeepSpeed checkpoint directory not found: {ds_dir}")
+        raise MissingInputError(f"DeepSpeed checkpoint directory not found: {ds_dir}")
     sd = get_fp32_state_dict_from_zero_checkpoint(str(ds_dir), tag=tag)
     sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}
     return write_native(out_dir, cfg, sd, {k: v.clone() for k, v in sd.items()}, step,

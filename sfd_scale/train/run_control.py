@@ -19,11 +19,18 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from ..errors import UserError
 from ..logging import RunLogger
 from .step_io import StepWindow
 
 REQUEUE_EXIT = 75  # EX_TEMPFAIL ("try again later"): checkpoint written on a signal or at the time budget;
                    # slurm/common.sh requeues the job when the training step exits with it
+
+
+class NonFiniteError(UserError, FloatingPointError):
+    """``train.max_nonfinite_steps`` steps were skipped; raised after the run's checkpoint is written, so the
+    tool exits with status 2 and the run can continue from it once the cause is fixed (the count is part of the
+    checkpoint: continuing needs a higher limit)."""
 
 
 class RunControl:
@@ -83,7 +90,9 @@ class RunControl:
     def nonfinite_limit_reached(self, skipped: int) -> bool:
         return skipped >= self.cfg.max_nonfinite_steps
 
-    def nonfinite_error(self, skipped: int, step: int, output_dir) -> FloatingPointError:
-        return FloatingPointError(f"{skipped} steps had a non-finite loss or grad norm "
-                                  f"(train.max_nonfinite_steps={self.cfg.max_nonfinite_steps}); "
-                                  f"stopped at step {step} with a checkpoint in {output_dir}")
+    def nonfinite_error(self, skipped: int, step: int, output_dir) -> NonFiniteError:
+        return NonFiniteError(f"{skipped} steps had a non-finite loss or grad norm "
+                              f"(train.max_nonfinite_steps={self.cfg.max_nonfinite_steps}); stopped at step {step} "
+                              f"with a checkpoint in {output_dir} (log.txt names the skipped steps); to continue "
+                              f"from it, remove the cause (e.g. lower optim.lr, set optim.grad_clip) and raise "
+                              f"train.max_nonfinite_steps above {skipped}")

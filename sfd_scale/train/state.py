@@ -9,7 +9,8 @@ checkpoint:
   ``optim/<kind>/<official key>``                    Adam ``exp_avg`` / ``exp_avg_sq`` (+ fp32 ``master``
                                                      with bf16 weights), one full tensor per parameter;
   ``counters``                                       optimizer steps, LR schedule, engine counters;
-  ``trainer``                                        step, data position, skipped steps, layout, code version;
+  ``trainer``                                        step, data position, skipped steps, the metrics of the
+                                                     steps since the last log step, layout, code version;
   ``config``                                         the resolved config (a plain dict);
   ``latent_stats``                                   the data's latent normalisation (``data.decoding.LatentStats``
                                                      as a dict; shards / official data): sampling decodes with it,
@@ -58,12 +59,15 @@ def rng_key(rank: int) -> str:
     return f"rng/rank_{rank:05d}"
 
 
-def run_info(cfg, step: int, layout: dict, nonfinite_steps: int = 0, code: Optional[dict] = None) -> dict:
+def run_info(cfg, step: int, layout: dict, nonfinite_steps: int = 0, code: Optional[dict] = None,
+             log_window: Optional[List[dict]] = None) -> dict:
     """The ``trainer`` object of a checkpoint. Batch k is a pure function of (seed, k) (data/sources.py),
-    so the data position is the step; seed and global batch size must match to continue."""
+    so the data position is the step; seed and global batch size must match to continue. ``log_window``: the
+    step records read since the last log step (``step_io.StepWindow.state``), which the next log line averages."""
     return {"step": step, "nonfinite_steps": nonfinite_steps, "seed": cfg.train.seed,
             "global_batch_size": cfg.train.global_batch_size,
             "data_position": {"global_batches": step, "samples": step * cfg.train.global_batch_size},
+            "log_window": list(log_window or []),
             "layout": layout, "code": code if code is not None else store.code_version()}
 
 

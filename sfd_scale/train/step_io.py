@@ -6,12 +6,14 @@
   memory is not reused early). Anywhere else it hands the batches through unchanged.
 * ``StepWindow``: the engines return device tensors (loss, grad norm, non-finite flag); the trainer keeps them
   for the steps since the last read and reads them all at once (one ``.tolist()`` of a stacked tensor) at
-  a log step, a checkpoint, or the end: no host sync in between.
+  a log step, a checkpoint, or the end: no host sync in between. The read records of the steps since the
+  last log step (the window ``loss_avg`` averages) go into every checkpoint (``state`` / ``restore``): a run
+  stopped between two log steps and resumed logs the same ``metrics.jsonl`` lines as an uninterrupted one.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Dict, Iterable, Iterator, List, Optional
 
 import torch
@@ -86,6 +88,17 @@ class StepWindow:
         self._device = []
         self.records += new
         return new
+
+    def state(self) -> List[dict]:
+        """The read, not yet logged records, as plain objects for a checkpoint (exact floats). Only between a
+        ``settle`` and the next ``add``: a step not read yet could not be restored."""
+        if self._device:
+            raise RuntimeError(f"StepWindow.state with {len(self._device)} unread steps: settle the window first")
+        return [asdict(r) for r in self.records]
+
+    def restore(self, records: List[dict]) -> None:
+        """Continue the window a checkpoint stored (``state``): the next log line averages over them too."""
+        self._device, self.records = [], [StepRecord(**r) for r in records]
 
     def take(self) -> List[StepRecord]:
         """The settled records since the last ``take`` (for one log line)."""

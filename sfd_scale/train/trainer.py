@@ -29,9 +29,10 @@ import torch.distributed as dist
 import torch.nn as nn
 from megatron.core import parallel_state
 
-from .. import checkpoint_store as store
+from .. import atomic, checkpoint_store as store
 from ..config import Config, ConfigError, model_args, objective_config, sfd_spec, to_yaml
 from ..device import resolve_device
+from ..errors import UserError, one_line
 from ..data.sources import Placement, build_training_data
 from ..diffusion.micro_batch import MicroBatch, TrainingDraws
 from ..diffusion.sfd import SFDObjective
@@ -57,6 +58,9 @@ class Trainer:
         ``torch.device("meta")`` to count a step of a model too big to materialise."""
         self.cfg = cfg
         self.out = Path(cfg.train.output_dir)
+        # every start-up check runs before fit() writes anything: a failed start leaves no half-made run directory
+        if (why := atomic.unwritable_reason(self.out)) is not None:
+            raise ConfigError(f"train.output_dir={self.out} cannot hold the run: {why}; choose another directory")
         # first: under srun this sets RANK / LOCAL_RANK from SLURM's variables, which the device needs
         initialize(ParallelLayout(cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel,
                                   cfg.parallel.virtual_stages))
@@ -72,13 +76,7 @@ class Trainer:
 
         self.spec = sfd_spec(cfg)
         self.data = build_training_data(cfg)
-        self.spec.check_channels(self.data.channels, f"the data's latent channels ({cfg.data.source})")
-        if self.data.num_classes is not None and self.data.num_classes > cfg.model.num_classes:
-            raise ValueError(f"model.num_classes ({cfg.model.num_classes}) is smaller than the data's "
-                             f"{self.data.num_classes} classes")
-        if cfg.model.use_repa and not self.data.has_repa_features:
-            raise ValueError(f"model.use_repa is on but the training data has no REPA target features "
-                             f"(feats_dino in the shards): {self.data.description}")
+        _check_fits_data(cfg, self.spec, self.data)
 
         # this rank's model: the whole LightningDiT, or its pipeline chunks (one per virtual stage)
         # on meta the weights are never allocated (megatron's CPU initialisation runs on meta tensors)
@@ -87,9 +85,14 @@ class Trainer:
             chunks = build_stages(model_args(cfg)) if self.pipelined else [LightningDiT(model_args(cfg), tp_config)]
         chunks = [c.to(self.device) for c in chunks]
         if cfg.checkpoint.init_from:
-            full = read_checkpoint(cfg.checkpoint.init_from, which="ema")
-            for chunk in chunks:
-                load_official_state_dict(chunk, chunk_part(full, chunk, self.pipelined))
+            try:
+                full = read_checkpoint(cfg.checkpoint.init_from, which="ema")
+                for chunk in chunks:
+                    load_official_state_dict(chunk, chunk_part(full, chunk, self.pipelined))
+            except (ValueError, KeyError, FileNotFoundError) as err:  # ours say what to do; a misfit does not
+                advice = "" if isinstance(err, UserError) else "; give a checkpoint of this model (model.*)"
+                raise store.CheckpointError(f"checkpoint.init_from={cfg.checkpoint.init_from}: {one_line(err)}"
+                                            f"{advice}") from err
         # Label dropout is drawn with the step's other draws (``self.draws``), not inside the model from a
         # per-rank RNG, so that every layout drops the same labels.
         for chunk in chunks:
@@ -112,6 +115,7 @@ class Trainer:
         self.checkpointer = store.Checkpointer(self.out, c.keep_last, c.keep_every, c.asynchronous)
         self.control = RunControl(cfg.train, self.rank, dist.get_world_size())  # signals, budget, NaN policy
         self._saved_step: Optional[int] = None
+        self.window = StepWindow()  # steps not logged yet: checkpointed, so loss_avg continues across a resume
         self.state = TrainingState(chunks, list(self.ema.model) if self.pipelined else [self.ema.model], self.engine,
                                    self.pipelined)
         self.resumed_from, self.notes = (choose_checkpoint(self.out, self.rank, c.start_fresh_over_unusable)
@@ -125,7 +129,7 @@ class Trainer:
         layout = {"tensor_parallel": p.tensor_parallel, "pipeline_parallel": p.pipeline_parallel,
                   "virtual_stages": p.virtual_stages, "data_parallel": self.dp_size, "engine": self.engine.name,
                   "world_size": dist.get_world_size()}
-        return run_info(self.cfg, self.step, layout, self.nonfinite_steps, self.code)
+        return run_info(self.cfg, self.step, layout, self.nonfinite_steps, self.code, self.window.state())
 
     def save(self) -> Path:
         """Collective: start writing a checkpoint of this step (contents: ``train/state.py``; directory and
@@ -144,8 +148,14 @@ class Trainer:
                 raise store.CheckpointError(f"checkpoint {directory} was trained with {name}={info[key]}, this run has "
                                            f"{getattr(self.cfg.train, key)}: the data order and random draws would "
                                            f"not continue (use a new train.output_dir, or checkpoint.init_from)")
-        self.state.restore(state, kinds, self.rank)
+        try:
+            self.state.restore(state, kinds, self.rank)
+        except ValueError as err:  # weights of another shape: the model.* settings changed since it was written
+            raise store.CheckpointError(f"checkpoint {directory} does not fit this model ({one_line(err)}): resume "
+                                        f"with the model.* settings it was trained with, or start a new "
+                                        f"train.output_dir (checkpoint.init_from to take its weights)") from err
         self.step, self.nonfinite_steps = int(info["step"]), int(info["nonfinite_steps"])
+        self.window.restore(info.get("log_window", []))  # absent in checkpoints of older versions
         self._saved_step = self.step
 
     # ------------------------------------------------------------------------------------------ steps
@@ -285,8 +295,11 @@ class Trainer:
         cfg = self.cfg
         main = self.rank == 0
         if main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "config.yaml").write_text(to_yaml(cfg))
+            try:
+                self.out.mkdir(parents=True, exist_ok=True)
+                (self.out / "config.yaml").write_text(to_yaml(cfg))
+            except OSError as err:  # e.g. the directory changed since the start-up check
+                raise ConfigError(f"train.output_dir={self.out}: cannot write into it ({err})") from err
         logger = RunLogger(str(self.out), cfg.logging.wandb_mode if main else "disabled", cfg.logging.project,
                            cfg.logging.run_name, asdict(cfg), cfg.train.max_steps, self.step,
                            cfg.logging.progress and main, quiet=not main)
@@ -294,7 +307,7 @@ class Trainer:
         self.checkpointer.report = logger.write  # one line per save: how long it blocked training
         self._log_start(logger, n_params)
         start_step, t0, first_loss, last_loss = self.step, time.time(), None, None
-        window, exit_status, grid, final_ckpt = StepWindow(), 0, None, None
+        window, exit_status, grid, final_ckpt = self.window, 0, None, None
         try:
             with self.control.handling_signals():
                 for batch in DevicePrefetcher(self.loader(), self.device):
@@ -318,9 +331,9 @@ class Trainer:
                         exit_status = REQUEUE_EXIT
                         break
                 self._settle(window, logger)
-                first_loss, last_loss = _loss_span(window.take(), first_loss, last_loss)
                 if self._saved_step != self.step:
-                    self.save()
+                    self.save()  # with the steps not logged yet (a stop between log steps)
+                first_loss, last_loss = _loss_span(window.take(), first_loss, last_loss)
                 final_ckpt = store.checkpoint_dir(self.out, self.step)
                 self.checkpointer.wait()
                 logger.write(f"checkpoint {final_ckpt} written")
@@ -337,6 +350,21 @@ class Trainer:
                 "params_M": round(n_params / 1e6, 3), "first_loss": first_loss, "last_loss": last_loss,
                 "checkpoint": str(final_ckpt), "samples": grid, "exit_status": exit_status,
                 "nonfinite_steps": self.nonfinite_steps}
+
+
+def _check_fits_data(cfg: Config, spec, data) -> None:
+    """The model's settings against what the training data holds (channel split, classes, REPA features)."""
+    try:
+        spec.check_channels(data.channels, f"the data's latent channels ({cfg.data.source}, {cfg.data.path})")
+    except ValueError as err:
+        raise ConfigError(f"{err}: set sfd.texture_chans / sfd.semantic_chans to the data's split") from None
+    if data.num_classes is not None and data.num_classes > cfg.model.num_classes:
+        raise ConfigError(f"model.num_classes ({cfg.model.num_classes}) is smaller than the data's "
+                          f"{data.num_classes} classes: raise it to at least {data.num_classes}")
+    if cfg.model.use_repa and not data.has_repa_features:
+        raise ConfigError(f"model.use_repa is on but the training data has no REPA target features "
+                          f"(feats_dino in the shards): {data.description}; set model.use_repa=false or extract "
+                          f"with features")
 
 
 def _loss_span(records, first: Optional[float], last: Optional[float]):

@@ -21,6 +21,7 @@ from sfd_scale.data import shards
 from sfd_scale.data.encoders import CompositeEncoder, image_generators
 from sfd_scale.data.extract import (LOCK_FILE, PAUSE_ENV, claim_output, list_inputs, load_crops,
                                     load_extract_config, main)
+from tools import extract_latents as extract_tool
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = str(REPO / "configs" / "extract" / "tiny_cpu.yaml")
@@ -226,9 +227,9 @@ def test_config_errors(tree, tmp_path, capsys):
     with pytest.raises(ConfigError, match="texture_vae weights not found: /no/vae.ckpt"):
         load_extract_config([TINY], [f"input={tree}", f"output={out}", "random_init=false",
                                      "texture_vae=/no/vae.ckpt", "dino=/no/d.pth", "semvae=/no/s.safetensors"])
-    with pytest.raises(SystemExit):
-        main(args(tree, out, f"input_list={tmp_path / 'missing.txt'}"))
-    assert "input_list file not found" in capsys.readouterr().err and not out.exists()
+    assert extract_tool.main(args(tree, out, f"input_list={tmp_path / 'missing.txt'}")) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("error: input_list file not found") and not out.exists()
     claim_output(out, {"seed": 0, "resolution": 64})
     with pytest.raises(ConfigError, match="different settings.*seed"):
         claim_output(out, {"seed": 1, "resolution": 64})

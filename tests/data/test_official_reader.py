@@ -202,6 +202,15 @@ def test_directory_without_shards(tmp_path):
         OfficialLatentDataset(tmp_path)
 
 
+def test_a_damaged_shard_is_named(tmp_path):
+    from sfd_scale.errors import DataError
+
+    (tmp_path / "a.safetensors").write_text("hello\n")  # was safetensors' own error, as a traceback
+    with pytest.raises(DataError, match=rf"shard {re.escape(str(tmp_path / 'a.safetensors'))} is not a readable "
+                                        r"safetensors file \(.*header.*\): restore it or remove it from data.path"):
+        OfficialLatentDataset(tmp_path)
+
+
 @pytest.mark.parametrize("idx", [16, 100, -1])
 def test_index_out_of_range(spec, idx):
     ds = OfficialLatentDataset(spec["dataset"]["dir"])

@@ -128,6 +128,47 @@ def test_frechet_distance_closed_form(method):
         fid.frechet_distance(mu1, s1, mu2[:-1], s2[:-1, :-1], method=method)
 
 
+def test_significantly_complex_sqrtm_raises():
+    """Issue #16 case 10: a product whose square root is complex beyond rounding (here a "covariance" with a
+    negative eigenvalue, as a broken BLAS or a damaged reference gives) is an error, not a number."""
+    sigma1, sigma2 = np.diag([1.0, 2.0, 3.0]), np.diag([-1.0, 1.0, 1.0])
+    with pytest.raises(ValueError, match=r"complex \(imaginary part 1 on its diagonal.*BLAS"):
+        fid.frechet_distance(np.zeros(3), sigma1, np.zeros(3), sigma2)
+
+
+def test_singular_product_is_rescued_by_eps_on_the_diagonals():
+    """A singular covariance product on which scipy's sqrtm gives NaN / Inf: ADM's / pytorch-fid's rescue (eps on
+    both diagonals) gives the distance the exact rank-aware method computes: 1 + 8 + 15 - 2 sqrt(72)."""
+    f = np.array([2.0, -2.0, 0.0])
+    sigma1 = np.outer(f, f)
+    sigma2 = np.array([[5.0, -4.0, -5.0], [-4.0, 5.0, 4.0], [-5.0, 4.0, 5.0]])
+    mu1, mu2 = np.array([1.0, 0.0, 0.0]), np.zeros(3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", fid.linalg.LinAlgWarning)
+        assert not np.isfinite(fid.linalg.sqrtm(sigma1 @ sigma2)).all()  # the case the rescue is for
+        with pytest.warns(UserWarning, match="adding 1e-06 to diagonal"):
+            rescued = fid.frechet_distance(mu1, sigma1, mu2, sigma2)
+    expected = 1 + 8 + 15 - 2 * np.sqrt(72)
+    assert rescued == pytest.approx(expected, abs=1e-2)
+    assert fid.frechet_distance(mu1, sigma1, mu2, sigma2, method="fast") == pytest.approx(expected, rel=1e-9)
+
+
+@pytest.mark.parametrize("broken", ["nan", "inf_real"])
+def test_non_finite_sqrtm_raises_naming_the_blas(monkeypatch, broken):
+    """A sqrtm that returns NaN (the OpenBLAS failure LightningDiT users met) even after the eps rescue raises
+    instead of reporting NaN; non-finite statistics are named."""
+    value = np.nan if broken == "nan" else np.inf
+    monkeypatch.setattr(fid.linalg, "sqrtm", lambda a: np.full_like(a, value))
+    sigma = np.eye(4)
+    with pytest.warns(UserWarning, match="singular product"), \
+            pytest.raises(ValueError, match="not finite, even with 1e-06 added.*BLAS / LAPACK build"):
+        fid.frechet_distance(np.zeros(4), sigma, np.ones(4), sigma)
+    damaged = sigma.copy()
+    damaged[1, 1] = value
+    with pytest.raises(ValueError, match="sigma2 hold NaN or Inf"):
+        fid.frechet_distance(np.zeros(4), sigma, np.ones(4), damaged, method="fast")
+
+
 def test_inception_score_and_logits_from_a_softmax_layer(extractor, set_a, feats_a, tmp_path):
     assert fid.inception_score(np.zeros((20, 1008))) == pytest.approx(1.0)  # uniform predictions
     one_hot = 50.0 * np.eye(10)[np.arange(20) % 10]  # 10 confident classes, each split balanced

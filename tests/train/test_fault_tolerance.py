@@ -68,6 +68,49 @@ def test_signal_checkpoints_exits_for_requeue_and_resumes_exactly(tmp_path):
     assert losses(tmp_path / "run") == losses(tmp_path / "straight")
 
 
+TIME_COLUMNS = ("steps/s",)  # wall-clock rates: the only metrics.jsonl columns a resume may change
+
+
+def metrics_rows(out: Path) -> list:
+    """metrics.jsonl's lines without the wall-clock columns, as text: compared bit for bit."""
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(column in row for row in rows for column in TIME_COLUMNS)
+    return [json.dumps({k: v for k, v in row.items() if k not in TIME_COLUMNS}) for row in rows]
+
+
+@pytest.mark.parametrize("stop", ["signal", "time_budget"])
+def test_resume_between_log_steps_logs_the_uninterrupted_metrics(tmp_path, stop):
+    """Issue #16 case 7: stopped between two log steps (step 3 of log_every=2, after a skipped step; or step 1
+    by the time budget) and resumed, the run's metrics.jsonl equals the uninterrupted run's, loss_avg and
+    skipped_steps included: the steps read since the last log step travel in the checkpoint."""
+    common = ["train.max_steps=6", "train.log_every=2", "checkpoint.resume=true", "checkpoint.every=0"]
+    straight = Trainer(tiny_config(tmp_path / "straight", *common))
+    _poison(straight, {3})
+    straight.fit()
+    first = Trainer(tiny_config(tmp_path / "run", *common,
+                                *(["train.time_budget_s=1e-6"] if stop == "time_budget" else [])))
+    _poison(first, {3})
+    if stop == "signal":
+        step = first.train_step
+
+        def step_then_signal(batch):
+            out = step(batch)
+            if first.step == 3:
+                os.kill(os.getpid(), signal.SIGUSR1)
+            return out
+
+        first.train_step = step_then_signal
+    summary = first.fit()
+    assert summary["exit_status"] == REQUEUE_EXIT and summary["steps"] == (3 if stop == "signal" else 1)
+    resumed = Trainer(tiny_config(tmp_path / "run", *common))
+    assert resumed.step == summary["steps"] and resumed.window.records  # the unlogged steps came back
+    _poison(resumed, {3})
+    assert resumed.fit()["exit_status"] == 0
+    rows = metrics_rows(tmp_path / "run")
+    assert [json.loads(r)["step"] for r in rows] == [2, 4, 6] and "skipped_steps" in rows[1]
+    assert rows == metrics_rows(tmp_path / "straight")
+
+
 def test_time_budget_stops_with_a_checkpoint(tmp_path):
     summary = Trainer(tiny_config(tmp_path, "train.max_steps=6", "train.time_budget_s=1e-6")).fit()
     assert summary["exit_status"] == REQUEUE_EXIT and summary["steps"] == 1

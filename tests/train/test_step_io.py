@@ -2,6 +2,7 @@
 EMA skipping a flagged step on the device."""
 import math
 
+import pytest
 import torch
 import torch.nn as nn
 
@@ -37,6 +38,22 @@ def test_window_without_grad_norm_and_all_skipped():
     line = log_line(window.take(), skipped_total=3)
     assert math.isnan(line["loss"]) and math.isnan(line["loss_avg"]) and "grad_norm" not in line
     assert line["skipped_steps"] == 3
+
+
+def test_window_state_carries_the_unlogged_steps_into_a_new_window():
+    window = StepWindow()
+    window.add(1, _metrics(2.0, grad_norm=0.5))
+    with pytest.raises(RuntimeError, match="1 unread steps"):
+        window.state()  # a checkpoint of a step not read yet could not be restored
+    window.settle()
+    resumed = StepWindow()
+    resumed.restore(window.state())
+    resumed.add(2, _metrics(1.0, grad_norm=0.25))
+    resumed.settle()
+    window.add(2, _metrics(1.0, grad_norm=0.25))
+    window.settle()
+    assert log_line(resumed.take(), 0) == log_line(window.take(), 0) == \
+        {"loss": 1.0, "grad_norm": 0.25, "lr": 1e-3, "loss_avg": 1.5}
 
 
 def test_prefetcher_hands_cpu_batches_through():

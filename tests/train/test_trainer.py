@@ -107,3 +107,97 @@ def test_periodic_fid_on_ema_weights_is_logged_and_plotted(tmp_path):
     assert "step 2: FID" in (tmp_path / "log.txt").read_text()
     assert list((tmp_path / "fid" / "step_0000002").glob("samples_20x16x16x3.npz"))
     assert [p.name for p in plot_run(tmp_path)] == ["loss.png", "fid.png"]
+
+
+# ----------------------------------------------------------------------------------------------- user errors
+def _train_tool(tmp_path, capsys, out, *extra) -> str:
+    """``tools/train.py`` on the tiny demo run: exit status 2 and the one stderr line it gives."""
+    from tools import train as train_tool
+
+    argv = ["--config", "configs/demo/digits.yaml", *TINY, f"train.output_dir={out}", "train.max_steps=2", *extra]
+    assert train_tool.main(argv) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    return err[0]
+
+
+@pytest.fixture
+def toy_shards(tmp_path, streaming_tmp):
+    from tests.data.test_shards import write_toy_shards
+
+    write_toy_shards(tmp_path / "shards", n=40, chunk=16)  # 4 texture + 2 semantic channels at 2x2, 10 classes
+    return tmp_path / "shards"
+
+
+SHARDS = ["data.source=shards", "model.input_size=2", "data.num_workers=0"]
+
+
+@pytest.mark.parametrize("damage,message", [
+    ("split", "channel split does not add up: sfd.texture_chans (4) + sfd.semantic_chans (4) = 8, but the data's "
+              "latent channels (shards, {root}) = 6: set sfd.texture_chans / sfd.semantic_chans"),
+    ("deleted", "shard file {root}/part_0000001/shard.00000.mds is missing (deleted?): restore it"),
+    ("truncated", "shard file {root}/part_0000001/shard.00000.mds has 100 bytes, index.json says"),
+    ("no dataset", "{root}/sfd_dataset.json not found: {root} is not a finished sfd_scale latent dataset"),
+])
+def test_data_problems_are_one_line_before_anything_is_written(tmp_path, capsys, toy_shards, damage, message):
+    shard = toy_shards / "part_0000001" / "shard.00000.mds"
+    extra = ["sfd.semantic_chans=4"] if damage == "split" else []
+    if damage == "deleted":
+        shard.unlink()
+    elif damage == "truncated":
+        shard.write_bytes(shard.read_bytes()[:100])
+    root = toy_shards if damage != "no dataset" else tmp_path / "nowhere"
+    line = _train_tool(tmp_path, capsys, tmp_path / "run", *SHARDS, f"data.path={root}", *extra)
+    assert message.format(root=root) in line
+    assert not (tmp_path / "run").exists()  # no config.yaml, log or metrics of a run that never started
+
+
+def test_init_from_a_text_file_and_an_unusable_output_dir(tmp_path, capsys, monkeypatch):
+    text = tmp_path / "notes.txt"
+    text.write_text("hello\n")
+    line = _train_tool(tmp_path, capsys, tmp_path / "run", f"checkpoint.init_from={text}")
+    assert line.startswith(f"error: checkpoint.init_from={text}: unreadable checkpoint {text}: not a torch.save "
+                           f"archive") and line.endswith("give an official .pt / .safetensors or an sfd_scale "
+                                                         "checkpoint directory")
+    assert not (tmp_path / "run").exists()
+    line = _train_tool(tmp_path, capsys, text / "run")
+    assert line == f"error: train.output_dir={text / 'run'} cannot hold the run: {text} is a file, not a directory; " \
+                   f"choose another directory"
+    import os
+
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o555)
+    real_access = os.access  # root writes anywhere whatever the mode: answer as for everybody else
+    monkeypatch.setattr(os, "access", lambda p, mode: False if str(p) == str(locked) else real_access(p, mode))
+    line = _train_tool(tmp_path, capsys, locked / "run")
+    assert f"train.output_dir={locked / 'run'} cannot hold the run: {locked} is not writable" in line
+    assert list(locked.iterdir()) == []
+
+
+def test_a_changed_run_refuses_to_resume_in_one_line(tmp_path, capsys):
+    Trainer(tiny_config(tmp_path, "train.max_steps=2")).fit()
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    for change, message in [
+        ("train.global_batch_size=32", "was trained with train.global_batch_size=16, this run has 32"),
+        ("train.seed=3", "was trained with train.seed=0, this run has 3"),
+        ("model.hidden_size=64", "does not fit this model (state dict does not fit the model: shape mismatches"),
+    ]:
+        line = _train_tool(tmp_path, capsys, tmp_path, "checkpoint.resume=true", "train.max_steps=4", change)
+        assert f"checkpoint {tmp_path}/checkpoints/step_0000002 " in line and message in line, line
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before
+
+
+def test_too_many_nonfinite_steps_exit_2_after_the_checkpoint(tmp_path, capsys, monkeypatch):
+    from sfd_scale.train import trainer as trainer_module
+
+    class NaNObjective(trainer_module.SFDObjective):
+        def __call__(self, model, mb):
+            terms = super().__call__(model, mb)
+            return terms | {"total": terms["total"] * float("nan")}
+
+    monkeypatch.setattr(trainer_module, "SFDObjective", NaNObjective)
+    line = _train_tool(tmp_path, capsys, tmp_path, "train.max_nonfinite_steps=2", "train.max_steps=5")
+    assert line.startswith(f"error: 2 steps had a non-finite loss or grad norm (train.max_nonfinite_steps=2); "
+                           f"stopped at step 2 with a checkpoint in {tmp_path}")
+    assert "raise train.max_nonfinite_steps above 2" in line
+    assert store.latest(tmp_path).name == "step_0000002"
