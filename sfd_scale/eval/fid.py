@@ -175,14 +175,29 @@ def npz_keys(path: str) -> list:
         raise FIDInputError(f"{path}: not a readable .npz file ({err})") from None
 
 
+def _npz_header(f):
+    """(shape, fortran_order, dtype) of the .npy member open as ``f``; (None, True, None) for other layouts."""
+    fmt = np.lib.format
+    version = fmt.read_magic(f)
+    header = {(1, 0): fmt.read_array_header_1_0, (2, 0): fmt.read_array_header_2_0}.get(version)
+    return header(f) if header else (None, True, None)
+
+
+def npz_image_count(path: str, key: str = "arr_0") -> Optional[int]:
+    """Number of images in ``key`` of an npz, from the array header alone (None when it cannot tell)."""
+    try:
+        with zipfile.ZipFile(path) as zf, zf.open(key + ".npy") as f:
+            shape = _npz_header(f)[0]
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile):
+        return None
+    return int(shape[0]) if shape else None
+
+
 def iter_npz_images(path: str, batch_size: int = 64, key: str = "arr_0") -> Iterator[np.ndarray]:
     """Batches of ``key`` read straight from the zip member, so 50K images never sit in memory at once
     (ADM streams its batches the same way)."""
-    fmt = np.lib.format
     with zipfile.ZipFile(path) as zf, zf.open(key + ".npy") as f:
-        version = fmt.read_magic(f)
-        header = {(1, 0): fmt.read_array_header_1_0, (2, 0): fmt.read_array_header_2_0}.get(version)
-        shape, fortran, dtype = header(f) if header else (None, True, None)
+        shape, fortran, dtype = _npz_header(f)
         if fortran:  # rare layouts: load whole
             arr = check_images(np.load(path)[key], f"{path}:{key}")
             yield from (arr[i:i + batch_size] for i in range(0, len(arr), batch_size))
@@ -214,12 +229,26 @@ def _image_batches(images, batch_size: int, name: str) -> Iterator[np.ndarray]:
             yield from _image_batches(batch, batch_size, name)
 
 
-def compute_features(images, extractor: InceptionFeatures, batch_size: int = 64, name: str = "images") -> dict:
-    """Concatenated ``extractor`` outputs (pool / spatial / logits) over all images, in batches."""
+def _count(images) -> Optional[int]:
+    """How many images ``images`` holds, where that is known without reading them (for a progress bar)."""
+    if isinstance(images, (str, os.PathLike)):
+        return npz_image_count(os.fspath(images))
+    return len(images) if isinstance(images, (np.ndarray, torch.Tensor)) else None
+
+
+def compute_features(images, extractor: InceptionFeatures, batch_size: int = 64, name: str = "images",
+                     progress: bool = False, total: Optional[int] = None) -> dict:
+    """Concatenated ``extractor`` outputs (pool / spatial / logits) over all images, in batches; ``progress``:
+    a tqdm bar on stderr (images done of ``total``, by default of the images' count when it is known)."""
+    from tqdm import tqdm
+
     parts: dict = {}
-    for batch in _image_batches(images, batch_size, name):
-        for k, v in extractor(batch).items():
-            parts.setdefault(k, []).append(v)
+    with tqdm(total=total or _count(images), unit="img", desc=f"Inception features: {name}", disable=not progress,
+              dynamic_ncols=True) as bar:
+        for batch in _image_batches(images, batch_size, name):
+            for k, v in extractor(batch).items():
+                parts.setdefault(k, []).append(v)
+            bar.update(len(batch))
     if not parts:
         raise FIDInputError(f"{name}: no images")
     return {k: np.concatenate(v) for k, v in parts.items()}
@@ -259,22 +288,30 @@ def _stats_from(z, path: str, mu_key: str, sigma_key: str):
     return mu, sigma
 
 
-def load_reference(source, extractor: Optional[InceptionFeatures] = None, batch_size: int = 64) -> Reference:
-    """A reference from an ADM reference batch (``arr_0`` images; features computed), a stats npz
-    (``mu``/``sigma``, optional ``mu_s``/``sigma_s``), or images in memory. Like ADM's ``read_statistics``,
-    stored mu/sigma win over statistics recomputed from ``arr_0`` when a file has both; ``arr_0`` still
-    gives the features precision/recall need."""
-    if not isinstance(source, (str, os.PathLike)):
-        return Reference.from_features(compute_features(source, extractor or InceptionFeatures(), batch_size,
-                                                        "reference"))
-    path = os.fspath(source)
+def reference_keys(path: str):
+    """(keys, has images, has statistics) of a reference npz; ``FIDInputError`` when it is missing, unreadable
+    or holds neither (cheap: reads the zip directory only, so tools check a reference before sampling)."""
     keys = npz_keys(path)
     has_images, has_stats = "arr_0" in keys, "mu" in keys and "sigma" in keys
     if not (has_images or has_stats):
         raise FIDInputError(f"{path}: a reference needs 'arr_0' (uint8 images N x H x W x 3) or 'mu' and "
                             f"'sigma' (FID statistics); keys found: {keys}")
-    ref = (Reference.from_features(compute_features(path, extractor or InceptionFeatures(), batch_size, path))
-           if has_images else None)
+    return keys, has_images, has_stats
+
+
+def load_reference(source, extractor: Optional[InceptionFeatures] = None, batch_size: int = 64,
+                   progress: bool = False) -> Reference:
+    """A reference from an ADM reference batch (``arr_0`` images; features computed), a stats npz
+    (``mu``/``sigma``, optional ``mu_s``/``sigma_s``), or images in memory. Like ADM's ``read_statistics``,
+    stored mu/sigma win over statistics recomputed from ``arr_0`` when a file has both; ``arr_0`` still
+    gives the features precision/recall need. ``progress``: a bar through the feature extraction."""
+    if not isinstance(source, (str, os.PathLike)):
+        return Reference.from_features(compute_features(source, extractor or InceptionFeatures(), batch_size,
+                                                        "reference", progress))
+    path = os.fspath(source)
+    keys, has_images, has_stats = reference_keys(path)
+    ref = (Reference.from_features(compute_features(path, extractor or InceptionFeatures(), batch_size, path,
+                                                    progress)) if has_images else None)
     if has_stats:
         with np.load(path) as z:
             mu, sigma = _stats_from(z, path, "mu", "sigma")
@@ -424,18 +461,22 @@ def precision_recall(ref_features: np.ndarray, sample_features: np.ndarray, k: i
 
 def evaluate(samples, reference, *, extractor: Optional[InceptionFeatures] = None,
              inception: Optional[str] = None, batch_size: int = 64, fid_method: str = "sqrtm",
-             device: Union[str, torch.device] = "cpu") -> dict:
+             device: Union[str, torch.device] = "cpu", progress: bool = False) -> dict:
     """ADM's metrics for ``samples`` (ADM npz path, uint8 N x H x W x 3 array / tensor, or an iterable of
     batches) against ``reference`` (npz path, images, or a ``Reference`` - pass one to reuse it across
     calls). Returns fid, sfid, is, precision, recall (None when unavailable: sfid without spatial features
-    on both sides, is without a softmax layer, precision/recall without reference images), num_images."""
+    on both sides, is without a softmax layer, precision/recall without reference images), num_images.
+    ``progress``: tqdm bars (stderr) through the feature extraction of the reference and the samples."""
     extractor = extractor or InceptionFeatures(inception, device)
     batches = _image_batches(samples, batch_size, "samples")
     first = next(batches, None)  # bad samples fail here, before the reference's features cost anything
     if first is None:
         raise FIDInputError("samples: no images")
-    ref = reference if isinstance(reference, Reference) else load_reference(reference, extractor, batch_size)
-    feats = compute_features(itertools.chain([first], batches), extractor, batch_size, "samples")
+    ref = (reference if isinstance(reference, Reference)
+           else load_reference(reference, extractor, batch_size, progress))
+    feats = compute_features(itertools.chain([first], batches), extractor, batch_size,
+                             os.fspath(samples) if isinstance(samples, (str, os.PathLike)) else "samples",
+                             progress, total=_count(samples))
     mu, sigma = statistics(feats["pool"])
     out = {"fid": frechet_distance(mu, sigma, ref.mu, ref.sigma, method=fid_method), "sfid": None,
            "is": None, "precision": None, "recall": None, "num_images": len(feats["pool"]),

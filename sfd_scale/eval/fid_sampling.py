@@ -144,6 +144,13 @@ def _done_mask(out: Path, n: int) -> np.ndarray:
     return done
 
 
+def images_done(out_dir) -> Tuple[int, int]:
+    """(images already in parts, images wanted) of a sampling directory: what every rank has done so far."""
+    out = Path(out_dir)
+    n = json.loads((out / MANIFEST).read_text())["settings"]["num_images"]
+    return int(_done_mask(out, n).sum()), n
+
+
 def _runs(pending: np.ndarray, offset: int) -> list:
     """Contiguous [a, b) runs of True in ``pending`` (indices shifted by ``offset``)."""
     edges = np.flatnonzero(np.diff(np.concatenate([[0], pending.astype(np.int8), [0]])))
