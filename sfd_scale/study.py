@@ -93,6 +93,7 @@ class Study:
     slurm: SlurmSpec = field(default_factory=SlurmSpec)
     path: Optional[str] = None      # set by load_study
     cli_overrides: List[str] = field(default_factory=list)  # from the command line: every run, after the study's
+    study_overrides: List[str] = field(default_factory=list)  # from the command line (--set): the file's own keys
 
     def run_overrides(self, run: str, step: int, out: Path) -> List[str]:
         """Everything on top of ``configs`` for training ``run`` to ``step`` inside study directory ``out``."""
@@ -117,13 +118,14 @@ def _dotlist(value, where: str) -> List[str]:
     raise StudyError(f"{where} must be a list of key=value strings or a mapping, got {value!r}")
 
 
-def load_study(path, overrides: Sequence[str] = ()) -> Study:
-    """The study file at ``path``, checked; ``overrides`` (key=value) go to every run after the study's own."""
+def load_study(path, overrides: Sequence[str] = (), study_overrides: Sequence[str] = ()) -> Study:
+    """The study file at ``path``, checked; ``overrides`` (key=value) go to every run after the study's own;
+    ``study_overrides`` (key=value) change the study file's own keys (e.g. ``eval.images=10000``) before checks."""
     from .config import ConfigError, load_structured
 
     path = Path(path).resolve()
     try:
-        f: Study = load_structured(Study, [str(path)])
+        f: Study = load_structured(Study, [str(path)], list(study_overrides))
     except ConfigError as err:
         raise StudyError(str(err) if str(path) in str(err) else f"{path}: {err}") from None
 
@@ -141,7 +143,7 @@ def load_study(path, overrides: Sequence[str] = ()) -> Study:
     need(ev.images > 3 and ev.batch > 0, f"eval.images must be > 3 and eval.batch > 0, got {ev.images}, {ev.batch}")
     need((f.checkpoint_every or 1) > 0, f"checkpoint_every must be >= 1, got {f.checkpoint_every}")
     need(all(x > 0 for x in f.speedup_fids), f"speedup_fids must be positive, got {f.speedup_fids}")
-    f.path, f.cli_overrides = str(path), list(overrides)
+    f.path, f.cli_overrides, f.study_overrides = str(path), list(overrides), list(study_overrides)
     f.configs = [str((path.parent / c).resolve()) for c in f.configs]
     f.overrides = _dotlist(f.overrides, f"{path}: overrides")
     f.runs = {str(r): _dotlist(v, f"{path}: runs.{r}") for r, v in f.runs.items()}
@@ -349,7 +351,7 @@ def submit_slurm(study: Study, out, dry_run: bool = False, sbatch: str = "sbatch
         return job
 
     base = [study.configs[0], *[a for c in study.configs[1:] for a in ("--config", c)]]
-    point = [str(study.path), "--out", str(out)]
+    point = [str(study.path), "--out", str(out), *[f"--set={kv}" for kv in study.study_overrides]]
     for run in study.runs:
         prev: List[str] = []
         for step in study.eval.steps:

@@ -114,6 +114,22 @@ def test_run_overrides_keep_the_scheduled_checkpoints(tmp_path):
             f"train.output_dir={tmp_path / 'runs' / 'texture_only'}"} <= set(ov)
 
 
+def test_set_changes_the_study_file_and_travels_to_the_slurm_jobs(tmp_path, capsys):
+    """``tools/study.py --set KEY=VALUE`` edits the study's own keys (checked like the file's); the evaluation
+    and collect jobs get the same --set, so they see the study that was submitted."""
+    path = write_study(tmp_path)
+    study = load_study(path, study_overrides=["eval.steps=[3]", "eval.images=8"])
+    assert study.eval.steps == [3] and study.eval.images == 8 and study.study_overrides == ["eval.steps=[3]",
+                                                                                              "eval.images=8"]
+    with pytest.raises(StudyError, match="eval.images must be > 3"):
+        load_study(path, study_overrides=["eval.images=2"])
+    from tools.study import main as study_main
+    assert study_main([str(path), "--out", str(tmp_path / "s"), "--launcher", "slurm", "--dry-run",
+                       "--set", "eval.steps=[3]"]) == 0
+    jobs = [line for line in capsys.readouterr().out.splitlines() if "study_eval.sbatch" in line]
+    assert len(jobs) == 3 and all("--set=eval.steps=[3]" in line for line in jobs)  # 2 evaluations + collect
+
+
 # --------------------------------------------------------------------------------------------- speed-ups
 def test_images_to_reach_interpolates_linearly():
     pts = [(100, 50.0), (200, 30.0), (400, 10.0)]

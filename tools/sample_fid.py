@@ -14,7 +14,6 @@ sample.latent_stats). Model, guide and VAE run on train.device (auto: the GPU wh
 import argparse
 import sys
 import time
-from pathlib import Path
 
 from sfd_scale.cli import as_user_errors, entry_point
 
@@ -22,7 +21,8 @@ from sfd_scale.cli import as_user_errors, entry_point
 @entry_point
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("checkpoint", help="sfd_scale checkpoint directory, or an official .pt / .safetensors")
+    parser.add_argument("checkpoint", help="sfd_scale checkpoint directory, a run directory (its newest checkpoint), "
+                                           "or an official .pt / .safetensors")
     parser.add_argument("--num-images", type=int, required=True, help="e.g. 50000 (50 per class for 1000 classes)")
     parser.add_argument("--out", required=True, help="output directory (reused to resume)")
     parser.add_argument("--config", action="append", default=[], metavar="YAML")
@@ -33,7 +33,7 @@ def main(argv=None) -> int:
     args = parser.parse_intermixed_args(argv)
 
     from sfd_scale.eval.fid_sampling import FidSamplingError, rank_and_world, sample_for_fid
-    from sfd_scale.eval.generate import prepare_sampling
+    from sfd_scale.eval.generate import prepare_sampling, resolve_checkpoint
     from sfd_scale.parallel.slurm_env import slurm_rendezvous
 
     overrides = args.overrides + ([f"sample.texture_vae={args.texture_vae}"] if args.texture_vae else [])
@@ -42,12 +42,13 @@ def main(argv=None) -> int:
             raise FidSamplingError(f"--num-images ({args.num_images}) and --batch ({args.batch}) must be >= 1")
         slurm_rendezvous()  # srun tasks: RANK / WORLD_SIZE / LOCAL_RANK from SLURM's variables
         rank, world = rank_and_world()
-        run = prepare_sampling(args.checkpoint, args.config, overrides)
+        checkpoint = resolve_checkpoint(args.checkpoint)  # a run directory: its newest checkpoint, recorded as such
+        run = prepare_sampling(checkpoint, args.config, overrides)
         cfg = run.cfg
         start = time.monotonic()
         result = sample_for_fid(run.model, cfg, args.out, args.num_images, run.decode, batch_size=args.batch,
                                 num_classes=run.num_classes, guide=run.guide, rank=rank, world_size=world,
-                                device=run.device, png=not args.no_png, checkpoint=str(Path(args.checkpoint).resolve()))
+                                device=run.device, png=not args.no_png, checkpoint=str(checkpoint.resolve()))
     secs = time.monotonic() - start
     done = (f"all {args.num_images} images merged into {result.npz} (grid {result.grid})" if result.complete
             else "other ranks' parts are still missing: the last rank to finish merges")

@@ -4,6 +4,7 @@
     python tools/study.py configs/studies/sfd_xl_convergence.yaml --out /ckpt/study_xl --launcher slurm
     python tools/study.py STUDY.yaml --out DIR --collect-only        # (re)draw DIR/results.* and the plot
     python tools/study.py STUDY.yaml --out DIR --eval-point RUN STEP  # one point (what the SLURM jobs run)
+    python tools/study.py STUDY.yaml --out DIR --set eval.images=10000  # a key of the study file changed
 
 local (default): one process trains each run to each scheduled step in turn, resuming from its checkpoints,
 and evaluates that step's EMA weights; rerun the same command after an interruption to continue (finished
@@ -28,13 +29,15 @@ def main(argv=None) -> int:
     parser.add_argument("--collect-only", action="store_true", help="only write results.csv/.md and the plot")
     parser.add_argument("--eval-point", nargs=2, metavar=("RUN", "STEP"), help="evaluate one trained point")
     parser.add_argument("--dry-run", action="store_true", help="slurm: print the sbatch commands, submit nothing")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="study_overrides",
+                        help="change a key of the study file itself, e.g. --set eval.images=10000 (repeatable)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="every run's config, e.g. data.path=...")
     args = parser.parse_intermixed_args(argv)
 
     from sfd_scale.study import collect, evaluate_point, load_study, run_local, submit_slurm, summary_text
 
     with as_user_errors(ValueError, FileNotFoundError):  # StudyError, ConfigError, CheckpointError, ... included
-        study = load_study(args.study, args.overrides)
+        study = load_study(args.study, args.overrides, args.study_overrides)
         if args.collect_only:
             print(summary_text(study, collect(study, args.out)))
             return 0

@@ -34,6 +34,7 @@ from . import shards
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 CONFIG_FILE, LOCK_FILE, LOCK_STALE_S = "extract_config.json", ".finalize.lock", 600.0
 PAUSE_ENV = "SFD_EXTRACT_PAUSE_AFTER_PART"  # tests: seconds to sleep after each finished part
+RANDOM_SEMVAE = "random"  # ``semvae`` value for a tiny random Semantic VAE (with ``random_init``)
 
 
 @dataclass
@@ -51,8 +52,10 @@ class ExtractConfig:
     texture_vae: Optional[str] = None   # LDM .ckpt/.pt/.safetensors or diffusers directory
     texture_mode: str = "sample"        # sample | mean (texture posterior)
     dino: Optional[str] = None          # DINOv2 ViT-B/14-reg4 weights (timm or torch-hub layout)
-    semvae: Optional[str] = None        # Semantic VAE checkpoint (save_semvae)
-    random_init: bool = False           # tiny random encoders (demos/tests); weight paths ignored
+    semvae: Optional[str] = None        # Semantic VAE checkpoint (save_semvae); null: no semantic latents (the
+                                        # first pass); 'random' (with random_init): a tiny random one
+    random_init: bool = False           # tiny random stand-ins for the downloaded texture VAE and DINOv2 (demos,
+                                        # the README recipe's rehearsal); their paths are ignored, ``semvae`` is not
     bf16: bool = False                  # bf16 autocast for the encoders (GPU only)
     dino_antialias: bool = True         # antialiased bicubic resize of the crop to the DINOv2 input size
     progress: bool = True
@@ -80,6 +83,11 @@ def validate(cfg: ExtractConfig) -> None:
     need(cfg.device != "cuda" or torch.cuda.is_available(), "device is 'cuda' but no CUDA device is available")
     need(Path(cfg.input).is_dir(), f"input folder not found: {cfg.input}")
     need(cfg.input_list is None or Path(cfg.input_list).is_file(), f"input_list file not found: {cfg.input_list}")
+    need(cfg.semvae != RANDOM_SEMVAE or cfg.random_init, "semvae=random needs random_init=true")
+    if cfg.random_init and cfg.semvae not in (None, RANDOM_SEMVAE):
+        need(Path(cfg.semvae).exists(), f"semvae weights not found: {cfg.semvae}")
+    if cfg.random_init and cfg.semvae is None:
+        need(cfg.features, "semvae (a path, or random) is required without features (a first pass keeps them)")
     if not cfg.random_init:
         for key in ("texture_vae", "dino", "semvae"):
             if key == "semvae" and cfg.semvae is None:  # first pass: features to train the Semantic VAE on
@@ -206,9 +214,12 @@ def encode_samples(encoder, crops: torch.Tensor, indices: Sequence[int], labels:
 
 
 def build_encoder(cfg: ExtractConfig, device: str):
-    from .encoders import CompositeEncoder
+    from .encoders import CompositeEncoder, SemanticEncoder
     if cfg.random_init:  # fixed weights (seed 0): ``seed`` only drives the posterior noise
         enc = CompositeEncoder.random_init(0, device=device, texture_mode=cfg.texture_mode)
+        if cfg.semvae != RANDOM_SEMVAE:  # none (a first pass) or a trained one (the recipe's second pass)
+            semantic = None if cfg.semvae is None else SemanticEncoder.from_pretrained(cfg.semvae)
+            enc = CompositeEncoder(enc.texture, enc.dino, semantic).to(device)
     else:
         enc = CompositeEncoder.from_paths(cfg.texture_vae, cfg.dino, cfg.semvae, device=device,
                                           texture_mode=cfg.texture_mode)
@@ -226,8 +237,10 @@ def rank_world() -> Tuple[int, int]:
 # ----------------------------------------------------------------------------------------------- bookkeeping
 def provenance(cfg: ExtractConfig, inputs: Inputs) -> dict:
     """What determines the dataset's contents; a resumed or concurrent rank must agree on all of it."""
-    weights = {k: None if cfg.random_init or getattr(cfg, k) is None else str(Path(getattr(cfg, k)).resolve())
-               for k in ("texture_vae", "dino", "semvae")}
+    stand_ins = ("texture_vae", "dino") if cfg.random_init else ()
+    weights = {k: None if k in stand_ins or getattr(cfg, k) in (None, RANDOM_SEMVAE)
+               else str(Path(getattr(cfg, k)).resolve()) for k in ("texture_vae", "dino", "semvae")}
+    weights["semvae"] = weights["semvae"] or (cfg.semvae and RANDOM_SEMVAE)
     return {"num_items": len(inputs.files), "inputs_sha256": inputs.digest(), "resolution": cfg.resolution,
             "chunk_size": cfg.chunk_size, "seed": cfg.seed, "features": cfg.features, "bf16": cfg.bf16,
             "texture_mode": cfg.texture_mode, "dino_antialias": cfg.dino_antialias, "random_init": cfg.random_init,

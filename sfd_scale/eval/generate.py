@@ -101,17 +101,31 @@ class SamplingModel(NamedTuple):
     latent_stats: Optional[LatentStats]  # the checkpoint's stored latent normalisation (None: not stored)
 
 
+def resolve_checkpoint(checkpoint) -> Path:
+    """The checkpoint a sampling tool reads: a run directory (``train.output_dir``, holding ``checkpoints/``) stands
+    for its newest verified checkpoint (the final one of a finished run); anything else is taken as given."""
+    from .. import checkpoint_store as store
+
+    path = Path(checkpoint)
+    if path.is_dir() and (path / "checkpoints").is_dir():
+        newest = store.latest(path)
+        if newest is None:
+            raise FileNotFoundError(f"{path / 'checkpoints'} holds no verified checkpoint")
+        return newest
+    return path
+
+
 def load_sampling_model(checkpoint, config_files: Sequence[str] = (), overrides: Sequence[str] = ()) -> SamplingModel:
     """(eval-mode model with the EMA weights, config, stored latent statistics) from an sfd_scale checkpoint
-    directory (its own config <- each of ``config_files`` <- ``overrides``) or an official .pt / .safetensors
-    (``config_files`` required: schema defaults <- files <- overrides). Validated for sampling: no ``data.path``
-    needed."""
+    directory or run directory (``resolve_checkpoint``; its own config <- each of ``config_files`` <-
+    ``overrides``) or an official .pt / .safetensors (``config_files`` required: schema defaults <- files <-
+    overrides). Validated for sampling: no ``data.path`` needed."""
     from ..config import config_from_dict, load_config, model_args
     from ..models.lightningdit import LightningDiT
     from ..models.official import load_official_state_dict, read_checkpoint
     from .. import checkpoint_store as store
 
-    path = Path(checkpoint)
+    path = resolve_checkpoint(checkpoint)
     if not path.exists():
         raise MissingInputError(f"checkpoint not found: {path}")
     stats = None

@@ -261,3 +261,29 @@ def test_first_pass_without_semantic_vae(tree, tmp_path):
                                  f"dino={weights}", "features=false"])
     load_extract_config([], [f"input={tree}", f"output={tmp_path / 'o'}", f"texture_vae={weights}",
                              f"dino={weights}", "features=true"])
+
+
+def test_random_stand_ins_with_a_trained_semantic_vae(tree, tmp_path):
+    """``random_init`` replaces only the downloaded encoders (texture VAE, DINOv2): ``semvae`` null gives a first
+    pass without semantic latents, a path loads that Semantic VAE (the recipe's second pass), 'random' a tiny one."""
+    from sfd_scale.data.encoders import SemanticEncoder
+    from sfd_scale.data.extract import build_encoder
+    from sfd_scale.semvae.model import SemanticVAE, SemVAEArgs, save_semvae
+
+    torch.manual_seed(5)
+    weights = tmp_path / "semvae.safetensors"
+    args = SemVAEArgs(width=32, depth=1, num_heads=2)
+    save_semvae(weights, SemanticVAE(args), args)
+    base = [f"input={tree}", f"output={tmp_path / 'o'}", "random_init=true"]
+    first = build_encoder(load_extract_config([], base), "cpu")
+    assert first.semantic is None and first.dino.feature_dim == 768
+    second = build_encoder(load_extract_config([], base + [f"semvae={weights}"]), "cpu")
+    want = SemanticEncoder.from_pretrained(weights)
+    feats = torch.randn(2, 768, 4, 4)
+    assert torch.equal(second.semantic(feats), want(feats))
+    assert torch.equal(second.texture.vae.encoder.conv_in.weight, first.texture.vae.encoder.conv_in.weight)
+    assert build_encoder(load_extract_config([TINY], base), "cpu").semantic is not None  # semvae: random
+    with pytest.raises(ConfigError, match="semvae=random needs random_init=true"):
+        load_extract_config([], base[:2] + ["semvae=random", "texture_vae=/x", "dino=/x"])
+    with pytest.raises(ConfigError, match="semvae weights not found"):
+        load_extract_config([], base + [f"semvae={tmp_path / 'none.safetensors'}"])

@@ -15,7 +15,7 @@ from sfd_scale import checkpoint_store as store
 from sfd_scale.config import ConfigError, to_yaml
 from sfd_scale.data.decoding import LATENT_STATS, TextureDecoder, shard_latent_stats
 from sfd_scale.data.encoders import TextureVAE
-from sfd_scale.eval.generate import load_sampling_model, prepare_sampling, save_sample_grid
+from sfd_scale.eval.generate import load_sampling_model, prepare_sampling, resolve_checkpoint, save_sample_grid
 from tests.data.test_shards import write_toy_shards
 from tools.sample import main as sample_main
 
@@ -155,3 +155,16 @@ def test_checkpoints_without_statistics(run, expected_grid, tmp_path, capsys):
     assert sample_main([str(official), "--config", str(model_yaml), "--out", str(out),
                         f"sample.latent_stats={shards / 'stats.safetensors'}"]) == 0
     np.testing.assert_array_equal(png(out), expected_grid)
+
+
+def test_a_run_directory_stands_for_its_newest_checkpoint(run, tmp_path):
+    _, _, ckpt = run
+    run_dir = ckpt.parent.parent
+    assert resolve_checkpoint(run_dir) == ckpt and resolve_checkpoint(ckpt) == ckpt
+    by_run, by_step = load_sampling_model(run_dir, overrides=["data.path=null"]), load_sampling_model(ckpt)
+    weights = [(a, b) for a, b in zip(by_run.model.state_dict().values(), by_step.model.state_dict().values())
+               if isinstance(a, torch.Tensor)]
+    assert weights and all(torch.equal(a, b) for a, b in weights)
+    (tmp_path / "empty" / "checkpoints").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match="holds no verified checkpoint"):
+        resolve_checkpoint(tmp_path / "empty")
