@@ -43,19 +43,24 @@ def assert_same_checkpoint(a: Path, b: Path) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- in process
-def test_signal_checkpoints_exits_for_requeue_and_resumes_exactly(tmp_path):
-    common = ["train.max_steps=6", "train.log_every=1", "checkpoint.resume=true"]
-    Trainer(tiny_config(tmp_path / "straight", *common)).fit()
-    trainer = Trainer(tiny_config(tmp_path / "run", *common))
+def signal_during(trainer: Trainer, at_step: int) -> None:
+    """SIGUSR1 arrives while step ``at_step`` runs (sent from inside the trainer's step)."""
     step = trainer.train_step
 
-    def step_then_signal(batch):  # the signal arrives while step 3 runs
+    def step_then_signal(batch):
         out = step(batch)
-        if trainer.step == 3:
+        if trainer.step == at_step:
             os.kill(os.getpid(), signal.SIGUSR1)
         return out
 
     trainer.train_step = step_then_signal
+
+
+def test_signal_checkpoints_exits_for_requeue_and_resumes_exactly(tmp_path):
+    common = ["train.max_steps=6", "train.log_every=1", "checkpoint.resume=true"]
+    Trainer(tiny_config(tmp_path / "straight", *common)).fit()
+    trainer = Trainer(tiny_config(tmp_path / "run", *common))
+    signal_during(trainer, 3)
     summary = trainer.fit()
     assert summary["exit_status"] == REQUEUE_EXIT and summary["steps"] == 3
     assert store.latest(tmp_path / "run").name == "step_0000003"
@@ -91,15 +96,7 @@ def test_resume_between_log_steps_logs_the_uninterrupted_metrics(tmp_path, stop)
                                 *(["train.time_budget_s=1e-6"] if stop == "time_budget" else [])))
     _poison(first, {3})
     if stop == "signal":
-        step = first.train_step
-
-        def step_then_signal(batch):
-            out = step(batch)
-            if first.step == 3:
-                os.kill(os.getpid(), signal.SIGUSR1)
-            return out
-
-        first.train_step = step_then_signal
+        signal_during(first, 3)
     summary = first.fit()
     assert summary["exit_status"] == REQUEUE_EXIT and summary["steps"] == (3 if stop == "signal" else 1)
     resumed = Trainer(tiny_config(tmp_path / "run", *common))
