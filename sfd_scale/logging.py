@@ -15,6 +15,11 @@ from tqdm.auto import tqdm
 from .atomic import write_text
 
 
+# what the console line (or the progress bar) shows of a metrics line, in this order; the rest is in
+# metrics.jsonl and wandb
+CONSOLE_COLUMNS = ("loss", "loss_avg", "images_per_s", "lr", "mfu")
+
+
 class RunLogger:
     def __init__(self, output_dir: str, mode: str, project: str, run_name: Optional[str], config: dict,
                  total_steps: int, initial_step: int, progress: bool, quiet: bool = False):
@@ -53,7 +58,9 @@ class RunLogger:
         if not self.quiet:
             with open(self.dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps({"step": step, **metrics}) + "\n")
-        shown = {k: f"{v:.4g}" for k, v in metrics.items() if k in ("loss", "loss_avg", "lr", "steps/s")}
+        shown = {k.replace("_per_s", "/s"): f"{metrics[k]:.4g}" for k in CONSOLE_COLUMNS if k in metrics}
+        if "images_per_s" not in metrics and "steps/s" in metrics:  # runs that log no image rate (SemVAE)
+            shown["steps/s"] = f"{metrics['steps/s']:.4g}"
         if self.quiet:
             return
         if self.bar.disable:  # batch jobs / CI: one plain line per log step instead of a bar

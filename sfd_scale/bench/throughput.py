@@ -20,7 +20,7 @@ steps (``Trainer.save``: the first save allocates the host staging buffers, the 
 reports the time training was blocked by each (``save_blocking_s``) and the background write.
 
 FLOPs per image: ``models/flops.py`` (matmuls, 3x forward for a training step). MFU = model FLOP/s per
-device / the device's dense bf16 peak (``PEAK_TFLOPS`` by device name, or ``peak_tflops``).
+device / the device's dense bf16 peak (``device.PEAK_TFLOPS`` by device name, or ``peak_tflops``).
 """
 from __future__ import annotations
 
@@ -34,12 +34,12 @@ import torch
 import torch.distributed as dist
 
 from ..config import Config, load_config, model_args, objective_config, sfd_spec
+from ..device import peak_tflops as table_peak_tflops
 from ..models.flops import training_flops_per_image
 from ..parallel.launch import run_local
 from ..parallel.optimizations import compile_enabled
 from .timing_inputs import sync, synthetic_batch
 
-PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0}
 
 
 @dataclass
@@ -76,8 +76,7 @@ def device_peak_tflops(peak: Optional[float] = None) -> Optional[float]:
         return peak
     if not torch.cuda.is_available():
         return None
-    name = torch.cuda.get_device_name()
-    return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+    return table_peak_tflops(torch.cuda.get_device_name(), "bf16")
 
 
 def device_name() -> str:

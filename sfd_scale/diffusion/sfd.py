@@ -21,6 +21,8 @@ import torch.nn.functional as F
 Time = Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]
 
 REPA_MODES = ("cos", "mse", "cos_mse")
+# the loss terms' batch means the objective gives for the logs (``SFDObjective.term_means``), in log order
+LOGGED_TERMS = ("loss_texture", "loss_semantic", "loss_cos", "loss_repa")
 INTERVAL_MODES = ("both", "tex", "sem")
 
 
@@ -262,7 +264,8 @@ class SFDObjective:
 
     def losses(self, pred: torch.Tensor, ut: torch.Tensor, projection: Optional[torch.Tensor] = None,
                repa_target: Optional[torch.Tensor] = None) -> dict:
-        """Per-sample loss terms of a prediction and the batch ``total`` (what train.py back-propagates)."""
+        """Per-sample loss terms of a prediction, the batch ``total`` (what train.py back-propagates) and the
+        terms' batch means for the logs (``term_means``: ``loss_texture``, ...)."""
         terms = {"loss": weighted_mse(self.spec, pred.float(), ut.float(), self.config.semantic_weight)}
         total = terms["loss"].mean()
         if self.config.use_cosine_loss:
@@ -275,7 +278,31 @@ class SFDObjective:
             terms["repa_loss"] = self.repa_term(projection, repa_target)
             total = total + terms["repa_loss"].mean()
         terms["total"] = total
-        return terms
+        return terms | self.term_means(pred, ut, terms)
+
+    def logged_names(self, repa: bool) -> Tuple[str, ...]:
+        """The names ``term_means`` gives (the same on every rank and pipeline stage of a run)."""
+        present = {"loss_texture": True, "loss_semantic": self.spec.semantic_chans > 0,
+                   "loss_cos": self.config.use_cosine_loss, "loss_repa": repa}
+        return tuple(name for name in LOGGED_TERMS if present[name])
+
+    @torch.no_grad()
+    def term_means(self, pred: torch.Tensor, ut: torch.Tensor, terms: dict) -> dict:
+        """Batch means of each loss term, for the logs: 0-dim float32 device tensors, outside the graph.
+
+        ``loss_texture`` / ``loss_semantic``: the plain MSE of each part (mean over its elements, no weight),
+        so that ``terms['loss'].mean() = (Ct * loss_texture + w * Cs * loss_semantic) / (Ct + Cs)`` (weighted_mse
+        divides by the element count); ``loss_cos`` and ``loss_repa`` (weighted by ``repa_weight``) are the
+        terms as added to ``total``: total = that mean + loss_cos + loss_repa. A plain model (no semantic part)
+        has ``loss_texture`` = its whole MSE."""
+        texture, semantic = self.spec.split((pred.detach().float() - ut.detach().float()) ** 2)
+        means = {"loss_texture": texture.mean()}
+        if self.spec.semantic_chans > 0:
+            means["loss_semantic"] = semantic.mean()
+        for name, key in (("loss_cos", "cos_loss"), ("loss_repa", "repa_loss")):
+            if key in terms:
+                means[name] = terms[key].detach().mean()
+        return means
 
     def repa_term(self, projection: torch.Tensor, repa_target: torch.Tensor) -> torch.Tensor:
         """Per-sample weighted REPA loss (also used alone by a pipeline stage that owns the projector)."""

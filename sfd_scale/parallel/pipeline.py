@@ -96,9 +96,9 @@ def forward_backward(chunks: Sequence[LightningDiT], micro_batches: Sequence[Mic
     """One pass of megatron's pipeline schedule over ``micro_batches``; gradients accumulate in the chunks.
 
     Returns the mean loss terms over micro-batches on the last stage (empty dict on other stages) plus
-    ``repa_loss_aux`` on the stage owning the REPA projector when that is not the last stage (its term
-    is then not part of the last stage's ``total``): 0-dim tensors on the device, never read on the host
-    here (the trainer reads losses once per log step).
+    ``repa_loss_aux`` (also as the logged ``loss_repa``) on the stage owning the REPA projector when that is
+    not the last stage (its term is then not part of the last stage's ``total``): 0-dim tensors on the
+    device, never read on the host here (the trainer reads losses once per log step).
     """
     n = len(micro_batches)
     MoEAuxLossAutoScaler.set_loss_scale(torch.ones(1))  # aux losses come pre-divided by n (below)
@@ -134,5 +134,5 @@ def forward_backward(chunks: Sequence[LightningDiT], micro_batches: Sequence[Mic
     out = ({k: torch.stack([r[k].reshape(()).double() for r in reduced]).sum() / n for k in reduced[0]}
            if reduced else {})
     if repa_values:  # REPA on a stage before the last: its term is not in the last stage's total
-        out["repa_loss_aux"] = torch.stack(repa_values).double().sum() / len(repa_values)
+        out["repa_loss_aux"] = out["loss_repa"] = torch.stack(repa_values).double().sum() / len(repa_values)
     return out

@@ -9,7 +9,9 @@ have done, and DP = 2 trains on exactly what DP = 1 trains on, whichever rank re
 No host sync between log steps: the draws are made on the device (``diffusion/keyed_noise.py``), the next
 batch is copied on a side stream (``step_io.DevicePrefetcher``), the engines return device tensors and skip
 a non-finite step on the device, the EMA folds the skip into its weight, and the metrics of a window of
-steps are read once (``step_io.StepWindow``) at each ``train.log_every`` step, checkpoint and at the end.
+steps are read once (``step_io.StepWindow``) at each ``train.log_every`` step, checkpoint and at the end;
+the log line holds each loss term's window mean next to the loss and the window's wall-clock rates
+(images/s, TFLOP/s, MFU, peak memory, data-wait share: ``step_io.WindowClock``).
 A non-finite step is therefore reported (log.txt names it) and counted against
 ``train.max_nonfinite_steps`` at the next such read, up to ``log_every - 1`` steps later; reaching the limit
 still saves a checkpoint and stops with an error. Stop requests (signals, time budget) are agreed between
@@ -38,6 +40,7 @@ from ..diffusion.micro_batch import MicroBatch, TrainingDraws
 from ..diffusion.sfd import SFDObjective
 from ..eval.generate import save_sample_grid
 from ..logging import RunLogger
+from ..models.flops import training_flops_per_image
 from ..models.layers import attention_backend
 from ..models.lightningdit import LightningDiT, count_parameters, parallel_config
 from ..models.official import load_official_state_dict, read_checkpoint
@@ -49,7 +52,7 @@ from ..parallel.pipeline import build_stages
 from .ema import EMA
 from .run_control import REQUEUE_EXIT, RunControl
 from .state import TrainingState, choose_checkpoint, chunk_part, run_info
-from .step_io import DevicePrefetcher, StepWindow, log_line
+from .step_io import DevicePrefetcher, StepWindow, WindowClock, log_line
 
 
 class Trainer:
@@ -289,6 +292,18 @@ class Trainer:
             self.save()
         return self.control.stop_reason(self.step, agree=checkpoint_step)
 
+    def _log_window(self, logger: RunLogger, clock: WindowClock, span: tuple, start: tuple) -> tuple:
+        """The log line of the steps since the last one: their metrics read (the one host sync of the log
+        interval), then the wall-clock rates, timed now that the device has caught up: ``steps/s`` since
+        ``start`` = (step, time.time()) of this process's start, the window's ``step_io.WindowClock`` columns.
+        Returns the run's (first, last) finite loss so far."""
+        self._settle(self.window, logger)
+        records = self.window.take()
+        line = log_line(records, self.nonfinite_steps)
+        line["steps/s"] = (self.step - start[0]) / max(time.time() - start[1], 1e-9)
+        logger.log(self.step, line | clock.columns(self.step))
+        return _loss_span(records, *span)
+
     def fit(self) -> dict:
         """Train to ``train.max_steps``. Returns a summary; its ``exit_status`` is ``REQUEUE_EXIT`` when the run
         stopped early on a signal or its time budget (after writing a checkpoint), else 0."""
@@ -306,11 +321,13 @@ class Trainer:
         n_params = sum(count_parameters(c) for c in self.chunks)
         self.checkpointer.report = logger.write  # one line per save: how long it blocked training
         self._log_start(logger, n_params)
-        start_step, t0, first_loss, last_loss = self.step, time.time(), None, None
+        start_step, t0, span = self.step, time.time(), (None, None)  # span: first and last finite loss
         window, exit_status, grid, final_ckpt = self.window, 0, None, None
+        clock = WindowClock(self.step, cfg.train.global_batch_size, training_flops_per_image(model_args(cfg)),
+                            dist.get_world_size(), self.device, cfg.train.precision)
         try:
             with self.control.handling_signals():
-                for batch in DevicePrefetcher(self.loader(), self.device):
+                for batch in clock.timed(DevicePrefetcher(self.loader(), self.device)):
                     if self.step >= cfg.train.max_steps:
                         break
                     metrics = self.train_step(batch)
@@ -318,12 +335,7 @@ class Trainer:
                     window.add(self.step, metrics)
                     logger.advance()
                     if self.step % cfg.train.log_every == 0 or self.step == cfg.train.max_steps:
-                        self._settle(window, logger)  # the one host read of this log interval
-                        records = window.take()
-                        first_loss, last_loss = _loss_span(records, first_loss, last_loss)
-                        line = log_line(records, self.nonfinite_steps)
-                        line["steps/s"] = (self.step - start_step) / max(time.time() - t0, 1e-9)
-                        logger.log(self.step, line)
+                        span = self._log_window(logger, clock, span, (start_step, t0))
                     reason = self._between_steps(logger, window)
                     if reason is not None:
                         logger.write(f"stopping at step {self.step}: {reason}; writing a checkpoint, then exit "
@@ -333,7 +345,7 @@ class Trainer:
                 self._settle(window, logger)
                 if self._saved_step != self.step:
                     self.save()  # with the steps not logged yet (a stop between log steps)
-                first_loss, last_loss = _loss_span(window.take(), first_loss, last_loss)
+                first_loss, last_loss = _loss_span(window.take(), *span)
                 final_ckpt = store.checkpoint_dir(self.out, self.step)
                 self.checkpointer.wait()
                 logger.write(f"checkpoint {final_ckpt} written")

@@ -94,3 +94,30 @@ def test_objective_targets_are_not_masked():
                                  t_base=torch.tensor([0.1]), x0=x0)
     assert terms["t_tex"].item() == 0.0
     assert terms["loss"].item() == pytest.approx(((x1 - x0) ** 2).mean().item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("cosine, repa", [(True, True), (False, False)])
+def test_term_means_add_up_to_the_total(cosine, repa):
+    """The logged means (``term_means``) are the parts of ``total``: texture and semantic MSE by the element
+    count formula of ``weighted_mse``, the cosine and (weighted) REPA terms as added."""
+    config = ObjectiveConfig(semantic_weight=3.0, use_cosine_loss=cosine, repa_weight=0.5)
+    objective = SFDObjective(SPEC, config)
+    g = torch.Generator().manual_seed(0)
+    x1, proj, feats = torch.randn(3, 6, 4, 4, generator=g), torch.randn(3, 16, 8, generator=g), torch.randn(3, 8, 4, 4)
+
+    def model(x, t, y):
+        return (x * 0.5, proj) if repa else x * 0.5
+
+    terms = objective.loss_terms(model, x1, torch.zeros(3, dtype=torch.long), generator=g,
+                                 repa_target=feats if repa else None)
+    names = objective.logged_names(repa=repa)
+    assert names == ("loss_texture", "loss_semantic") + (("loss_cos", "loss_repa") if repa else ())
+    assert all(terms[k].dim() == 0 and not terms[k].requires_grad for k in names)
+    sq = (terms["pred"] - terms["ut"]) ** 2
+    assert terms["loss_texture"].item() == pytest.approx(sq[:, :4].mean().item(), rel=1e-6)
+    mse = (4 * terms["loss_texture"] + 3.0 * 2 * terms["loss_semantic"]) / 6
+    assert terms["loss"].mean().item() == pytest.approx(mse.item(), rel=1e-6)
+    parts = mse + sum(terms[k] for k in ("loss_cos", "loss_repa") if k in names)
+    assert terms["total"].item() == pytest.approx(parts.item(), rel=1e-6)
+    plain = SFDObjective(SFDSpec(texture_chans=6), ObjectiveConfig(use_cosine_loss=False))
+    assert plain.logged_names(repa=False) == ("loss_texture",)

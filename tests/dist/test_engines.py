@@ -65,8 +65,22 @@ def train(engine, cfg, batches):
     for b in batches:
         micro = local_micro_batches(b, engine.micro_batch_size, engine.dp_rank, engine.dp_size)
         m = engine.train_step(micro, objective)
-        out.append({k: v.item() if torch.is_tensor(v) else v for k, v in m.items()})
+        out.append({k: v.item() if torch.is_tensor(v) else v for k, v in m.items() if k != "terms"}
+                   | {"terms": {k: v.item() for k, v in m["terms"].items()}})
     return out
+
+
+LOGGED = ["loss_texture", "loss_semantic", "loss_cos"]  # tiny_config: SFD channels, cosine loss, no REPA
+
+
+def check_terms(metrics: dict, reference: dict, rel: float) -> None:
+    """The engine logs every loss term, the same mean over micro-batches and DP ranks as ``loss`` (they add
+    up to it: ``SFDObjective.term_means``) and equal to the reference layout's."""
+    terms, w = metrics["terms"], objective_config(tiny_config()).semantic_weight
+    assert list(terms) == LOGGED, terms
+    mse = (4 * terms["loss_texture"] + w * 2 * terms["loss_semantic"]) / 6
+    assert metrics["loss"] == pytest.approx(mse + terms["loss_cos"], rel=1e-5)
+    assert terms == pytest.approx(reference["terms"], rel=rel)
 
 
 def weights(engine):
@@ -253,6 +267,8 @@ def test_megatron_dp2_matches_dp1_and_resumes_exactly():
         for m2, m1 in zip(two[0][name][1], one["ddp"][1]):
             assert m2["loss"] == pytest.approx(m1["loss"], rel=1e-5) and m2["lr"] == m1["lr"]
             assert m2["grad_norm"] == pytest.approx(m1["grad_norm"], rel=1e-5)
+            check_terms(m2, m1, rel=1e-5)
+            assert two[1][name][1] == two[0][name][1]  # every rank reads the same all-reduced numbers
     # resume after step 2 into fresh engines: bit-identical to not stopping (DistributedOptimizer fix)
     _assert_equal(two[0]["resumed_distopt"], two[0]["distopt"][0], "megatron distopt resume")
     _assert_equal(two[0]["resumed_ddp"], two[0]["ddp"][0], "megatron ddp resume")
@@ -280,6 +296,7 @@ def test_deepspeed_zero_matches_plain_and_resumes_exactly():
         for m_ds, m_plain in zip(ranks[0][f"zero{stage}"][1], ranks[0]["plain"][1]):
             assert m_ds["loss"] == pytest.approx(m_plain["loss"], rel=1e-5) and m_ds["lr"] == m_plain["lr"]
             assert m_ds["grad_norm"] == pytest.approx(m_plain["grad_norm"], rel=1e-5)
+            check_terms(m_ds, m_plain, rel=1e-5)
     for stage in (2, 3):
         _assert_equal(ranks[0][f"resumed_zero{stage}"], ranks[0][f"zero{stage}"][0], f"ZeRO-{stage} resume")
     check_skip(ranks[0]["skip_zero2"])
@@ -297,6 +314,10 @@ def test_megatron_pipeline_trains_in_bf16():
     assert [m["loss"] for m in ranks[1]["pipeline"]] == losses  # summed over the stages: the same on each
     # bf16 weights against fp32 weights under autocast: the same training up to bf16 rounding
     assert losses == pytest.approx([m["loss"] for m in ranks[0]["plain"]], rel=1e-2)
+    # the terms come from the last stage to every stage (rank 0 logs them)
+    assert [m["terms"] for m in ranks[1]["pipeline"]] == [m["terms"] for m in ranks[0]["pipeline"]]
+    for m_pp, m_plain in zip(ranks[0]["pipeline"], ranks[0]["plain"]):
+        check_terms(m_pp, m_plain, rel=1e-2)
 
 
 def test_plain_engine_is_the_trainer_arithmetic():
@@ -310,11 +331,13 @@ def test_plain_engine_is_the_trainer_arithmetic():
                             eps=o.eps, weight_decay=o.weight_decay, fused=True)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / o.warmup_steps))
     for b, m in zip(batches, metrics):
-        loss = objective(model, b)["total"]
+        terms = objective(model, b)
+        loss = terms["total"]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
         assert (m["loss"], m["grad_norm"], m["lr"]) == (loss.item(), norm.item(), opt.param_groups[0]["lr"])
+        assert m["terms"] == {k: terms[k].item() for k in LOGGED}  # the objective's own term means
         opt.step()
         sched.step()
     _assert_equal(engine_weights, {k: v.detach().float() for k, v in model.state_dict().items() if torch.is_tensor(v)},
@@ -337,6 +360,8 @@ def test_gradient_accumulation_matches_one_batch():
     assert PlainEngine(new_model(tiny_config()), tiny_config("train.micro_batch_size=4")).num_micro_batches == 2
     _assert_close(accum, whole, ATOL, "2 micro-batches of 4 vs 1 batch of 8")
     assert [m["loss"] for m in m2] == pytest.approx([m["loss"] for m in m1], rel=1e-6)
+    for a, b in zip(m2, m1):
+        check_terms(a, b, rel=1e-6)
 
 
 def test_plain_engine_state_round_trip_is_exact():

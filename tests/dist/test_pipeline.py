@@ -76,6 +76,11 @@ def test_pipeline_matches_single_process(virtual_stages):
     repa = [r[0]["repa_loss_aux"] for r in results if "repa_loss_aux" in r[0]]
     assert len(repa) == 1
     assert abs(results[1][0]["total"] + repa[0] - ref_loss) <= 1e-6
+    # the logged terms: the last stage's, the REPA one where the projector is (the engine sums them over stages)
+    last = results[1][0]
+    assert [r[0]["loss_repa"] for r in results if "loss_repa" in r[0]] == repa
+    mse = (4 * last["loss_texture"] + 2.0 * 2 * last["loss_semantic"]) / 6
+    assert abs(mse + last["loss_cos"] - last["total"]) <= 1e-6
     grads = {}
     for _, rank_grads in results:
         assert not set(grads) & set(rank_grads), "a parameter lives on two stages"

@@ -1,5 +1,9 @@
 """The one trainer loop under other layouts: DP = 2 and TP = 2 train what one process trains."""
 
+import json
+
+import pytest
+
 from tests.dist.harness import run_ranks
 from tests.train.test_trainer import tiny_config
 
@@ -22,6 +26,19 @@ def _single(out_dir, overrides):
         destroy()
 
 
+def _assert_same_logged_terms(run, reference, steps, rel):
+    """metrics.jsonl's loss terms (issue #18) at ``steps`` (log lines over the same window of steps in both)
+    equal those of the one-process run: every layout logs the same means over the global batch (rank 0
+    writes them; under PP they come from the last stage)."""
+    def terms(out_dir):
+        rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+        return {r["step"]: [r[k] for k in ("loss_texture", "loss_semantic", "loss_cos")] for r in rows}
+
+    got, want = terms(run), terms(reference)
+    for step in steps:
+        assert got[step] == pytest.approx(want[step], rel=rel), step
+
+
 def _max_diff(a, b):
     return max((a[k] - b[k]).abs().max().item() for k in a)
 
@@ -36,6 +53,7 @@ def test_data_parallel_trainer_matches_one_process_and_resumes(tmp_path):
     for loss2, model2, ema2 in results:
         assert abs(loss2 - loss1) <= 1e-6
         assert _max_diff(model1, model2) <= 3e-7 and _max_diff(ema1, ema2) <= 3e-7
+    _assert_same_logged_terms(tmp_path / "dp2", tmp_path / "dp1", steps=[2], rel=1e-5)
     from sfd_scale import checkpoint_store as store
 
     newest = store.latest(tmp_path / "dp2")
@@ -65,6 +83,7 @@ def test_pipeline_trainer_matches_one_process_and_resumes(tmp_path):
     for loss2, model2, ema2 in results:
         assert abs(loss2 - loss1) <= 1e-6
         assert set(model2) == set(model1) and _max_diff(model1, model2) <= 3e-7 and _max_diff(ema1, ema2) <= 3e-7
+    _assert_same_logged_terms(tmp_path / "pp2", tmp_path / "pp1", steps=[2, 3], rel=1e-5)
 
 
 def test_tensor_and_pipeline_parallel_step_matches_one_process(tmp_path):

@@ -73,14 +73,18 @@ def test_signal_checkpoints_exits_for_requeue_and_resumes_exactly(tmp_path):
     assert losses(tmp_path / "run") == losses(tmp_path / "straight")
 
 
-TIME_COLUMNS = ("steps/s",)  # wall-clock rates: the only metrics.jsonl columns a resume may change
+# wall-clock rates, the only metrics.jsonl columns a resume may change: steps/s, and the window's images/s, model
+# TFLOP/s per device and share of time waiting for data (step_io.WindowClock, issue #18)
+TIME_COLUMNS = ("steps/s", "images_per_s", "tflops_per_s", "data_wait_frac")
+# the same kind, only on a GPU: MFU (a wall-clock rate over the device's peak) and the process's peak memory
+GPU_TIME_COLUMNS = ("mfu", "peak_mem_gb")
 
 
 def metrics_rows(out: Path) -> list:
     """metrics.jsonl's lines without the wall-clock columns, as text: compared bit for bit."""
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert all(column in row for row in rows for column in TIME_COLUMNS)
-    return [json.dumps({k: v for k, v in row.items() if k not in TIME_COLUMNS}) for row in rows]
+    return [json.dumps({k: v for k, v in row.items() if k not in TIME_COLUMNS + GPU_TIME_COLUMNS}) for row in rows]
 
 
 @pytest.mark.parametrize("stop", ["signal", "time_budget"])
@@ -105,6 +109,7 @@ def test_resume_between_log_steps_logs_the_uninterrupted_metrics(tmp_path, stop)
     assert resumed.fit()["exit_status"] == 0
     rows = metrics_rows(tmp_path / "run")
     assert [json.loads(r)["step"] for r in rows] == [2, 4, 6] and "skipped_steps" in rows[1]
+    assert all("loss_texture" in r and "loss_semantic" in r and "loss_cos" in r for r in rows)  # compared too
     assert rows == metrics_rows(tmp_path / "straight")
 
 

@@ -5,8 +5,9 @@ import json
 import pytest
 import torch
 
-from sfd_scale.config import load_config
+from sfd_scale.config import load_config, model_args
 from sfd_scale import checkpoint_store as store
+from sfd_scale.models.flops import training_flops_per_image
 from sfd_scale.train.ema import EMA
 from sfd_scale.train.trainer import Trainer
 
@@ -42,6 +43,30 @@ def test_fit_trains_checkpoints_and_samples(tmp_path):
     for part in ("attention SDPA (CPU)", "optimizer torch fused AdamW", "compile off", "precision: weights float32"):
         assert part in hot, (part, hot)
     assert "training blocked" in log  # every save says how long it blocked training
+
+
+def test_demo_metrics_hold_every_loss_term_and_the_rates(tmp_path):
+    """Issue #18: metrics.jsonl of the demo holds each loss term and the throughput columns, and the terms are
+    the objective's own: with one step per log line they add up to that step's loss by the formula of
+    ``SFDObjective.term_means``, (Ct * texture + w * Cs * semantic) / (Ct + Cs) + cosine."""
+    cfg = tiny_config(tmp_path, "train.max_steps=3", "train.log_every=1")
+    trainer = Trainer(cfg)
+    trainer.fit()
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    columns = ["step", "loss", "grad_norm", "lr", "loss_avg", "loss_texture", "loss_semantic", "loss_cos",
+               "steps/s", "images_per_s", "tflops_per_s", "data_wait_frac"]
+    gpu_only = {"mfu", "peak_mem_gb"} if trainer.device.type == "cuda" else set()
+    ct, cs, w = cfg.sfd.texture_chans, cfg.sfd.semantic_chans, cfg.sfd.semantic_weight
+    flops = training_flops_per_image(model_args(cfg))
+    for r in rows:
+        assert [k for k in r if k not in gpu_only] == columns, list(r)
+        assert cfg.sfd.use_cosine_loss and not cfg.model.use_repa and w != 1.0  # the terms below, weighted
+        mse = (ct * r["loss_texture"] + w * cs * r["loss_semantic"]) / (ct + cs)
+        assert r["loss"] == pytest.approx(mse + r["loss_cos"], rel=1e-5)
+        assert r["loss_avg"] == r["loss"] and r["loss_texture"] != r["loss_semantic"]
+        assert r["images_per_s"] > 0 and 0 <= r["data_wait_frac"] <= 1
+        assert r["tflops_per_s"] == pytest.approx(r["images_per_s"] * flops / 1e12)
 
 
 def test_resume_is_exact(tmp_path):

@@ -38,12 +38,15 @@ import torch.distributed as dist
 
 from ...config import Config, ConfigError
 from ...diffusion.micro_batch import MicroBatch
+from ...diffusion.sfd import LOGGED_TERMS
 
 
 class Objective(Protocol):
     """What every engine trains: ``objective(model, micro_batch)`` -> the micro-batch's loss terms, ``'total'``
     the scalar to back-propagate (``diffusion.sfd.SFDObjective``). Pipelined, megatron's schedules split it
-    over the stages through its ``prepare`` / ``losses`` / ``repa_term`` (``pipeline.forward_backward``)."""
+    over the stages through its ``prepare`` / ``losses`` / ``repa_term`` (``pipeline.forward_backward``) and
+    names the logged terms every stage reduces by ``logged_names``. Terms named in ``LOGGED_TERMS`` (0-dim
+    batch means) are logged where the objective gives them."""
 
     def __call__(self, model: torch.nn.Module, batch: MicroBatch) -> Dict[str, torch.Tensor]: ...
 
@@ -159,7 +162,9 @@ class Engine:
         (optim.grad_clip, 0 = off), optimizer step, LR-schedule step. Returns device tensors and no host
         sync: {'loss': 0-dim mean loss over micro-batches and DP ranks, 'grad_norm': pre-clip global norm
         (0-dim) or None without clipping, 'lr': the LR this step used (float), 'nonfinite': 0-dim float, 1
-        when the loss or the gradients were not finite and the update was skipped}."""
+        when the loss or the gradients were not finite and the update was skipped, 'terms': {name: 0-dim mean
+        over micro-batches and DP ranks, like 'loss'} of the loss terms the objective logs
+        (``diffusion.sfd.SFDObjective.term_means``; empty for an objective that gives none)}."""
         raise NotImplementedError
 
     @property
@@ -205,10 +210,12 @@ class Engine:
         return torch.autocast(next(self._chunks()[0].parameters()).device.type, dtype=torch.bfloat16)
 
     # ------------------------------------------------------------------------------------------ helpers
-    def _loss(self, objective: Objective, batch: MicroBatch) -> torch.Tensor:
-        """One micro-batch's total loss through ``model`` (not yet back-propagated)."""
+    def _loss(self, objective: Objective, batch: MicroBatch) -> Dict[str, torch.Tensor]:
+        """One micro-batch through ``model``: {'total': the loss to back-propagate (not yet), and the logged
+        term means the objective gave (``LOGGED_TERMS``, detached)}."""
         with self.forward_precision():
-            return objective(self.model, batch)["total"]
+            terms = objective(self.model, batch)
+        return {"total": terms["total"]} | {k: terms[k].detach() for k in LOGGED_TERMS if k in terms}
 
     def _chunks(self) -> list:
         return list(self.module) if isinstance(self.module, (list, tuple)) else [self.module]
@@ -221,13 +228,23 @@ class Engine:
                              f"train.micro_batch_size / data-parallel size), got {n}")
         return n
 
-    def _mean_loss(self, losses: List[torch.Tensor], group=None) -> torch.Tensor:
-        """Mean over micro-batches and DP ranks, on the device (0-dim float64; no check, no sync)."""
-        # on the loss's device (NCCL reduces CUDA tensors only), in float64 so the mean is exact enough
-        total = torch.stack([l.detach().double().reshape(()) for l in losses]).sum().reshape(1)
+    def _mean_losses(self, losses: List[Dict[str, torch.Tensor]], group=None) -> Dict[str, torch.Tensor]:
+        """Each key's mean over micro-batches and DP ranks, on the device (0-dim float64; one all-reduce, no
+        check, no sync). The keys of ``_loss`` (or of a pipeline's reduced terms), 'total' first."""
+        # on the loss's device (NCCL reduces CUDA tensors only), in float64 so the mean is exact enough;
+        # each key summed on its own: 'total' exactly as the loss alone was before the terms were logged
+        keys = list(losses[0])
+        sums = torch.stack([torch.stack([m[k].detach().double().reshape(()) for m in losses]).sum() for k in keys])
         if self.dp_size > 1:
-            dist.all_reduce(total, group=group)
-        return total[0] / (len(losses) * self.dp_size)
+            dist.all_reduce(sums, group=group)
+        return dict(zip(keys, (sums / (len(losses) * self.dp_size)).unbind()))
+
+    @staticmethod
+    def _step_metrics(means: Dict[str, torch.Tensor], grad_norm: Optional[torch.Tensor], lr: float,
+                      nonfinite: torch.Tensor) -> dict:
+        """What ``train_step`` returns, from ``_mean_losses``' output."""
+        return {"loss": means["total"], "grad_norm": grad_norm, "lr": lr, "nonfinite": nonfinite,
+                "terms": {k: v for k, v in means.items() if k != "total"}}
 
     def _count_nonfinite(self, flag: torch.Tensor) -> None:
         self._nonfinite_total = flag.clone() if self._nonfinite_total is None else self._nonfinite_total + flag

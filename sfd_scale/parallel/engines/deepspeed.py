@@ -115,12 +115,13 @@ class DeepSpeedEngine(Engine):
         counters_before = {k: getattr(self.model, k) for k in _COUNTERS}
         losses = []
         for i, mb in enumerate(micro_batches):
-            loss = self._loss(objective, mb)
-            self.model.backward(loss)  # scales by 1 / gradient_accumulation_steps; reduces at the boundary
-            losses.append(loss.detach())
+            terms = self._loss(objective, mb)
+            self.model.backward(terms["total"])  # scales by 1 / gradient_accumulation_steps; reduces at the boundary
+            losses.append(terms)
             if i < n - 1:
                 self.model.step()  # not a boundary: only counts the micro-step
-        mean = self._mean_loss(losses)
+        means = self._mean_losses(losses)
+        mean = means["total"]
         bad_loss = nonfinite_flag(mean, None)
         lr = self.model.get_lr()[0]
         inner = self.torch_optimizers()
@@ -130,20 +131,21 @@ class DeepSpeedEngine(Engine):
             self.model.step()  # boundary: clip, optimizer step (skipped by the kernel on a bad loss), LR schedule
         elif bad_loss.device.type != "meta" and bool(bad_loss):  # non-fused: read on the host (module docstring)
             self._discard(counters_before)
-            return self._metrics(mean, lr, bad_loss, None)
+            return self._metrics(means, lr, bad_loss, None)
         else:
             self.model.step()
         overflow = bool(getattr(self.model.optimizer, "overflow", False))  # a Python bool DeepSpeed already read
         if overflow:  # DeepSpeed skipped the inner step itself and held the LR schedule back
             self.model.lr_scheduler.step()
         nonfinite = torch.clamp(bad_loss + float(overflow), max=1.0)  # exactly the steps whose update was skipped
-        return self._metrics(mean, lr, nonfinite, self.model.get_global_grad_norm())
+        return self._metrics(means, lr, nonfinite, self.model.get_global_grad_norm())
 
-    def _metrics(self, mean: torch.Tensor, lr: float, nonfinite: torch.Tensor, norm) -> dict:
+    def _metrics(self, means: dict, lr: float, nonfinite: torch.Tensor, norm) -> dict:
         self._count_nonfinite(nonfinite)
         clip = self.cfg.optim.grad_clip > 0 and norm is not None
-        return {"loss": mean, "grad_norm": torch.as_tensor(norm, dtype=torch.float32).to(mean.device) if clip else None,
-                "lr": lr, "nonfinite": nonfinite}
+        device = means["total"].device
+        return self._step_metrics(means, torch.as_tensor(norm, dtype=torch.float32).to(device) if clip else None,
+                                  lr, nonfinite)
 
     def torch_optimizers(self) -> list:
         return [self.model.optimizer.optimizer]

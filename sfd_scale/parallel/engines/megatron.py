@@ -259,22 +259,24 @@ class MegatronEngine(Engine):
         if self.pipelined:
             with self.forward_precision(), _quiet():  # (its backward ops keep their forward dtypes)
                 terms = forward_backward(self.chunks, micro_batches, objective)
-            losses = [self._pipeline_loss(terms, micro_batches[0].x1.device)]
+            names = objective.logged_names(repa=micro_batches[0].repa_target is not None)
+            losses = [self._pipeline_terms(terms, names, micro_batches[0].x1.device)]
         else:
             losses = []
             for i, mb in enumerate(micro_batches):  # (overlap_grad_reduce: bucket reduces start in backward)
                 with self.model.no_sync() if i < n - 1 else contextlib.nullcontext(), _quiet():
-                    loss = self._loss(objective, mb)
+                    terms = self._loss(objective, mb)
+                    loss = terms["total"]
                     (loss if n == 1 else loss / n).backward()
-                losses.append(loss.detach())
+                losses.append(terms)
         with _megatron_call():
             finalize_model_grads(self.chunks)
-            mean = self._mean_loss(losses, self.dp_group)
+            means = self._mean_losses(losses, self.dp_group)
             lr = self.optimizer.param_groups[0]["lr"]
-            grad_norm, nonfinite = self._step(mean)
+            grad_norm, nonfinite = self._step(means["total"])
         self.scheduler.step()
         self._count_nonfinite(nonfinite)
-        return {"loss": mean, "grad_norm": grad_norm, "lr": lr, "nonfinite": nonfinite}
+        return self._step_metrics(means, grad_norm, lr, nonfinite)
 
     def _step(self, mean_loss: torch.Tensor):
         """megatron's optimizer step by its phases, with the grad norm, clipping and the skip on the device
@@ -305,16 +307,19 @@ class MegatronEngine(Engine):
         return f"{'float32' if self.bf16 else 'float32 (weights)'} {how}{overlap}"
 
     @staticmethod
-    def _pipeline_loss(terms: dict, device: torch.device) -> torch.Tensor:
-        """The step's mean total loss on every stage: the last stage's main terms plus the REPA term of
-        the stage owning the projector (when that is not the last), summed over the pipeline group (on the
-        device: no host read)."""
-        local = torch.zeros(1, dtype=torch.float64, device=device)
-        for key in ("total", "repa_loss_aux"):
+    def _pipeline_terms(terms: dict, names: Tuple[str, ...], device: torch.device) -> Dict[str, torch.Tensor]:
+        """The step's mean total loss and logged terms (``names``) on every stage: the last stage's terms plus
+        the REPA term of the stage owning the projector (when that is not the last), summed over the pipeline
+        group (a stage that has a term contributes it, the others 0; on the device: no host read)."""
+        keys = ("total",) + names
+        local = torch.zeros(len(keys), dtype=torch.float64, device=device)
+        for i, key in enumerate(keys):
             if key in terms:
-                local += terms[key].detach().double().to(device)
+                local[i] += terms[key].detach().double().to(device)
+        if "repa_loss_aux" in terms:
+            local[0] += terms["repa_loss_aux"].detach().double().to(device)
         torch.distributed.all_reduce(local, group=parallel_state.get_pipeline_model_parallel_group())
-        return local[0]
+        return dict(zip(keys, local.unbind()))
 
     def _named_parameters(self):
         return [[(n, p) for n, p in chunk.named_parameters() if p.requires_grad] for chunk in self.local_modules]

@@ -34,10 +34,12 @@ class PlainEngine(Engine):
         self.optimizer.zero_grad(set_to_none=True)
         losses = []
         for mb in micro_batches:
-            loss = self._loss(objective, mb)
+            terms = self._loss(objective, mb)
+            loss = terms["total"]
             (loss if n == 1 else loss / n).backward()
-            losses.append(loss.detach())
-        mean = self._mean_loss(losses)
+            losses.append(terms)
+        means = self._mean_losses(losses)
+        mean = means["total"]
         clip = self.cfg.optim.grad_clip
         params = [p for p in self.module.parameters() if p.requires_grad]
         grad_norm = torch.nn.utils.clip_grad_norm_(params, clip) if clip > 0 else None
@@ -46,7 +48,7 @@ class PlainEngine(Engine):
         skip_unless_finite([self.optimizer], nonfinite, self.optimizer.step)
         self.scheduler.step()
         self._count_nonfinite(nonfinite)
-        return {"loss": mean, "grad_norm": grad_norm, "lr": lr, "nonfinite": nonfinite}
+        return self._step_metrics(means, grad_norm, lr, nonfinite)
 
     def torch_optimizers(self) -> list:
         return [self.optimizer]
