@@ -21,7 +21,8 @@ def test_import_refuses_a_clashing_module(official_code, monkeypatch, tmp_path):
     fake.__path__ = [str(tmp_path)]  # a package named "models" from elsewhere, imported first
     (tmp_path / "lightningdit.py").write_text("")
     monkeypatch.setitem(sys.modules, "models", fake)
-    monkeypatch.delitem(sys.modules, "models.lightningdit", raising=False)
+    monkeypatch.setitem(sys.modules, "models.lightningdit", None)  # restored (or removed) after the test ...
+    del sys.modules["models.lightningdit"]  # ... and absent during it, so the import finds the fake package
     with pytest.raises(ImportError, match="not from the official code"):
         import_official(official_code)
 
