@@ -8,6 +8,12 @@ command line (taken out before the tool parses it) or ``SFD_DEBUG=1`` re-raises 
 traceback. Under a multi-rank launch each rank writes at most that one line, ranks other than 0 prefixed with
 their rank (a problem only one rank sees is still named); ``python -m sfd_scale.torchrun`` then turns the
 workers' status 2 into its own.
+
+Start-up order (issue #18): a tool parses its arguments and loads and validates the run config first
+(``parse_config``; ``sfd_scale.config`` and the settings classes it builds on import neither torch nor
+megatron-core / DeepSpeed), and imports the heavy parts only after that, so a typo is reported in about a
+second and ``--print-config`` (the resolved config as YAML, then exit 0) is as fast. ``--help`` lists the
+config sections and the most used keys (``COMMON_KEYS``) with their defaults.
 """
 from __future__ import annotations
 
@@ -16,29 +22,65 @@ import contextlib
 import functools
 import os
 import sys
+from dataclasses import fields
 from typing import Callable, Optional, Sequence
 
+from .config import Config, load_config, to_yaml
 from .errors import EXIT_USER_ERROR, UserError, one_line
 
 DEBUG_FLAG, DEBUG_ENV = "--debug", "SFD_DEBUG"
 
+# The keys people set most, listed (with their defaults) by every run-config tool's --help; each must exist in
+# the schema (tests/test_cli.py checks it; config_epilog raises on a missing one).
+COMMON_KEYS = (
+    "model.name", "data.source", "data.path", "train.output_dir", "train.max_steps", "train.global_batch_size",
+    "train.micro_batch_size", "train.precision", "train.device", "optim.lr", "parallel.engine",
+    "parallel.tensor_parallel", "parallel.pipeline_parallel", "checkpoint.every", "checkpoint.init_from",
+    "logging.wandb_mode", "sample.guidance", "sample.cfg_scale", "eval.fid_every",
+)
 
-def config_parser(description: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=description,
-                                     epilog=f"{DEBUG_FLAG} (or {DEBUG_ENV}=1): show the traceback of an error")
+
+def config_epilog() -> str:
+    """The config part of ``--help``: the sections of ``Config`` and ``COMMON_KEYS`` with their defaults."""
+    defaults = Config()
+    sections = ", ".join(f.name for f in fields(Config))
+    lines = [f"config sections: {sections}", "most used keys (default):"]
+    for key in COMMON_KEYS:
+        section, name = key.split(".")
+        if not hasattr(getattr(defaults, section, None), name):
+            raise KeyError(f"cli.COMMON_KEYS names {key!r}, which is not in the config schema")
+        value = getattr(getattr(defaults, section), name)
+        lines.append(f"  {key}={'null' if value is None else str(value).lower() if isinstance(value, bool) else value}")
+    lines.append("--print-config shows every key of the resolved config")
+    return "\n".join(lines)
+
+
+def config_parser(description: str, run_config: bool = True) -> argparse.ArgumentParser:
+    """``--config`` files and ``key=value`` overrides. ``run_config``: the files are run configs (``Config``):
+    ``--help`` lists its sections and ``COMMON_KEYS``, and ``--print-config`` is offered (``parse_config``)."""
+    epilog = f"{DEBUG_FLAG} (or {DEBUG_ENV}=1): show the traceback of an error"
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog=f"{config_epilog()}\n{epilog}" if run_config else epilog)
     parser.add_argument("--config", action="append", default=[], metavar="YAML",
                         help="config file (repeatable; later files override earlier ones)")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="dotted overrides, e.g. train.max_steps=100 model.name=LightningDiT-B/1")
+    if run_config:
+        parser.add_argument("--print-config", action="store_true",
+                            help="print the resolved config (files + overrides, validated) as YAML and exit")
     return parser
 
 
 def parse_config(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]] = None):
-    """(argparse namespace, validated Config); a config problem raises ``ConfigError`` (a UserError)."""
-    from .config import load_config  # here: a tool's --help and its error path stay light (no torch import)
-
+    """(argparse namespace, validated Config); a config problem raises ``ConfigError`` (a UserError). With
+    ``--print-config`` the resolved config goes to stdout and the process exits 0 (``SystemExit``, like
+    ``--help``) before the tool imports anything heavy."""
     args = parser.parse_intermixed_args(argv)
-    return args, load_config(args.config, args.overrides)
+    cfg = load_config(args.config, args.overrides)
+    if getattr(args, "print_config", False):
+        print(to_yaml(cfg), end="", flush=True)
+        raise SystemExit(0)
+    return args, cfg
 
 
 def report_user_error(err: BaseException) -> None:

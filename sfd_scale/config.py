@@ -12,11 +12,11 @@ from typing import List, Optional, Sequence
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from .diffusion.guidance import GuidanceConfig
-from .diffusion.sampling import SamplerConfig
-from .diffusion.sfd import ObjectiveConfig, SFDSpec
+# the torch-free settings modules only: a config is read, checked and printed without importing torch,
+# megatron-core or DeepSpeed (tests/test_cli.py checks what a config error has imported)
+from .diffusion.settings import GuidanceConfig, ObjectiveConfig, SamplerConfig, SFDSpec
 from .errors import UserError
-from .models.lightningdit import ArchitectureOptions, ModelArgs, parse_model_name
+from .models.args import ArchitectureOptions, ModelArgs, parse_model_name
 
 
 class ConfigError(UserError, ValueError):
@@ -25,7 +25,7 @@ class ConfigError(UserError, ValueError):
 
 @dataclass
 class ModelConfig(ArchitectureOptions):
-    """The architecture switches (``models.lightningdit.ArchitectureOptions``, declared there) plus how the size
+    """The architecture switches (``models.args.ArchitectureOptions``, declared there) plus how the size
     is chosen: a registry name, with optional explicit overrides."""
     name: str = "LightningDiT-XL/1"     # size + patch from the registry (S, B, L, XL, XXL=1p0B, 1p6B)
     depth: Optional[int] = None          # explicit overrides of the registry size (tiny demo models)
@@ -37,8 +37,8 @@ class ModelConfig(ArchitectureOptions):
 
 @dataclass
 class SFDConfig(ObjectiveConfig):
-    """The objective's settings (``diffusion.sfd.ObjectiveConfig``, declared there) plus the latent layout and
-    the semantic lead (``SFDSpec``)."""
+    """The objective's settings (``diffusion.settings.ObjectiveConfig``, declared there) plus the latent layout
+    and the semantic lead (``SFDSpec``)."""
     texture_chans: int = 32
     semantic_chans: int = 16
     delta_t: float = 0.3
@@ -141,8 +141,8 @@ class LoggingConfig:
 
 @dataclass
 class SampleConfig(SamplerConfig, GuidanceConfig):
-    """The solver's settings (``diffusion.sampling.SamplerConfig``) and guidance under the official argument
-    names (``diffusion.guidance.GuidanceConfig``), both declared there, plus what sampling reads and writes."""
+    """The solver's settings (``diffusion.settings.SamplerConfig``) and guidance under the official argument
+    names (``diffusion.settings.GuidanceConfig``), both declared there, plus what sampling reads and writes."""
     guide_checkpoint: Optional[str] = None
     guide_model: Optional[str] = None   # registry name of the guide (autoguidance), e.g. LightningDiT-B/1
     grid_images: int = 16

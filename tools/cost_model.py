@@ -14,7 +14,6 @@ import sys
 from pathlib import Path
 
 from sfd_scale.cli import config_parser, entry_point, parse_config
-from sfd_scale.bench import cost_model
 
 HEADER = """# Cost model: predicted H100 training step from counts taken on CPU
 
@@ -87,6 +86,8 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=None, help="markdown written from every run in --json")
     parser.add_argument("--baseline", default=None, help="JSON of runs to compare against (before)")
     args, cfg = parse_config(parser, argv)
+    from sfd_scale.bench import cost_model  # after the config is checked (torch, megatron-core)
+
     device = args.device
     if device == "auto":
         from sfd_scale.config import model_args

@@ -9,12 +9,14 @@ traceback). Under torchrun use ``python -m sfd_scale.torchrun``, which keeps the
 import sys
 
 from sfd_scale.cli import config_parser, entry_point, parse_config
-from sfd_scale.train.trainer import Trainer, summary_text
 
 
 @entry_point
 def main(argv=None) -> int:
     _, cfg = parse_config(config_parser(__doc__.split("\n\n")[0]), argv)
+    # the trainer (torch, megatron-core, DeepSpeed) is imported only once the config is known to be good
+    from sfd_scale.train.trainer import Trainer, summary_text
+
     summary = Trainer(cfg).fit()
     print(summary_text(summary, cfg))
     return summary["exit_status"]

@@ -8,7 +8,7 @@ from sfd_scale.semvae.train import load_semvae_config, semvae_summary_text, trai
 @entry_point
 def main(argv=None) -> int:
     """Exit status 2 with one line on stderr for a config or start-up problem (data directory, resume state)."""
-    args = config_parser(__doc__).parse_intermixed_args(argv)
+    args = config_parser(__doc__, run_config=False).parse_intermixed_args(argv)
     cfg = load_semvae_config(args.config, args.overrides)
     summary = train_semvae(cfg)
     print(semvae_summary_text(summary, cfg))

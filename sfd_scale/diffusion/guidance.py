@@ -9,37 +9,12 @@ model's own (``SFDSpec.interval_mode``, the official constructor's ``semfirst_in
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
 
-from .sfd import INTERVAL_MODES, SFDSpec, Time
-
-KINDS = ("none", "cfg", "autoguidance")
-
-
-@dataclass
-class GuidanceConfig:
-    """Guidance settings under the official argument names (``forward_with_cfg`` / ``forward_with_autoguidance``;
-    the run config's ``sample`` section inherits them)."""
-    guidance: str = "none"          # none | cfg | autoguidance
-    cfg_scale: float = 1.0          # used only when > 1, like the official code (autoguidance too)
-    cfg_scale_tex: Optional[float] = None  # per-part scales, default ``cfg_scale``
-    cfg_scale_sem: Optional[float] = None
-    cfg_interval_start: Optional[float] = None  # None = no interval (official cfg_interval=False)
-    interval_mode: Optional[str] = None  # which parts the interval holds back (both | tex | sem); None: the
-                                         # model's own (SFDSpec.interval_mode)
-
-    def __post_init__(self):
-        if self.guidance not in KINDS:
-            raise ValueError(f"sample.guidance must be one of {KINDS}, got {self.guidance!r}")
-        if self.interval_mode is not None and self.interval_mode not in INTERVAL_MODES:
-            raise ValueError(f"sample.interval_mode must be one of {INTERVAL_MODES}, got {self.interval_mode!r}")
-
-    @property
-    def active(self) -> bool:
-        return self.guidance != "none" and self.cfg_scale > 1.0
+from .settings import KINDS, GuidanceConfig  # noqa: F401 (re-exported: declared in the torch-free settings.py)
+from .sfd import SFDSpec, Time
 
 
 def _below_start(t: torch.Tensor, start: Optional[float]) -> bool:

@@ -7,35 +7,14 @@ come from ``sfd.py``; this module only wires model, guidance and solver.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
 from torchdiffeq import odeint
 
 from .guidance import GuidanceConfig, autoguidance_velocity, cfg_velocity
+from .settings import ADAPTIVE_METHODS, FIXED_METHODS, SamplerConfig  # noqa: F401 (re-exported: declared in settings.py)
 from .sfd import SFDSpec, clock_grid, model_time, phase_mask
-
-FIXED_METHODS = ("euler", "midpoint", "heun2", "heun3", "rk4", "explicit_adams", "implicit_adams")
-ADAPTIVE_METHODS = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")
-
-
-@dataclass
-class SamplerConfig:
-    """ODE solver settings (the run config's ``sample`` section inherits them)."""
-    method: str = "dopri5"
-    num_steps: int = 250     # grid points (fixed-step solvers take num_steps - 1 steps)
-    atol: float = 1e-6
-    rtol: float = 1e-3
-    timestep_shift: float = 0.0
-
-    def __post_init__(self):
-        if self.method not in FIXED_METHODS + ADAPTIVE_METHODS:
-            raise ValueError(f"sample.method must be one of {FIXED_METHODS + ADAPTIVE_METHODS}, got {self.method!r}")
-        if self.num_steps < 2:
-            raise ValueError(f"sample.num_steps counts grid points and must be >= 2, got {self.num_steps}")
-        if self.timestep_shift < 0:
-            raise ValueError(f"sample.timestep_shift must be >= 0, got {self.timestep_shift}")
 
 
 def integrate(velocity: Callable, z: torch.Tensor, spec: SFDSpec, config: SamplerConfig) -> torch.Tensor:

@@ -12,74 +12,19 @@ else in the project re-derives these formulas. Conventions follow the official c
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Callable, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 
+# the layout and settings classes live in the torch-free settings.py (a config is checked before torch is
+# imported); re-exported here under their old names
+from .settings import INTERVAL_MODES, REPA_MODES, ObjectiveConfig, SFDSpec  # noqa: F401
+
 Time = Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]
 
-REPA_MODES = ("cos", "mse", "cos_mse")
 # the loss terms' batch means the objective gives for the logs (``SFDObjective.term_means``), in log order
 LOGGED_TERMS = ("loss_texture", "loss_semantic", "loss_cos", "loss_repa")
-INTERVAL_MODES = ("both", "tex", "sem")
-
-
-@dataclass(frozen=True)
-class SFDSpec:
-    """Channel layout and asynchrony of a composite latent.
-
-    ``semantic_chans == 0`` or ``delta_t == 0`` describes a synchronous model (plain LightningDiT, or the
-    dt = 0 baseline that denoises both parts together): one time per sample, clock [0, 1], no phase masks.
-    The semantic loss weight still applies to the semantic channels of a dt = 0 model.
-
-    ``interval_mode`` is part of the model's description, as in the official constructor
-    (``semfirst_infer_interval_mode``): which parts the guidance interval holds back at inference ('both',
-    'tex' or 'sem'; ``diffusion/guidance.py``). It travels with the spec so that guided sampling of a model
-    uses the model's own mode unless the guidance settings name another.
-    """
-
-    texture_chans: int
-    semantic_chans: int = 0
-    delta_t: float = 0.0
-    interval_mode: str = "both"
-
-    def __post_init__(self):
-        if self.texture_chans <= 0:
-            raise ValueError(f"sfd.texture_chans must be > 0, got {self.texture_chans}")
-        if self.semantic_chans < 0:
-            raise ValueError(f"sfd.semantic_chans must be >= 0, got {self.semantic_chans}")
-        if self.semantic_chans > 0 and not (0.0 <= self.delta_t < 1.0):
-            raise ValueError(f"sfd.delta_t must lie in the open interval (0, 1) (or be exactly 0 for a synchronous "
-                             f"baseline), got {self.delta_t}")
-        if self.semantic_chans == 0 and self.delta_t != 0.0:
-            raise ValueError(f"sfd.delta_t={self.delta_t} needs sfd.semantic_chans > 0 (no semantic part to run ahead)")
-        if self.interval_mode not in INTERVAL_MODES:
-            raise ValueError(f"sfd.interval_mode must be one of {INTERVAL_MODES}, got {self.interval_mode!r}")
-
-    @property
-    def channels(self) -> int:
-        return self.texture_chans + self.semantic_chans
-
-    @property
-    def is_async(self) -> bool:
-        return self.semantic_chans > 0 and self.delta_t > 0
-
-    @property
-    def t_end(self) -> float:
-        """End of the sampling clock: 1 + dt for SFD, 1 for a plain model."""
-        return 1.0 + self.delta_t if self.is_async else 1.0
-
-    def check_channels(self, in_channels: int, what: str = "model.in_channels") -> None:
-        if in_channels != self.channels:
-            raise ValueError(
-                f"channel split does not add up: sfd.texture_chans ({self.texture_chans}) + "
-                f"sfd.semantic_chans ({self.semantic_chans}) = {self.channels}, but {what} = {in_channels}")
-
-    def split(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """(texture, semantic) parts of a (B, C, ...) tensor."""
-        return x[:, : self.texture_chans], x[:, self.texture_chans:]
 
 
 # ----------------------------------------------------------------------------------------------- time
@@ -223,21 +168,6 @@ def repa_loss(projection: torch.Tensor, features: torch.Tensor, mode: str = "cos
 
 
 # ----------------------------------------------------------------------------------------------- objective
-@dataclass
-class ObjectiveConfig:
-    """Loss settings (official Transport arguments; the run config's ``sfd`` section inherits them)."""
-
-    semantic_weight: float = 2.0
-    use_cosine_loss: bool = True
-    use_lognorm: bool = True
-    repa_weight: float = 1.0
-    repa_mode: str = "cos"
-
-    def __post_init__(self):
-        if self.repa_mode not in REPA_MODES:
-            raise ValueError(f"sfd.repa_mode must be one of {REPA_MODES}, got {self.repa_mode!r}")
-
-
 class SFDObjective:
     """Asynchronous semantic-first flow-matching loss, as ``Transport.training_losses`` computes it."""
 

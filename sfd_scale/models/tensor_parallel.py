@@ -37,12 +37,9 @@ from megatron.core import parallel_state
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.utils import get_pg_rank, get_pg_size
 
-StateDict = Dict[str, torch.Tensor]
+from .args import FINAL_OUTPUTS, HEADS, MLP_UNITS  # what each split divides (named in errors)
 
-# what each split divides, as error messages name it (also ModelArgs.check_tensor_parallel)
-HEADS = "attention heads (model.num_heads)"
-MLP_UNITS = "MLP hidden units (int(model.hidden_size x model.mlp_ratio), x 2/3 for SwiGLU)"
-FINAL_OUTPUTS = "final-layer outputs (patch_size^2 x out_channels)"
+StateDict = Dict[str, torch.Tensor]
 
 
 @dataclass(frozen=True)
