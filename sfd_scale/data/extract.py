@@ -28,13 +28,16 @@ import numpy as np
 import torch
 
 from ..device import resolve_device
-from ..config import ConfigError, load_structured
+from ..config import ConfigError, load_structured, require_package
 from . import shards
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 CONFIG_FILE, LOCK_FILE, LOCK_STALE_S = "extract_config.json", ".finalize.lock", 600.0
 PAUSE_ENV = "SFD_EXTRACT_PAUSE_AFTER_PART"  # tests: seconds to sleep after each finished part
 RANDOM_SEMVAE = "random"  # ``semvae`` value for a tiny random Semantic VAE (with ``random_init``)
+# DALI is an extra (setup.py), its wheel chosen by the driver's CUDA major version
+DALI_MISSING = ("latent extraction decodes images with NVIDIA DALI, which is not installed: pip install "
+                "'sfd_scale[extract-cu13]' (CUDA 13 driver) or 'sfd_scale[extract-cu12]' (CUDA 12 driver)")
 
 
 @dataclass
@@ -152,6 +155,7 @@ def crop_batches(files: Sequence[str], resolution: int, batch_size: int, num_thr
     DALI decodes (GPU ``mixed`` decoding when ``device`` is CUDA), resizes the short side to ``resolution``
     with antialiased cubic interpolation and center-crops (offset floor((size - resolution) / 2)). This is the
     DALI equivalent of ADM's PIL ``center_crop_arr`` (box halvings + bicubic + center crop), not bit-identical."""
+    require_package("nvidia.dali", DALI_MISSING)
     import nvidia.dali.fn as fn
     import nvidia.dali.types as types
     from nvidia.dali import pipeline_def
@@ -309,6 +313,8 @@ def extract(cfg: ExtractConfig, rank: int = 0, world: int = 1, finalize_only: bo
     """Run this rank's unfinished chunks, then finalize if all parts exist. Returns a summary dict."""
     from tqdm.auto import tqdm
     validate(cfg)
+    if not finalize_only:  # finalizing reads only the finished parts, no images
+        require_package("nvidia.dali", DALI_MISSING)
     inputs = list_inputs(cfg.input, cfg.input_list)
     n, root = len(inputs.files), Path(cfg.output)
     n_chunks = math.ceil(n / cfg.chunk_size)

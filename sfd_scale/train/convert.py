@@ -20,7 +20,7 @@ import torch
 
 from .. import checkpoint_store as store
 from ..atomic import atomic_path
-from ..config import Config, model_args
+from ..config import Config, model_args, require_package
 from ..models.lightningdit import LightningDiT
 from ..errors import MissingInputError
 from ..models.official import check_fits, read_checkpoint
@@ -109,6 +109,8 @@ def deepspeed_to_native(ds_dir: str | os.PathLike, cfg: Config, out_dir: str | o
     """A DeepSpeed checkpoint (``engine.save_checkpoint``; any ZeRO stage) of an sfd_scale model -> native.
     DeepSpeed's own ``zero_to_fp32`` assembles the fp32 weights from the partitions (frozen tensors and
     buffers included); a DeepSpeed checkpoint has no EMA, so the EMA starts as a copy of the weights."""
+    require_package("deepspeed", "converting a DeepSpeed checkpoint needs DeepSpeed: "
+                                 "pip install 'sfd_scale[deepspeed]'")
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     if not Path(ds_dir).is_dir():

@@ -44,7 +44,7 @@ from ..models.flops import training_flops_per_image
 from ..models.layers import attention_backend
 from ..models.lightningdit import LightningDiT, count_parameters, parallel_config
 from ..models.official import load_official_state_dict, read_checkpoint
-from ..parallel.engines import build_engine
+from ..parallel.engines import build_engine, check_installed
 from ..parallel.engines.base import local_micro_batches
 from ..parallel.layout import ParallelLayout, initialize
 from ..parallel.optimizations import apply_activation_checkpointing, apply_compile, compile_enabled, compiled_modules
@@ -64,6 +64,7 @@ class Trainer:
         # every start-up check runs before fit() writes anything: a failed start leaves no half-made run directory
         if (why := atomic.unwritable_reason(self.out)) is not None:
             raise ConfigError(f"train.output_dir={self.out} cannot hold the run: {why}; choose another directory")
+        check_installed(cfg.parallel.engine)  # an optional engine library (DeepSpeed) that is not installed
         # first: under srun this sets RANK / LOCAL_RANK from SLURM's variables, which the device needs
         initialize(ParallelLayout(cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel,
                                   cfg.parallel.virtual_stages))

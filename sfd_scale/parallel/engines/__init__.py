@@ -18,11 +18,19 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from ...config import Config, ConfigError
+from ...config import Config, ConfigError, require_package
 from .base import Engine
 from .plain import PlainEngine
 
 ENGINES = ("plain", "megatron", "deepspeed")
+
+
+def check_installed(name: str) -> None:
+    """ConfigError (one line naming the pip extra) when engine ``name`` needs a library that is not installed:
+    DeepSpeed is an extra (``sfd_scale[deepspeed]``); megatron-core is in the base install. The trainer calls
+    this before it builds the model, ``build_engine`` again before importing the engine."""
+    if name == "deepspeed":
+        require_package("deepspeed", "parallel.engine=deepspeed needs DeepSpeed: pip install 'sfd_scale[deepspeed]'")
 
 
 def build_engine(model: torch.nn.Module, cfg: Config) -> Engine:
@@ -40,6 +48,7 @@ def build_engine(model: torch.nn.Module, cfg: Config) -> Engine:
 
         return MegatronEngine(model, cfg)
     if name == "deepspeed":
+        check_installed(name)
         from .deepspeed import DeepSpeedEngine
 
         return DeepSpeedEngine(model, cfg)
