@@ -180,15 +180,16 @@ def measure_activations(cfg: Config, micro_batch: int, device: str = "meta") -> 
     return {"micro_batch": micro_batch, "outside": saved.outside, "depth": len(saved.blocks), **block}
 
 
-def stage_activation_bytes(acts: dict, tp: int, pp: int, checkpointing: bool, micro_batches: int) -> float:
-    """Activation bytes on the worst pipeline stage (the first holds the most micro-batches in flight)."""
+def stage_activation_bytes(acts: dict, tp: int, pp: int, stage: int, checkpointing: bool,
+                           micro_batches: int) -> float:
+    """Activation bytes on pipeline stage ``stage`` of ``pp``: its depth / PP blocks for each micro-batch in
+    flight there (1F1B: PP - stage, at most the micro-batches of the step)."""
     block = acts["replicated"] + acts["split"] / tp
-    per_stage = acts["depth"] // pp
-    kept = per_stage * (acts["input"] if checkpointing else block)
-    in_flight = min(pp, micro_batches)
+    kept = acts["depth"] // pp * (acts["input"] if checkpointing else block)
+    in_flight = min(pp - stage, micro_batches)
     recompute = block if checkpointing else 0  # one block's activations rebuilt at a time in the backward
-    # the rest of the network (embedders, REPA, final layer and loss: replicated under TP) counted on the
-    # worst stage, for every micro-batch in flight
+    # the rest of the network (embedders, REPA, final layer and loss: replicated under TP) counted on every
+    # stage, for every micro-batch in flight (conservative: it lives on the first and last stages)
     return in_flight * (kept + acts["outside"]) + recompute
 
 
@@ -230,9 +231,7 @@ def layout_memory(cfg: Config, layout: Layout, acts: dict, micro_batch: int) -> 
     rows = []
     for s, params in enumerate(stages):
         row = state_bytes(layout, params, bf16)
-        # the first stage holds PP micro-batches in flight, stage s (PP - s); the rest of the network is
-        # counted on every stage (conservative: on the first and last only in fact)
-        row["activations"] = stage_activation_bytes(acts, layout.tp, layout.pp - s,
+        row["activations"] = stage_activation_bytes(acts, layout.tp, layout.pp, s,
                                                     cfg.train.activation_checkpointing, micro_batches)
         row["total"] = sum(row.values())
         rows.append(row)

@@ -16,7 +16,8 @@ import torch
 
 from sfd_scale.bench.cost_model import counting_config
 from sfd_scale.bench.planner import (Layout, LiveTensorBytes, candidate_layouts, layout_memory, markdown_table,
-                                     measure_activations, plan, stage_parameter_counts, state_bytes)
+                                     measure_activations, plan, stage_activation_bytes, stage_parameter_counts,
+                                     state_bytes)
 from sfd_scale.config import load_config, model_args
 from sfd_scale.models.summary import build_meta
 from sfd_scale.train.trainer import Trainer
@@ -111,3 +112,11 @@ def test_tool_appends_the_command_and_one_table_per_gpu_count(tmp_path):
     text = out.read_text()
     assert "--gpus 2 --gpus 4" in text and "2 GPUs of 80 GB" in text and "4 GPUs of 80 GB" in text
     assert "| 2 | 1 | 2 | megatron dist-opt |" in text
+
+
+def test_the_first_pipeline_stage_holds_pp_micro_batches_of_its_blocks():
+    acts = {"replicated": 10, "split": 20, "input": 1, "outside": 5, "depth": 4}
+    assert stage_activation_bytes(acts, 2, 1, 0, False, 8) == 4 * 20 + 5
+    assert stage_activation_bytes(acts, 1, 2, 0, False, 8) == 2 * (2 * 30 + 5)  # 2 blocks, 2 in flight
+    assert stage_activation_bytes(acts, 1, 2, 1, False, 8) == 2 * 30 + 5       # last stage: 1 in flight
+    assert stage_activation_bytes(acts, 1, 2, 0, True, 8) == 2 * (2 * 1 + 5) + 30
