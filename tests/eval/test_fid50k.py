@@ -23,6 +23,9 @@ REPO = Path(__file__).resolve().parents[2]
 N = 20  # 2 per digit class; 5 sampling batches of 4 over 2 ranks
 ENV = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
 SCORES = ("fid", "sfid", "inception_score", "precision", "recall")
+# Scores computed in another process may differ in the last bits: the Inception convolutions sum in an order that
+# depends on torch's thread count, which the test process (other tests set it) and a fresh one need not share.
+SAME_PROCESS_FREE = dict(rel=1e-6, abs=1e-9)
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +81,8 @@ def test_two_ranks_sample_and_rank0_scores(inputs, two_ranks):
     assert f"FID-{N}: fid={metrics['fid']:.4f}" in stdout
     # The numbers are the library's ADM metrics of the merged samples (tools/eval_fid.py's).
     direct = fid.evaluate(npz, ref, inception=str(inception), batch_size=8, fid_method="fast")
-    assert [direct[k] for k in ("fid", "sfid", "is", "precision", "recall")] == [metrics[k] for k in SCORES]
+    assert [direct[k] for k in ("fid", "sfid", "is", "precision", "recall")] == \
+        pytest.approx([metrics[k] for k in SCORES], **SAME_PROCESS_FREE)
 
 
 def test_resume_after_losing_half_the_parts_gives_the_same_metrics(inputs, two_ranks, tmp_path, capsys,
@@ -98,7 +102,8 @@ def test_resume_after_losing_half_the_parts_gives_the_same_metrics(inputs, two_r
     assert "rank 0/1: sampled 12 images (8 of this rank's share were already there)" in captured.out
     assert "Inception features" not in captured.err  # stderr is no terminal here: no progress bars
     again = json.loads((resumed / METRICS).read_text())
-    assert [again[k] for k in SCORES] == [metrics[k] for k in SCORES] and again["num_images"] == N
+    assert [again[k] for k in SCORES] == pytest.approx([metrics[k] for k in SCORES], **SAME_PROCESS_FREE)
+    assert again["num_images"] == N
     assert again["world_size"] == 1
 
     # Run once more: nothing to sample, and the finished metrics are read back, not recomputed.
@@ -116,7 +121,8 @@ def test_without_logits_is_null_with_the_reason_and_bars_on_request(inputs, two_
     no_logits = fid.InceptionFeatures(build_inception_standin(tmp_path / "no_logits.pt", with_logits=False))
     result = score_samples(scored, npz, str(inputs[1]), no_logits, batch_size=8, fid_method="fast", progress=True)
     assert result["inception_score"] is None and "inception-2015-12-05.pt" in result["unavailable"]["inception_score"]
-    assert result["fid"] == metrics["fid"] and result["sfid"] == metrics["sfid"]  # same layers, same features
+    assert [result["fid"], result["sfid"]] == pytest.approx([metrics["fid"], metrics["sfid"]],
+                                                            **SAME_PROCESS_FREE)  # same layers, same features
     err = capsys.readouterr().err
     assert f"Inception features: {inputs[1]}" in err and f"Inception features: {npz}" in err and "40/40" in err
 
