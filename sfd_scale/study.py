@@ -191,7 +191,7 @@ def train_to(study: Study, out, run: str, step: int, log: Callable[[str], None] 
     if (target / store.MANIFEST).is_file():  # published atomically: complete
         return 0
     newest = store.latest(cfg.train.output_dir, report=log)
-    if newest is not None and int(newest.name[5:]) > step:
+    if newest is not None and store.step_of(newest) > step:
         raise StudyError(f"run {run} is at {newest.name}, past step {step}, whose checkpoint is gone (was the "
                          f"schedule changed?): evaluate another step or start the run again in a new --out")
     log(f"[{study.name}] {run}: training to step {step}" + (f" from {newest.name}" if newest else " from scratch"))

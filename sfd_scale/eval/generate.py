@@ -110,7 +110,7 @@ def resolve_checkpoint(checkpoint) -> Path:
     if path.is_dir() and (path / "checkpoints").is_dir():
         newest = store.latest(path)
         if newest is None:
-            raise FileNotFoundError(f"{path / 'checkpoints'} holds no verified checkpoint")
+            raise MissingInputError(f"{path / 'checkpoints'} holds no verified checkpoint")
         return newest
     return path
 
