@@ -235,9 +235,21 @@ class OpCounter(TorchDispatchMode):
         t["kernels"] += n
         if not outputs:  # in-place multi-tensor ops return nothing: what they write is their mutated arguments
             outputs = _tensors([args[i] for i, a in enumerate(func._schema.arguments[:len(args)])
-                                if a.alias_info is not None and a.alias_info.is_write])
+                                if a.alias_info is not None and a.alias_info.is_write
+                                and not _unwritten_grads(packet, a.name, kwargs)])
         t["bytes"] += sum(tensor_bytes(x) for x in inputs) + sum(tensor_bytes(x) for x in outputs)
         self.ops[name] += n
+
+
+# Fused Adam / AdamW mark their grads mutable (``Tensor(b!)[] grads``) because under a GradScaler they unscale them
+# in place, but the CUDA kernel stores the grads only when ``grad_scale`` is given (torch's
+# ``fused_adam_utils.cuh``, "Conditional Gradient Store"): without it the grads are read, not written.
+_FUSED_ADAM = {"_fused_adam_", "_fused_adamw_"}
+
+
+def _unwritten_grads(packet, arg_name: str, kwargs: dict) -> bool:
+    return (arg_name == "grads" and str(packet).split(".", 1)[-1] in _FUSED_ADAM
+            and kwargs.get("grad_scale") is None)
 
 
 # ----------------------------------------------------------------------------------------------- autocast

@@ -55,15 +55,29 @@ class Rope2D(nn.Module):
                            angles[None, :, :].expand(grid, grid, half)], dim=-1)  # (row, col, d_h)
         self.register_buffer("freqs_cos", table.cos().reshape(-1, head_dim))
         self.register_buffer("freqs_sin", table.sin().reshape(-1, head_dim))
-        # (-1, +1) per dim pair: rotate_half as a pair swap times a sign (see rotate_half)
-        self.register_buffer("pair_sign", torch.tensor([-1.0, 1.0]), persistent=False)
+        # freqs_sin times rotate_half's sign (-1, +1) per dim pair, derived from freqs_sin (also when a state dict
+        # brings its own table: the hook below) and not stored
+        self.register_buffer("signed_sin", self._signed(self.freqs_sin), persistent=False)
+        self.register_load_state_dict_post_hook(Rope2D._derive_signed_sin)
 
-    def rotate_half(self, x: torch.Tensor) -> torch.Tensor:
-        """(x0, x1) -> (-x1, x0) per dim pair, written as a flip of each pair times (-1, +1): the same
-        values bit for bit as the official ``stack((-x1, x0))`` (negation is exact), but pure indexing and
-        one multiply, which inductor fuses into the rotation instead of materialising the stacked pairs
-        (measured on XXL blocks: two fp32 (B, heads, T, d_h/2, 2) buffers fewer per q and k)."""
-        return (x.unflatten(-1, (-1, 2)).flip(-1) * self.pair_sign).flatten(-2)
+    @staticmethod
+    def _signed(sin: torch.Tensor) -> torch.Tensor:
+        return (sin.unflatten(-1, (-1, 2)) * sin.new_tensor([-1.0, 1.0])).flatten(-2)
+
+    @staticmethod
+    def _derive_signed_sin(module: "Rope2D", incompatible_keys) -> None:
+        with torch.no_grad():
+            module.signed_sin.copy_(module._signed(module.freqs_sin))
+
+    @staticmethod
+    def swap_pairs(x: torch.Tensor) -> torch.Tensor:
+        """(x0, x1) -> (x1, x0) per dim pair: pure indexing. ``swap_pairs(x) * signed_sin`` is the official
+        ``stack((-x1, x0)) * sin`` bit for bit (a sign flip is exact, so (-x1) * s = x1 * (-s)), and inductor
+        fuses it into the rotation. The sign lives in the table rather than in a third multiply so the
+        rotation's backward reads four inputs (the gradient twice, cos, sin), under inductor's threshold for
+        recomputing a pointwise result in each consumer instead of storing it (measured on XXL blocks by
+        ``tools/cost_model.py``: 2 kernels and 0.8 MB per sample per block fewer)."""
+        return x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Rotate token-major ``x`` (..., T, heads, d_h).
@@ -73,8 +87,8 @@ class Rope2D(nn.Module):
         attention never got bf16 inputs. In float32 the casts are no-ops (bitwise the official result);
         under compile they fuse into the rotation kernel."""
         xf = x.float()
-        cos, sin = self.freqs_cos[:, None], self.freqs_sin[:, None]  # (T, 1, d_h): the same angle for every head
-        return (xf * cos + self.rotate_half(xf) * sin).to(x.dtype)
+        cos, sin = self.freqs_cos[:, None], self.signed_sin[:, None]  # (T, 1, d_h): the same angle for every head
+        return (xf * cos + self.swap_pairs(xf) * sin).to(x.dtype)
 
 
 def timestep_features(t: torch.Tensor, dim: int = 256, max_period: float = 10000.0) -> torch.Tensor:

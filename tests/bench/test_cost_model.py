@@ -99,6 +99,26 @@ def test_injected_syncs_are_counted_at_their_caller(monkeypatch):
     assert syncs["per_log_interval"] == 9 * syncs["step"]["count"] + syncs["log_step"]["count"]
 
 
+@pytest.mark.parametrize("scaled", [False, True])
+def test_fused_adamw_writes_its_grads_only_under_a_grad_scale(scaled):
+    """torch's fused Adam(W) kernel stores the grads only when unscaling them (``grad_scale`` given): without a
+    scale it reads params, grads and both moments and writes params and moments, 7 fp32 words a parameter."""
+    params = [torch.nn.Parameter(torch.randn(n, device="meta")) for n in (1000, 24)]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    optimizer = torch.optim.AdamW(params, fused=True)
+    optimizer.state.update({p: {"step": torch.zeros((), device="meta"), "exp_avg": torch.zeros_like(p),
+                                "exp_avg_sq": torch.zeros_like(p)} for p in params})
+    if scaled:
+        optimizer.grad_scale = torch.ones((), device="meta")
+    counter = OpCounter(torch.device("meta"))
+    with counter:
+        optimizer.step()
+    counted = sum(c["bytes"] for c in counter.totals.values())
+    steps = 3 * 2 * 4  # the two per-parameter step counters: incremented in place (read, written), then read
+    assert counted == 4 * 1024 * (8 if scaled else 7) + steps + (4 if scaled else 0)  # + the scale, read
+
+
 def test_prediction_arithmetic_with_the_fixed_constants():
     counts = {"micro_batch": 2, "depth": 4, "model_flops": 989e12 * 0.5,
               "gemm_flops": 692e12 * 0.2, "attention_flops": 495e12 * 0.05, "gemm_kernels": 100,

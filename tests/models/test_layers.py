@@ -45,6 +45,17 @@ def test_rope_rotates_token_major_in_fp32_and_returns_the_input_dtype():
     assert torch.equal(out, _official_rope(rope, x.bfloat16().float().transpose(1, 2)).transpose(1, 2).bfloat16())
 
 
+def test_rope_follows_a_loaded_sin_table():
+    """The signed sin table is derived, not stored: a state dict's own freqs_sin (an official checkpoint's)
+    is what the rotation uses, bit for bit."""
+    rope, x = Rope2D(8, 4), torch.randn(2, 16, 3, 8)
+    state = {k: v.clone() for k, v in rope.state_dict().items()}
+    assert set(state) == {"freqs_cos", "freqs_sin"}
+    state["freqs_sin"] = state["freqs_sin"] * 1.5
+    rope.load_state_dict(state)
+    assert torch.equal(rope(x), _official_rope(rope, x.transpose(1, 2)).transpose(1, 2))
+
+
 @pytest.mark.parametrize("use_rmsnorm", [True, False])
 def test_attention_layer_feeds_bf16_qkv_under_autocast(monkeypatch, use_rmsnorm):
     seen = []
