@@ -224,6 +224,10 @@ def _deepspeed_ranks(rank, world_size):
         if stage in (2, 3):
             out[f"resumed_zero{stage}"] = resumed(cfg)
     out["skip_zero2"] = skip_step_changes_nothing(tiny_config("parallel.engine=deepspeed", "parallel.zero_stage=2"))
+    out["skip_zero3"] = skip_step_changes_nothing(tiny_config("parallel.engine=deepspeed", "parallel.zero_stage=3"))
+    # a non-fused optimizer: the flag read on the host and the step discarded as ZeRO-3 discards an fp16 overflow
+    out["skip_zero3_unfused"] = skip_step_changes_nothing(
+        tiny_config("parallel.engine=deepspeed", "parallel.zero_stage=3", "optim.fused=false"))
     cfg = tiny_config("parallel.engine=deepspeed", "parallel.zero_stage=2", "train.precision=bf16")
     engine = build_engine(new_model(cfg), cfg)
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -299,8 +303,11 @@ def test_deepspeed_zero_matches_plain_and_resumes_exactly():
             check_terms(m_ds, m_plain, rel=1e-5)
     for stage in (2, 3):
         _assert_equal(ranks[0][f"resumed_zero{stage}"], ranks[0][f"zero{stage}"][0], f"ZeRO-{stage} resume")
-    check_skip(ranks[0]["skip_zero2"])
-    assert ranks[0]["skip_zero2"]["impl"] == "torch fused AdamW"
+    for name in ("skip_zero2", "skip_zero3", "skip_zero3_unfused"):
+        check_skip(ranks[0][name])
+        assert ranks[1][name] == ranks[0][name], name
+    assert ranks[0]["skip_zero2"]["impl"] == ranks[0]["skip_zero3"]["impl"] == "torch fused AdamW"
+    assert "reads a flag on the host" in ranks[0]["skip_zero3_unfused"]["impl"]
     bf16 = ranks[0]["bf16"]
     assert bf16["param_dtype"] == "torch.bfloat16" and torch.isfinite(torch.tensor(bf16["metrics"][0]["loss"]))
     print("DeepSpeed vs plain max |diff|:", diffs, "rank time", round(ranks[0]["seconds"], 1))
@@ -373,6 +380,11 @@ def test_plain_engine_state_round_trip_is_exact():
 @pytest.mark.parametrize("overrides, message", [
     (["parallel.engine=fsdp"], "parallel.engine"),
     (["parallel.zero_stage=4"], "parallel.zero_stage"),
+    (["parallel.engine=megatron", "parallel.distributed_optimizer=false", "parallel.shard_ema=true"],
+     "parallel.shard_ema=true needs an optimizer sharded over data-parallel ranks, but parallel.distributed_optimizer"),
+    (["parallel.engine=plain", "parallel.shard_ema=true"], "parallel.shard_ema=true needs"),
+    (["parallel.engine=deepspeed", "parallel.zero_stage=3", "parallel.shard_ema=false"],
+     "parallel.shard_ema=false cannot be combined with parallel.zero_stage=3"),
     (["train.micro_batch_size=0"], "train.micro_batch_size"),
     (["train.micro_batch_size=3"], r"train.global_batch_size \(8\) must be a multiple of train.micro_batch_size \(3\)"),
 ])
