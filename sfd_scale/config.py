@@ -77,6 +77,10 @@ class ParallelConfig:
     overlap_grad_reduce: Optional[bool] = None  # megatron: reduce gradient buckets during the backward pass;
                                                 # None = on when data-parallel size > 1
     zero_stage: int = 2             # deepspeed: ZeRO stage 1, 2 or 3
+    shard_ema: Optional[bool] = None  # each DP rank keeps the EMA of only its shard of the optimizer's fp32 master
+                                      # weights (gathered to full tensors for checkpoints, samples and FID);
+                                      # needs an optimizer that shards them (megatron distributed_optimizer,
+                                      # deepspeed); None = on where it does and DP > 1, and always at ZeRO-3
 
 
 @dataclass
@@ -326,6 +330,16 @@ def guidance_config(cfg: Config) -> GuidanceConfig:
     return _by_field_name(GuidanceConfig, cfg.sample)
 
 
+def ema_sharded(parallel: ParallelConfig, data_parallel: int) -> bool:
+    """Whether each data-parallel rank keeps the EMA of only its shard of the fp32 master weights
+    (``parallel.shard_ema`` resolved; ``validate`` refuses ``true`` where the optimizer does not shard them)."""
+    p = parallel
+    if p.engine == "deepspeed" and p.zero_stage == 3:
+        return True  # ZeRO-3 partitions the weights themselves: there is no whole copy to follow
+    shards_masters = p.engine == "deepspeed" or (p.engine == "megatron" and p.distributed_optimizer)
+    return shards_masters and (data_parallel > 1 if p.shard_ema is None else p.shard_ema)
+
+
 def check_layout_sizes(tensor_parallel: int, pipeline_parallel: int, virtual_stages: int) -> None:
     """The parallel section's sizes on their own (``parallel.layout.ParallelLayout`` checks them again with the
     world size at start-up, through this function)."""
@@ -361,6 +375,18 @@ def check_lower_bounds(cfg: Config) -> None:
         raise ConfigError(f"data.demo_samples must be >= 1 (or null = all 1797 digits), got {cfg.data.demo_samples}")
 
 
+def _check_shard_ema(p: ParallelConfig) -> None:
+    if p.shard_ema and not (p.engine == "deepspeed" or (p.engine == "megatron" and p.distributed_optimizer)):
+        what = ("parallel.distributed_optimizer is off" if p.engine == "megatron"
+                else f"parallel.engine={p.engine!r} does not shard its optimizer")
+        raise ConfigError(f"parallel.shard_ema=true needs an optimizer sharded over data-parallel ranks, but {what}: "
+                          f"turn parallel.distributed_optimizer on (megatron), use parallel.engine=deepspeed, or "
+                          f"leave parallel.shard_ema unset")
+    if p.shard_ema is False and p.engine == "deepspeed" and p.zero_stage == 3:
+        raise ConfigError("parallel.shard_ema=false cannot be combined with parallel.zero_stage=3 (ZeRO-3 partitions "
+                          "the weights an unsharded EMA would follow): leave parallel.shard_ema unset")
+
+
 def validate(cfg: Config, for_training: bool = True) -> None:
     """Cross-section checks; each error names the key(s) involved. ``for_training=False`` (sampling a trained
     model) leaves out what only training reads: the dataset's location."""
@@ -389,6 +415,7 @@ def validate(cfg: Config, for_training: bool = True) -> None:
     need(cfg.parallel.engine in ("plain", "megatron", "deepspeed"),
          f"parallel.engine must be 'plain', 'megatron' or 'deepspeed', got {cfg.parallel.engine!r}")
     need(cfg.parallel.zero_stage in (1, 2, 3), f"parallel.zero_stage must be 1, 2 or 3, got {cfg.parallel.zero_stage}")
+    _check_shard_ema(cfg.parallel)
     need(0.0 <= cfg.train.ema_decay < 1.0, f"train.ema_decay must lie in [0, 1), got {cfg.train.ema_decay}")
     need(cfg.optim.lr > 0, f"optim.lr must be > 0, got {cfg.optim.lr}")
     import signal

@@ -2,7 +2,7 @@
 
 For a config, a GPU count N and a GPU memory size, ``plan`` lists each layout TP x PP x DP = N that the
 model's split rules allow (``ModelArgs.check_tensor_parallel`` / ``check_pipeline_split``), on the
-megatron engine with the distributed optimizer on and off, and on DeepSpeed ZeRO-1 / ZeRO-2 when
+megatron engine with the distributed optimizer on and off, and on DeepSpeed ZeRO-1 / 2 / 3 when
 TP = PP = 1 (the plain engine for N = 1), with the bytes one GPU holds (the worst pipeline stage):
 
 * weights, grads, optimizer state and EMA from the per-rank parameter counts of the real model built on
@@ -11,17 +11,22 @@ TP = PP = 1 (the plain engine for N = 1), with the bytes one GPU holds (the wors
   final layer to the last, the REPA projector to the stage of block ``repa_depth``. What each engine keeps
   per trainable parameter (bytes; d = data-parallel size; sharded = / d):
 
-  ==================  =======  ===============================  =====================================  ====
+  ==================  =======  ===============================  =====================================  ======
   engine, precision   weights  grads                            optimizer                              EMA
-  ==================  =======  ===============================  =====================================  ====
+  ==================  =======  ===============================  =====================================  ======
   plain, any          4        4                                8 (Adam moments)                       4
-  megatron, fp32      4        4 (grad buffer)                  8, sharded with distributed_optimizer  4
-  megatron, bf16      2        4 (fp32 main-grad buffer)        12 (fp32 master + moments), idem       4
-  deepspeed ZeRO-1    4 / 2    4 / 2 (+ 4 sharded in bf16)      8 / 12 sharded                         4
-  deepspeed ZeRO-2    4 / 2    4 sharded                        8 / 12 sharded                         4
-  ==================  =======  ===============================  =====================================  ====
+  megatron, fp32      4        4 (grad buffer)                  8, sharded with distributed_optimizer  4 or s
+  megatron, bf16      2        4 (fp32 main-grad buffer)        12 (fp32 master + moments), idem       4 or s
+  deepspeed ZeRO-1    4 / 2    4 / 2 (+ 4 sharded in bf16)      8 / 12 sharded                         4 or s
+  deepspeed ZeRO-2    4 / 2    4 sharded                        8 / 12 sharded                         4 or s
+  deepspeed ZeRO-3    4 / 2 s  4 sharded                        8 / 12 sharded                         s
+  ==================  =======  ===============================  =====================================  ======
 
-  (deepspeed: fp32 / bf16). The EMA is an fp32 copy of the whole module on every rank (replicated over DP).
+  (deepspeed: fp32 / bf16; s = sharded). The EMA is an fp32 copy of the whole module on every rank, or, with a
+  sharded EMA (``parallel.shard_ema``: by default wherever the optimizer shards its fp32 masters over DP > 1,
+  always at ZeRO-3), 4 / d per trainable parameter plus the frozen ones whole (``Layout.sharded_ema``).
+  ZeRO-3's weights are its partitions; the layers it gathers for the forward and backward in flight (and
+  the small parameters it keeps gathered) are not counted.
 * activations MEASURED, not modelled: one training step of the real model (the trainer's objective: SFD
   draws, forward, loss, REPA) runs on the meta device at the micro-batch, under
   ``torch.autograd.graph.saved_tensors_hooks`` that record every tensor autograd keeps for the backward
@@ -49,7 +54,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from ..config import Config, model_args
+from ..config import Config, ema_sharded, model_args
 from ..models.summary import build_meta
 from ..models.tensor_parallel import split_of
 from .cost_model import OPTIMIZER_BYTES_PER_S, build_counting_trainer, count_step, counting_config, predict
@@ -87,6 +92,7 @@ class Layout:
     engine: str                 # plain | megatron | deepspeed
     distributed_optimizer: bool = False
     zero_stage: int = 0
+    sharded_ema: bool = False   # the EMA sharded over DP with the fp32 masters (``config.ema_sharded``)
 
     def name(self) -> str:
         if self.engine == "megatron":
@@ -98,18 +104,21 @@ def state_bytes(layout: Layout, params: Dict[str, int], bf16: bool) -> Dict[str,
     """Weights, grads, optimizer and EMA bytes of one rank holding ``params`` (the table in the docstring)."""
     n, t, d = params["all"], params["trainable"], layout.dp
     master = 4 if bf16 else 0  # fp32 master weights, kept by the optimizer when the module is bf16
+    ema = 4 * t / d + 4 * (n - t) if layout.sharded_ema else 4 * n
     if layout.engine == "plain":
-        return {"weights": 4 * n, "grads": 4 * t, "optimizer": 8 * t, "ema": 4 * n}
+        return {"weights": 4 * n, "grads": 4 * t, "optimizer": 8 * t, "ema": ema}
     if layout.engine == "megatron":
         shard = d if layout.distributed_optimizer else 1
         return {"weights": (2 if bf16 else 4) * n, "grads": 4 * t, "optimizer": (8 + master) * t / shard,
-                "ema": 4 * n}
-    # ZeRO-1 keeps the module's whole gradients (and, in bf16, an fp32 copy of its partition); ZeRO-2
-    # reduce-scatters them in the backward and keeps only its fp32 partition (the reduce bucket not counted)
+                "ema": ema}
+    # ZeRO-1 keeps the module's whole gradients (and, in bf16, an fp32 copy of its partition); ZeRO-2 and 3
+    # reduce-scatter them in the backward and keep only their fp32 partition (the reduce bucket not counted);
+    # ZeRO-3 partitions the weights too
     whole = (2 if bf16 else 4) * t if layout.zero_stage == 1 else 0
-    partition = 4 * t / d if bf16 or layout.zero_stage == 2 else 0
+    partition = 4 * t / d if bf16 or layout.zero_stage >= 2 else 0
     grads = whole + partition
-    return {"weights": (2 if bf16 else 4) * n, "grads": grads, "optimizer": (8 + master) * t / d, "ema": 4 * n}
+    weights = (2 if bf16 else 4) * n / (d if layout.zero_stage == 3 else 1)
+    return {"weights": weights, "grads": grads, "optimizer": (8 + master) * t / d, "ema": ema}
 
 
 # ----------------------------------------------------------------------------------------------- activations
@@ -215,12 +224,19 @@ def candidate_layouts(cfg: Config, gpus: int) -> List[Layout]:
             dp = gpus // (tp * pp)
             if gpus == 1:
                 out.append(Layout(1, 1, 1, "plain"))
-            out.append(Layout(tp, pp, dp, "megatron", distributed_optimizer=False))
+            out.append(_with_ema(cfg, Layout(tp, pp, dp, "megatron", distributed_optimizer=False)))
             if dp > 1:  # with one data-parallel rank there is nothing to shard over
-                out.append(Layout(tp, pp, dp, "megatron", distributed_optimizer=True))
+                out.append(_with_ema(cfg, Layout(tp, pp, dp, "megatron", distributed_optimizer=True)))
             if tp == pp == 1:
-                out += [Layout(1, 1, dp, "deepspeed", zero_stage=1), Layout(1, 1, dp, "deepspeed", zero_stage=2)]
+                out += [_with_ema(cfg, Layout(1, 1, dp, "deepspeed", zero_stage=stage)) for stage in (1, 2, 3)]
     return out
+
+
+def _with_ema(cfg: Config, layout: Layout) -> Layout:
+    """``layout`` with its EMA as ``cfg``'s ``parallel.shard_ema`` makes it there (``config.ema_sharded``)."""
+    p = dataclasses.replace(cfg.parallel, engine=layout.engine, distributed_optimizer=layout.distributed_optimizer,
+                            zero_stage=layout.zero_stage or cfg.parallel.zero_stage)
+    return dataclasses.replace(layout, sharded_ema=ema_sharded(p, layout.dp))
 
 
 def layout_memory(cfg: Config, layout: Layout, acts: dict, micro_batch: int) -> Dict[str, float]:
@@ -245,7 +261,8 @@ def predicted_step_s(counts: dict, layout: Layout, micro_batches: int, checkpoin
     residual stream, which TP replicates); the blocks split over PP stages with the 1F1B bubble
     (micro-batches + PP - 1 slots); activation checkpointing adds one block forward (1/3 of forward +
     backward GEMMs and attention); the optimizer step split over TP x PP (and DP where it is sharded), the
-    EMA over TP x PP. Not modelled: any communication (TP all-reduces, DP reduce, pipeline sends)."""
+    EMA likewise. Not modelled: any communication (TP all-reduces, DP reduce, pipeline sends, ZeRO-3's
+    gathers of the weights)."""
     p = predict(counts)
     ng = counts["non_gemm"]
     opt_s, ema_s = (ng.get(k, {}).get("bytes", 0) / OPTIMIZER_BYTES_PER_S for k in ("optimizer", "ema"))
@@ -254,7 +271,7 @@ def predicted_step_s(counts: dict, layout: Layout, micro_batches: int, checkpoin
     pipeline_s = micro_s / layout.pp * (micro_batches + layout.pp - 1)
     sharded = layout.distributed_optimizer or layout.engine == "deepspeed"
     return pipeline_s + opt_s / (layout.tp * layout.pp * (layout.dp if sharded else 1)) + ema_s / (
-        layout.tp * layout.pp)
+        layout.tp * layout.pp * (layout.dp if layout.sharded_ema else 1))
 
 
 def plan(cfg: Config, gpus: int, gpu_mem_gb: float, micro_batch: Optional[int] = None,

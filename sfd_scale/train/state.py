@@ -147,10 +147,12 @@ def unusable_checkpoints_message(root: Path, passed: list) -> str:
 
 class TrainingState:
     """What one rank contributes to, and takes from, a checkpoint: its model chunks (one, or its pipeline
-    chunks), their EMA copies, the engine's optimizer state and counters, and its RNG states."""
+    chunks), their EMA (``train/ema.py``: whole, or sharded over DP and gathered here), the engine's optimizer
+    state and counters, and its RNG states. Under ZeRO-3 the weights are gathered from their partitions to be
+    saved, and loaded into every rank's partition (``engine.full_parameters``)."""
 
-    def __init__(self, chunks: list, ema_chunks: list, engine, pipelined: bool):
-        self.chunks, self.ema_chunks, self.engine, self.pipelined = chunks, ema_chunks, engine, pipelined
+    def __init__(self, chunks: list, ema, engine, pipelined: bool):
+        self.chunks, self.ema, self.engine, self.pipelined = chunks, ema, engine, pipelined
 
     # ------------------------------------------------------------------------------------------ weights
     @staticmethod
@@ -160,10 +162,21 @@ class TrainingState:
         return {global_key(chunk, k): v for chunk in chunks
                 for k, v in export_official_state_dict(chunk, copy=copy).items()}
 
+    def _model_weights(self, copy: bool) -> State:
+        """This rank's chunks' weights (``stage_weights``); gathered copies under ZeRO-3 whatever ``copy``."""
+        with self.engine.full_parameters():
+            return self.stage_weights(self.chunks, copy=copy or self.engine.partitions_weights)
+
+    def _ema_weights(self, copy: bool) -> State:
+        """Collective with a sharded EMA: the EMA's chunks' full weights (``stage_weights``; a sharded EMA's
+        are the tensors of its gathered copy, made for this call, whatever ``copy``)."""
+        with self.ema.full_chunks() as ema_chunks:
+            return self.stage_weights(ema_chunks, copy=copy and not self.ema.sharded)
+
     def full_weights(self, which: str = "model") -> State:
         """Official-named full weights ('model' or 'ema') on every rank: gathered over TP by the export, over
         pipeline stages here (collective; for tests and tools, checkpoints do not need it)."""
-        local = self.stage_weights(self.chunks if which == "model" else self.ema_chunks)
+        local = self._model_weights(copy=True) if which == "model" else self._ema_weights(copy=True)
         if not self.pipelined:
             return local
         parts = [None] * parallel_state.get_pipeline_model_parallel_world_size()
@@ -175,9 +188,8 @@ class TrainingState:
         """Collective (TP gathers of optimizer state, DP gathers in the engine): every tensor this rank
         contributes, under its checkpoint key; rank 0 adds the run's objects (``info``: ``run_info``;
         ``latent_stats``: the data's ``LatentStats.to_object()``, where it has one)."""
-        state: State = {}
-        for which, chunks in (("model", self.chunks), ("ema", self.ema_chunks)):
-            state.update({weights_key(which, k): v for k, v in self.stage_weights(chunks, copy=False).items()})
+        state: State = {weights_key("model", k): v for k, v in self._model_weights(copy=False).items()}
+        state.update({weights_key("ema", k): v for k, v in self._ema_weights(copy=False).items()})
         engine_state = self.engine.state_dict()
         for chunk, params in zip(self.chunks, engine_state["params"], strict=True):
             _, tp_size, group = model_tp(chunk)
@@ -225,9 +237,13 @@ class TrainingState:
         model, ema = with_prefix(state, weights_key("model", "")), with_prefix(state, weights_key("ema", ""))
         optim = {kind: with_prefix(state, optim_key(kind, "")) for kind in kinds}
         params = []
-        for chunk, ema_chunk in zip(self.chunks, self.ema_chunks):
-            load_official_state_dict(chunk, chunk_part(model, chunk, self.pipelined))
-            load_official_state_dict(ema_chunk, chunk_part(ema, chunk, self.pipelined))
+        with self.engine.full_parameters(modify=True):  # ZeRO-3: every rank's partition of the loaded weights
+            for chunk in self.chunks:
+                load_official_state_dict(chunk, chunk_part(model, chunk, self.pipelined))
+        with self.ema.loading_chunks() as ema_chunks:
+            for chunk, ema_chunk in zip(self.chunks, ema_chunks, strict=True):
+                load_official_state_dict(ema_chunk, chunk_part(ema, chunk, self.pipelined))
+        for chunk in self.chunks:
             tp_rank, tp_size, _ = model_tp(chunk)
             per: Dict[str, dict] = {}
             for kind in kinds:

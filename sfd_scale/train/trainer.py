@@ -49,7 +49,7 @@ from ..parallel.engines.base import local_micro_batches
 from ..parallel.layout import ParallelLayout, initialize
 from ..parallel.optimizations import apply_activation_checkpointing, apply_compile, compile_enabled, compiled_modules
 from ..parallel.pipeline import build_stages
-from .ema import EMA
+from .ema import EMA, ShardedEMA, frozen_state
 from .run_control import REQUEUE_EXIT, RunControl
 from .state import TrainingState, choose_checkpoint, chunk_part, run_info
 from .step_io import DevicePrefetcher, StepWindow, WindowClock, log_line
@@ -73,9 +73,6 @@ class Trainer:
         self.rank = dist.get_rank()
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.dp_size = parallel_state.get_data_parallel_world_size()
-        if cfg.parallel.engine == "deepspeed" and cfg.parallel.zero_stage == 3:
-            raise ConfigError("parallel.zero_stage=3 is not supported by the trainer yet: its EMA follows the "
-                              "module's parameters, which ZeRO-3 partitions (use stage 1 or 2)")
         torch.manual_seed(cfg.train.seed)  # model initialisation: identical on every rank
 
         self.spec = sfd_spec(cfg)
@@ -85,8 +82,7 @@ class Trainer:
         # this rank's model: the whole LightningDiT, or its pipeline chunks (one per virtual stage)
         # on meta the weights are never allocated (megatron's CPU initialisation runs on meta tensors)
         with torch.device("meta") if self.device.type == "meta" else contextlib.nullcontext():
-            tp_config = parallel_config(tensor_parallel=cfg.parallel.tensor_parallel)  # the layout set up above
-            chunks = build_stages(model_args(cfg)) if self.pipelined else [LightningDiT(model_args(cfg), tp_config)]
+            chunks = self._new_chunks()
         chunks = [c.to(self.device) for c in chunks]
         if cfg.checkpoint.init_from:
             try:
@@ -97,15 +93,11 @@ class Trainer:
                 advice = "" if isinstance(err, UserError) else "; give a checkpoint of this model (model.*)"
                 raise store.CheckpointError(f"checkpoint.init_from={cfg.checkpoint.init_from}: {one_line(err)}"
                                             f"{advice}") from err
-        # Label dropout is drawn with the step's other draws (``self.draws``), not inside the model from a
-        # per-rank RNG, so that every layout drops the same labels.
-        for chunk in chunks:
-            if chunk.stage.pre_process:
-                chunk.y_embedder.dropout_prob = 0.0
+        self.n_params = sum(count_parameters(c) for c in chunks)  # (ZeRO-3 partitions them from here on)
         self.engine = build_engine(chunks if self.pipelined else chunks[0], cfg)
         self.chunks = chunks
         self.model = nn.ModuleList(chunks) if self.pipelined else chunks[0]
-        self.ema = EMA(self.model, cfg.train.ema_decay)
+        self.ema = self._new_ema()
         apply_activation_checkpointing(chunks, cfg.train.activation_checkpointing)
         self.compiled = compile_enabled(cfg.train.compile, self.device)
         if self.compiled:  # after the EMA copy: it stays eager
@@ -120,12 +112,40 @@ class Trainer:
         self.control = RunControl(cfg.train, self.rank, dist.get_world_size())  # signals, budget, NaN policy
         self._saved_step: Optional[int] = None
         self.window = StepWindow()  # steps not logged yet: checkpointed, so loss_avg continues across a resume
-        self.state = TrainingState(chunks, list(self.ema.model) if self.pipelined else [self.ema.model], self.engine,
-                                   self.pipelined)
+        self.state = TrainingState(chunks, self.ema, self.engine, self.pipelined)
         self.resumed_from, self.notes = (choose_checkpoint(self.out, self.rank, c.start_fresh_over_unusable)
                                          if c.resume else (None, []))
         if self.resumed_from is not None:
             self.load_checkpoint(self.resumed_from)
+
+    def _new_chunks(self, init_seed: Optional[int] = None) -> list:
+        """This rank's model: the whole LightningDiT, or its pipeline chunks (one per virtual stage), as the
+        trainer trains it. Label dropout is drawn with the step's other draws (``self.draws``), not inside the
+        model from a per-rank RNG, so that every layout drops the same labels."""
+        tp_config = parallel_config(tensor_parallel=self.cfg.parallel.tensor_parallel)  # the layout set up
+        args = model_args(self.cfg)
+        chunks = build_stages(args) if self.pipelined else [LightningDiT(args, tp_config, init_seed=init_seed)]
+        for chunk in chunks:
+            if chunk.stage.pre_process:
+                chunk.y_embedder.dropout_prob = 0.0
+        return chunks
+
+    def _new_ema(self):
+        """The EMA: whole on every rank, or sharded with the engine's fp32 master weights
+        (``parallel.shard_ema``, always at ZeRO-3; ``train/ema.py``)."""
+        if not self.engine.shard_ema:
+            return EMA(self.model, self.cfg.train.ema_decay)
+        rng_devices = [torch.cuda.current_device()] if self.device.type == "cuda" else []
+
+        def skeleton() -> nn.Module:  # the model's structure on meta, the run's RNG streams left as they were
+            with torch.random.fork_rng(devices=rng_devices), torch.device("meta"):
+                chunks = self._new_chunks(init_seed=0)
+            return nn.ModuleList(chunks) if self.pipelined else chunks[0]
+
+        with self.engine.full_parameters():  # ZeRO-3 partitions the frozen pos_embed too
+            frozen = frozen_state(self.model)
+        return ShardedEMA(skeleton, self.engine.master_pieces(), self.engine.master_group, frozen,
+                          self.cfg.train.ema_decay, self.device)
 
     # ------------------------------------------------------------------------------------------ state
     def _trainer_info(self) -> dict:
@@ -200,8 +220,9 @@ class Trainer:
         if self.pipelined:
             return None
         path = str(self.out / "samples" / f"{name}.png")
-        return save_sample_grid(self.ema.model, self.cfg, path if self.rank == 0 else None, decode=self.data.decode,
-                                num_classes=self.data.num_classes, device=self.device)
+        with self.ema.full_model() as ema_model:  # (a sharded EMA gathers it for the duration)
+            return save_sample_grid(ema_model, self.cfg, path if self.rank == 0 else None, decode=self.data.decode,
+                                    num_classes=self.data.num_classes, device=self.device)
 
     def evaluate_fid(self) -> Optional[dict]:
         """Collective: FID of ``eval.fid_images`` EMA samples against ``eval.fid_reference``. Every DP rank
@@ -214,10 +235,11 @@ class Trainer:
         out = self.out / "fid" / f"step_{self.step:07d}"
         tp_group = (parallel_state.get_tensor_model_parallel_group()
                     if parallel_state.get_tensor_model_parallel_world_size() > 1 else None)
-        sample_for_fid(self.ema.model, self.cfg, out, e.fid_images, self.data.decode, batch_size=e.fid_batch,
-                       num_classes=self.data.num_classes, rank=self.dp_rank, world_size=self.dp_size,
-                       device=self.device, checkpoint=f"step {self.step}", png=False, progress=False, merge=False,
-                       group=tp_group)
+        with self.ema.full_model() as ema_model:
+            sample_for_fid(ema_model, self.cfg, out, e.fid_images, self.data.decode, batch_size=e.fid_batch,
+                           num_classes=self.data.num_classes, rank=self.dp_rank, world_size=self.dp_size,
+                           device=self.device, checkpoint=f"step {self.step}", png=False, progress=False,
+                           merge=False, group=tp_group)
         if dist.get_world_size() > 1:
             dist.barrier()
         if self.rank != 0:
@@ -319,7 +341,7 @@ class Trainer:
         logger = RunLogger(str(self.out), cfg.logging.wandb_mode if main else "disabled", cfg.logging.project,
                            cfg.logging.run_name, asdict(cfg), cfg.train.max_steps, self.step,
                            cfg.logging.progress and main, quiet=not main)
-        n_params = sum(count_parameters(c) for c in self.chunks)
+        n_params = self.n_params
         self.checkpointer.report = logger.write  # one line per save: how long it blocked training
         self._log_start(logger, n_params)
         start_step, t0, span = self.step, time.time(), (None, None)  # span: first and last finite loss

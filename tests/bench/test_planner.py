@@ -85,6 +85,22 @@ def test_distributed_optimizer_shards_optimizer_state_over_dp():
     zero2 = state_bytes(Layout(1, 1, 4, "deepspeed", zero_stage=2), params, bf16=False)
     assert zero1["grads"] == 2000 + 1000 and zero1["optimizer"] == 3000
     assert zero2["grads"] == 1000 and zero2["optimizer"] == 2000
+    zero3 = state_bytes(Layout(1, 1, 4, "deepspeed", zero_stage=3, sharded_ema=True), params, bf16=True)
+    assert zero3 == {"weights": 500, "grads": 1000, "optimizer": 3000, "ema": 1000}
+
+
+def test_a_sharded_ema_counts_its_trainable_part_over_dp():
+    params = {"all": 1000, "trainable": 800}  # 200 frozen (pos_embed): copied whole
+    sharded = state_bytes(Layout(1, 1, 4, "megatron", distributed_optimizer=True, sharded_ema=True), params, False)
+    assert sharded["ema"] == 4 * 800 / 4 + 4 * 200
+    cfg = load_config([SMALL])
+    layouts = {(lay.name(), lay.dp): lay.sharded_ema for lay in candidate_layouts(cfg, 2)}
+    # parallel.shard_ema unset: sharded where the optimizer shards its masters over DP > 1, always at ZeRO-3
+    assert layouts[("megatron dist-opt", 2)] and layouts[("deepspeed ZeRO-2", 2)] and layouts[("deepspeed ZeRO-3", 2)]
+    assert not layouts[("megatron", 2)] and not layouts[("megatron", 1)]
+    off = load_config([SMALL], ["parallel.shard_ema=false"])
+    layouts = {(lay.name(), lay.dp): lay.sharded_ema for lay in candidate_layouts(off, 2)}
+    assert not layouts[("megatron dist-opt", 2)] and layouts[("deepspeed ZeRO-3", 2)]
 
 
 def test_candidates_follow_the_split_rules_and_the_table_lists_them():

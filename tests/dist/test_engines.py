@@ -171,6 +171,21 @@ def check_skip(result: dict) -> None:
     assert result["resume_exact"], result
 
 
+def held_masters(engine) -> dict:
+    """What a sharded EMA follows on this rank (``engine.master_pieces()``): dtypes and element count."""
+    pieces = engine.master_pieces()
+    return {"dtypes": sorted({str(p.tensor.dtype) for p in pieces}), "held": sum(p.tensor.numel() for p in pieces),
+            "sources_are_pieces": all(s is p.tensor for s, p in zip(engine.ema_sources(), pieces))}
+
+
+def check_held(ranks: list, name: str) -> None:
+    """bf16 weights: the pieces are fp32 masters, and the ranks' pieces cover the model's trainable elements once."""
+    trainable = sum(p.numel() for p in new_model(tiny_config()).parameters() if p.requires_grad)
+    assert all(r[name]["masters"]["dtypes"] == ["torch.float32"] for r in ranks), name
+    assert all(r[name]["masters"]["sources_are_pieces"] for r in ranks), name
+    assert sum(r[name]["masters"]["held"] for r in ranks) == trainable, name
+
+
 # ----------------------------------------------------------------------------------------------- ranks
 MEGATRON = {  # name -> overrides; all at the same global batch of 8
     "ddp": ["parallel.distributed_optimizer=false"],
@@ -200,7 +215,8 @@ def _megatron_ranks(rank, world_size):
     with torch.autocast("cpu", dtype=torch.bfloat16):  # around the engine's own autocast of the forward
         metrics = train(engine, cfg, global_batches(1))
     out["bf16"] = {"metrics": metrics, "param_dtype": str(next(engine.module.parameters()).dtype),
-                   "main_dtypes": sorted({str(p.dtype) for g in engine.optimizer.param_groups for p in g["params"]})}
+                   "main_dtypes": sorted({str(p.dtype) for g in engine.optimizer.param_groups for p in g["params"]}),
+                   "masters": held_masters(engine)}
     try:
         build_engine(new_model(cfg), tiny_config("parallel.engine=plain"))
     except ConfigError as err:
@@ -224,11 +240,17 @@ def _deepspeed_ranks(rank, world_size):
         if stage in (2, 3):
             out[f"resumed_zero{stage}"] = resumed(cfg)
     out["skip_zero2"] = skip_step_changes_nothing(tiny_config("parallel.engine=deepspeed", "parallel.zero_stage=2"))
-    cfg = tiny_config("parallel.engine=deepspeed", "parallel.zero_stage=2", "train.precision=bf16")
-    engine = build_engine(new_model(cfg), cfg)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        out["bf16"] = {"metrics": train(engine, cfg, global_batches(1)),
-                       "param_dtype": str(next(engine.module.parameters()).dtype)}
+    out["skip_zero3"] = skip_step_changes_nothing(tiny_config("parallel.engine=deepspeed", "parallel.zero_stage=3"))
+    # a non-fused optimizer: the flag read on the host and the step discarded as ZeRO-3 discards an fp16 overflow
+    out["skip_zero3_unfused"] = skip_step_changes_nothing(
+        tiny_config("parallel.engine=deepspeed", "parallel.zero_stage=3", "optim.fused=false"))
+    for stage in (2, 3):
+        cfg = tiny_config("parallel.engine=deepspeed", f"parallel.zero_stage={stage}", "train.precision=bf16")
+        engine = build_engine(new_model(cfg), cfg)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out[f"bf16_zero{stage}"] = {"metrics": train(engine, cfg, global_batches(1)),
+                                        "param_dtype": str(next(engine.module.parameters()).dtype),
+                                        "masters": held_masters(engine)}
     out["seconds"] = time.time() - t0
     return out
 
@@ -276,6 +298,7 @@ def test_megatron_dp2_matches_dp1_and_resumes_exactly():
     bf16 = two[0]["bf16"]
     assert bf16["param_dtype"] == "torch.bfloat16" and bf16["main_dtypes"] == ["torch.float32"], bf16
     assert all(torch.isfinite(torch.tensor(m["loss"])) for m in bf16["metrics"])
+    check_held(two, "bf16")
     assert "parallel.engine='plain' runs in one process, but the world size is 2" in two[0]["plain_error"]
     for name in ("skip_distopt", "skip_bf16_ddp"):  # a NaN step skipped on the device, on both ranks alike
         check_skip(two[0][name])
@@ -299,10 +322,15 @@ def test_deepspeed_zero_matches_plain_and_resumes_exactly():
             check_terms(m_ds, m_plain, rel=1e-5)
     for stage in (2, 3):
         _assert_equal(ranks[0][f"resumed_zero{stage}"], ranks[0][f"zero{stage}"][0], f"ZeRO-{stage} resume")
-    check_skip(ranks[0]["skip_zero2"])
-    assert ranks[0]["skip_zero2"]["impl"] == "torch fused AdamW"
-    bf16 = ranks[0]["bf16"]
-    assert bf16["param_dtype"] == "torch.bfloat16" and torch.isfinite(torch.tensor(bf16["metrics"][0]["loss"]))
+    for name in ("skip_zero2", "skip_zero3", "skip_zero3_unfused"):
+        check_skip(ranks[0][name])
+        assert ranks[1][name] == ranks[0][name], name
+    assert ranks[0]["skip_zero2"]["impl"] == ranks[0]["skip_zero3"]["impl"] == "torch fused AdamW"
+    assert "reads a flag on the host" in ranks[0]["skip_zero3_unfused"]["impl"]
+    for name in ("bf16_zero2", "bf16_zero3"):
+        bf16 = ranks[0][name]
+        assert bf16["param_dtype"] == "torch.bfloat16" and torch.isfinite(torch.tensor(bf16["metrics"][0]["loss"]))
+        check_held(ranks, name)
     print("DeepSpeed vs plain max |diff|:", diffs, "rank time", round(ranks[0]["seconds"], 1))
 
 
@@ -373,6 +401,11 @@ def test_plain_engine_state_round_trip_is_exact():
 @pytest.mark.parametrize("overrides, message", [
     (["parallel.engine=fsdp"], "parallel.engine"),
     (["parallel.zero_stage=4"], "parallel.zero_stage"),
+    (["parallel.engine=megatron", "parallel.distributed_optimizer=false", "parallel.shard_ema=true"],
+     "parallel.shard_ema=true needs an optimizer sharded over data-parallel ranks, but parallel.distributed_optimizer"),
+    (["parallel.engine=plain", "parallel.shard_ema=true"], "parallel.shard_ema=true needs"),
+    (["parallel.engine=deepspeed", "parallel.zero_stage=3", "parallel.shard_ema=false"],
+     "parallel.shard_ema=false cannot be combined with parallel.zero_stage=3"),
     (["train.micro_batch_size=0"], "train.micro_batch_size"),
     (["train.micro_batch_size=3"], r"train.global_batch_size \(8\) must be a multiple of train.micro_batch_size \(3\)"),
 ])

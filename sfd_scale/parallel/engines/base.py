@@ -27,16 +27,22 @@ kept in bf16; and layout-free counters (optimizer steps, LR schedule). Engines t
 over DP (megatron's distributed optimizer, ZeRO) assemble each parameter's full state on save and keep
 their own fragment on load, so a checkpoint continues on any DP size or engine, and the trainer
 reshards it over TP / PP like the weights (``train/state.py``).
+
+The EMA's sources: one whole tensor per trainable parameter (``ema_sources``), or, with a sharded EMA
+(``parallel.shard_ema``, ``config.ema_sharded``; always at ZeRO-3), the pieces of the fp32 master weights this
+rank's optimizer holds (``master_pieces``): every element of every trainable parameter lies in exactly one
+data-parallel rank's pieces, so the EMA of those pieces is the EMA of the whole model, split over DP.
 """
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Protocol, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
 
-from ...config import Config, ConfigError
+from ...config import Config, ConfigError, ema_sharded
 from ...diffusion.micro_batch import MicroBatch
 from ...diffusion.sfd import LOGGED_TERMS
 
@@ -141,6 +147,17 @@ def describe_optimizers(optimizers: Sequence) -> str:
     return text
 
 
+# ----------------------------------------------------------------------------------------------- EMA sources
+@dataclass(frozen=True)
+class MasterPiece:
+    """Flat elements [start, start + tensor.numel()) of trainable parameter ``index`` (its place among the
+    trainable parameters of ``Engine.module``, pipeline chunks in order; TP-local shape), whose fp32 master
+    this rank's optimizer holds in ``tensor`` (a live flat view: the optimizer updates it in place)."""
+    index: int
+    start: int
+    tensor: torch.Tensor
+
+
 # ----------------------------------------------------------------------------------------------- interface
 class Engine:
     """What the trainer talks to. ``model``: call forward on it; ``module``: the unwrapped LightningDiT."""
@@ -176,10 +193,27 @@ class Engine:
         """The optimizer objects doing the arithmetic (inside megatron / DeepSpeed wrappers)."""
         raise NotImplementedError
 
+    @property
+    def shard_ema(self) -> bool:
+        """Whether the trainer keeps a sharded EMA (``master_pieces``) rather than a whole one."""
+        return ema_sharded(self.cfg.parallel, self.dp_size)
+
     def ema_sources(self) -> List[torch.Tensor]:
-        """One tensor per trainable parameter of ``module`` (pipeline chunks in order), for the EMA: the fp32
-        master copy where this rank holds it whole, else the parameter itself."""
+        """What the EMA follows. Whole EMA: one tensor per trainable parameter of ``module`` (pipeline chunks in
+        order), the fp32 master copy where this rank holds it whole, else the parameter itself. Sharded EMA
+        (``shard_ema``): the tensors of ``master_pieces()``, in order."""
+        if self.shard_ema:
+            return [piece.tensor for piece in self.master_pieces()]
         return [p for chunk in self._chunks() for p in chunk.parameters() if p.requires_grad]
+
+    def master_pieces(self) -> List[MasterPiece]:
+        """This rank's pieces of the fp32 master weights (module docstring), for engines that shard them."""
+        raise NotImplementedError(f"the {self.name} engine does not shard its fp32 master weights")
+
+    @property
+    def master_group(self):
+        """The process group over which ``master_pieces`` cover every parameter once (data-parallel)."""
+        return None
 
     def grad_reduce_dtype(self) -> str:
         """The dtype gradients are reduced over data-parallel ranks in (start-up log)."""
@@ -197,9 +231,15 @@ class Engine:
         raise NotImplementedError
 
     @contextlib.contextmanager
-    def full_parameters(self):
-        """``module`` with every parameter materialised in full (ZeRO-3 gathers; others: no-op)."""
+    def full_parameters(self, modify: bool = False):
+        """``module`` with every parameter materialised in full (ZeRO-3 gathers; others: no-op). ``modify``: the
+        caller writes the weights (every rank the same values) and they are partitioned again on exit."""
         yield self.module
+
+    @property
+    def partitions_weights(self) -> bool:
+        """True where ``module``'s parameters hold only a partition outside ``full_parameters`` (ZeRO-3)."""
+        return False
 
     def forward_precision(self):
         """The context the objective's forward and loss run in: bf16 autocast under ``train.precision='bf16'``

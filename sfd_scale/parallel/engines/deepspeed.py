@@ -17,7 +17,12 @@
   (fp32: ``is_invalid_grad_norm``, a host read inside DeepSpeed) skips the inner step; then the LR schedule,
   which DeepSpeed holds back on an overflow, is advanced here so that it counts every step. In bf16 DeepSpeed
   does not check gradients and only the loss is checked. With a non-fused optimizer (``optim.fused=false``) the
-  flag is read on the host and a skipped step is discarded as DeepSpeed discards an fp16 overflow.
+  flag is read on the host and a skipped step is discarded as DeepSpeed discards an fp16 overflow (every stage).
+* ZeRO-3 partitions the weights too: the forward gathers them layer by layer (DeepSpeed's hooks on
+  ``engine.model``); whoever reads ``module``'s weights whole (checkpoints, tests) does so inside
+  ``full_parameters()`` (``modify=True`` to load them). The EMA follows this rank's fp32 partitions
+  (``master_pieces``; sharded EMA, ``train/ema.py``), also at ZeRO-1/2 with ``parallel.shard_ema`` (default
+  with DP > 1).
 * Without a GPU DeepSpeed picks its CPU accelerator and gloo. Its first communication setup compiles a
   shared-memory op with g++ (~40 s) into ``TORCH_EXTENSIONS_DIR``; we default that to a per-user cache
   (``$XDG_CACHE_HOME or ~/.cache`` / sfd_scale/torch_extensions) so each spawned rank and each later run
@@ -28,15 +33,15 @@ from __future__ import annotations
 import contextlib
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import List, Sequence
 
 import torch
 import torch.distributed as dist
 
 from ...config import Config, ConfigError
 from ...diffusion.micro_batch import MicroBatch
-from .base import (ADAM_KINDS, Engine, Objective, adam_state, fused_adamw, is_fused_adam, lambda_lr_at,
-                      micro_batch_layout, nonfinite_flag, set_lr, state_kinds, warmup_factor)
+from .base import (ADAM_KINDS, Engine, MasterPiece, Objective, adam_state, fused_adamw, is_fused_adam, lambda_lr_at,
+                   micro_batch_layout, nonfinite_flag, set_lr, state_kinds, warmup_factor)
 
 _COUNTERS = ("global_steps", "global_samples", "micro_steps", "skipped_steps")
 
@@ -95,20 +100,52 @@ class DeepSpeedEngine(Engine):
                                                    config=deepspeed_config(cfg, self.dp_size),
                                                    dist_init_required=not dist.is_initialized())
         self.module = self.model.module
+        self._pieces = None
 
     @property
     def zero_stage(self) -> int:
         return self.model.zero_optimization_stage()
 
+    @property
+    def partitions_weights(self) -> bool:
+        return self.zero_stage == 3
+
     @contextlib.contextmanager
-    def full_parameters(self):
+    def full_parameters(self, modify: bool = False):
         if self.zero_stage < 3:
             yield self.module
             return
         import deepspeed
 
-        with deepspeed.zero.GatheredParameters(list(self.module.parameters()), modifier_rank=None):
+        # modifier_rank=0: rank 0's (= every rank's) values are partitioned again on exit
+        with deepspeed.zero.GatheredParameters(list(self.module.parameters()), modifier_rank=0 if modify else None):
             yield self.module
+
+    def master_pieces(self) -> List[MasterPiece]:
+        """This rank's fp32 partition of every trainable parameter, through DeepSpeed's accessors, read once (the
+        flat fp32 partitions are the same tensors for the whole run: steps and loads write into them). ZeRO-3:
+        ``safe_get_local_fp32_param`` (a parameter's partition, padded past its end on the last ranks; the
+        padding is left out); ZeRO-1/2: the fragment DeepSpeed maps the parameter to (``_hp_mapping``)."""
+        if self._pieces is None:
+            from deepspeed.utils import safe_get_local_fp32_param
+
+            zero, pieces = self.model.optimizer, []
+            for index, (_, p) in enumerate(_trained(self.module)):
+                if self.zero_stage == 3:
+                    local = safe_get_local_fp32_param(p)
+                    start = zero._get_param_partition_rank(p) * local.numel()
+                    held = min(local.numel(), p.ds_numel - start)
+                    if held > 0:
+                        pieces.append(MasterPiece(index, start, local.detach().narrow(0, 0, held)))
+                elif getattr(p, "_hp_mapping", None) is not None:
+                    m = p._hp_mapping
+                    pieces.append(MasterPiece(index, m.lp_fragment_address.start, m.hp_fragment.detach()))
+            self._pieces = pieces
+        return self._pieces
+
+    @property
+    def master_group(self):
+        return self.model.optimizer.dp_process_group
 
     def train_step(self, micro_batches: Sequence[MicroBatch], objective: Objective) -> dict:
         n = self._check_micro_batches(micro_batches)
@@ -154,17 +191,19 @@ class DeepSpeedEngine(Engine):
         return str(getattr(self.model, "communication_data_type", "unknown")).replace("torch.", "")
 
     def _discard(self, counters_before: dict) -> None:
-        """What DeepSpeed's own ZeRO-1/2 step does when it skips an overflowed fp16 step (clear the partitioned
-        gradients), plus its micro-step counters put back, so the next step's accumulation boundary holds."""
+        """What DeepSpeed's own ZeRO step does when it skips an overflowed fp16 step (clear the partitioned
+        gradients: ZeRO-1/2 ``step``, ZeRO-3 ``_overflow_clean_up``), plus its micro-step counters put back, so
+        the next step's accumulation boundary holds."""
         zero = self.model.optimizer
+        zero.zero_grad(set_to_none=True)  # ZeRO-3: also restarts its micro-step count (the next backward copies)
         if self.zero_stage == 3:
-            raise NotImplementedError("skipping a non-finite step is implemented for ZeRO stages 1 and 2")
-        zero.zero_grad(set_to_none=True)
-        if hasattr(zero, "_release_preflattened_grad_buffers"):
-            zero._release_preflattened_grad_buffers()
-        for k in zero.averaged_gradients.keys():
-            zero.averaged_gradients[k] = None
-            zero.all_grad_tensors[k] = None
+            zero.averaged_gradients = {}  # (no optimizer offload is configured)
+        else:
+            if hasattr(zero, "_release_preflattened_grad_buffers"):
+                zero._release_preflattened_grad_buffers()
+            for k in zero.averaged_gradients.keys():
+                zero.averaged_gradients[k] = None
+                zero.all_grad_tensors[k] = None
         for k, v in counters_before.items():
             setattr(self.model, k, v)
         self.model.global_steps += 1  # every engine's step counters advance on a skipped step
@@ -193,6 +232,14 @@ class DeepSpeedEngine(Engine):
         counters = state["counters"]
         steps = counters["optimizer_steps"]
         adam_steps = steps - self._restore_nonfinite(counters)
+        saved = state["params"][0]
+        # the fp32 masters, also without Adam state: ZeRO copied them from the weights when it was built, before
+        # the trainer loaded the checkpoint's weights
+        with self.full_parameters():  # ZeRO-3: gathered, so the fp32 master can come from the weights
+            masters = {name: saved.get(name, {}).get("master", p.detach().float().clone())
+                       for name, p in _trained(self.module)}
+        for name, p in _trained(self.module):
+            safe_set_full_fp32_param(p, masters[name])
         if adam_steps:
             zero = self.model.optimizer
             flats = (zero.fp32_partitioned_groups_flat if self.zero_stage == 3  # the flat fp32 partitions
@@ -202,12 +249,7 @@ class DeepSpeedEngine(Engine):
             if hasattr(zero, "_lazy_init_hp_params_optimizer_state"):  # ZeRO-1/2 link it after a first step
                 zero._hp_optimizer_states_linked = False
                 zero._lazy_init_hp_params_optimizer_state()
-            saved = state["params"][0]
-            with self.full_parameters():  # ZeRO-3: gathered, so the fp32 master can come from the weights
-                masters = {name: saved[name].get("master", p.detach().float().clone())
-                           for name, p in _trained(self.module)}
             for name, p in _trained(self.module):
-                safe_set_full_fp32_param(p, masters[name])
                 for k in ADAM_KINDS:
                     safe_set_full_optimizer_state(p, saved[name][k].to(torch.float32), k)
         set_lr(self.model.optimizer.param_groups, lambda_lr_at(self.model.lr_scheduler, steps))

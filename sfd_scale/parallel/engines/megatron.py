@@ -49,8 +49,8 @@ from ...config import Config
 from ...diffusion.micro_batch import MicroBatch
 from ..cpu_compat import megatron_on_cpu
 from ..pipeline import forward_backward
-from .base import (ADAM_KINDS, Engine, Objective, adam_state, is_fused_adam, micro_batch_layout, nonfinite_flag,
-                      skip_unless_finite, state_kinds, warmup_factor)
+from .base import (ADAM_KINDS, Engine, MasterPiece, Objective, adam_state, is_fused_adam, micro_batch_layout,
+                   nonfinite_flag, skip_unless_finite, state_kinds, warmup_factor)
 
 # Known noise from inside megatron-core: its optimizer reads ``.grad`` of shard views (non-leaf tensors)
 # to test for presence, and its DDP / distributed optimizer call the deprecated-in-torch-2.14 names of
@@ -239,7 +239,7 @@ class MegatronEngine(Engine):
             self.optimizer = get_megatron_optimizer(opt_config, self.chunks, config_overrides={})
         self.notes = _fuse_torch_adam(self.optimizer)
         self.bf16, self.overlap_grad_reduce = bf16, overlap
-        self._ema_sources = None
+        self._ema_sources, self._pieces = None, None
         self.model = self.chunks[0]
         self.local_modules = chunks
         self.module = chunks if self.pipelined else chunks[0]
@@ -294,12 +294,45 @@ class MegatronEngine(Engine):
         return [s.optimizer for s in self._sub_optimizers() if not getattr(s, "is_stub_optimizer", False)]
 
     def ema_sources(self) -> List[torch.Tensor]:
-        """fp32 masters of the non-distributed bf16 optimizer (whole on every rank); the parameters otherwise
-        (fp32 runs: they are the masters; distributed optimizer: each rank holds a shard of the masters)."""
+        """Whole EMA: fp32 masters of the non-distributed bf16 optimizer (whole on every rank); the parameters
+        otherwise (fp32 runs: they are the masters; distributed optimizer: each rank holds a shard of the
+        masters). Sharded EMA: the distributed optimizer's fp32 shards (``master_pieces``)."""
         if self._ema_sources is None:
-            main = _main_params(self.optimizer)
-            self._ema_sources = [main[p][1] if p in main else p for named in self._named_parameters() for _, p in named]
+            if self.shard_ema:
+                self._ema_sources = super().ema_sources()
+            else:
+                main = _main_params(self.optimizer)
+                self._ema_sources = [main[p][1] if p in main else p
+                                     for named in self._named_parameters() for _, p in named]
         return self._ema_sources
+
+    def master_pieces(self) -> List[MasterPiece]:
+        """The distributed optimizer's shard of every trainable parameter on this rank: the fp32 main param
+        shard Adam updates (fp32 runs: a view into the parameter itself; bf16: megatron's fp32 copy), at the
+        parameter's range in the grad buffer's DP partition. The same tensors across steps and loads (both
+        write into them in place)."""
+        if self._pieces is None:
+            trained = [p for named in self._named_parameters() for _, p in named]
+            whole = _main_params(self.optimizer)  # parameters of a non-distributed (sub-)optimizer
+            if whole.keys() & set(trained) or not any(isinstance(s, DistributedOptimizer)
+                                                     for s in self._sub_optimizers()):
+                raise RuntimeError("a sharded EMA needs megatron's distributed optimizer over every parameter")
+            pieces = []
+            for index, p in enumerate(trained):
+                frag = _fragment(self.optimizer, p)
+                if frag is None:  # no element of this parameter in this rank's partition
+                    continue
+                sub, r = frag
+                gi, go = sub.model_param_group_index_map[p]
+                main = sub.optimizer.param_groups[gi]["params"][go]
+                if r.end > r.start:
+                    pieces.append(MasterPiece(index, r.start, main.detach().view(-1)))
+            self._pieces = pieces
+        return self._pieces
+
+    @property
+    def master_group(self):
+        return self.dp_group
 
     def grad_reduce_dtype(self) -> str:
         how = "reduce-scatter" if self.cfg.parallel.distributed_optimizer else "all-reduce"
