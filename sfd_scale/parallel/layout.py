@@ -7,7 +7,9 @@ the launcher's environment (torchrun / srun set RANK, WORLD_SIZE, MASTER_ADDR, M
 from __future__ import annotations
 
 import os
+import socket
 from dataclasses import dataclass
+from typing import Dict, List
 
 import torch
 import torch.distributed as dist
@@ -84,6 +86,38 @@ def current_tensor_parallel() -> int:
     if not parallel_state.model_parallel_is_initialized():
         return 1
     return parallel_state.get_tensor_model_parallel_world_size()
+
+
+def _spans(ranks: List[int]) -> str:
+    """``[0, 1, 2, 5]`` -> ``"0-2,5"``."""
+    out, start = [], ranks[0]
+    for prev, cur in zip(ranks, ranks[1:] + [None]):
+        if cur is None or cur != prev + 1:
+            out.append(f"{start}-{prev}" if prev > start else str(start))
+            start = cur
+    return ",".join(out)
+
+
+def placement_line(max_listed: int = 8) -> str:
+    """Where the ranks run and whether each tensor-parallel group stays on one host (its all-reduces run every
+    layer: across hosts they would cross the network). Collective: every rank calls it; rank 0 logs it.
+    E.g. ``ranks per host: node1 0-1, node2 2-3; tensor-parallel groups 0-1, 2-3: each within one host``."""
+    tp_group = (dist.get_process_group_ranks(parallel_state.get_tensor_model_parallel_group())
+                if parallel_state.model_parallel_is_initialized() else [dist.get_rank()])
+    everyone: List = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, (socket.gethostname(), sorted(tp_group)))
+    hosts: Dict[str, List[int]] = {}
+    for rank, (host, _) in enumerate(everyone):
+        hosts.setdefault(host, []).append(rank)
+    shown = [f"{host} {_spans(ranks)}" for host, ranks in list(hosts.items())[:max_listed]]
+    more = f" ... ({len(hosts)} hosts)" if len(hosts) > max_listed else ""
+    groups = sorted({tuple(group) for _, group in everyone})
+    split = [g for g in groups if len({everyone[r][0] for r in g}) > 1]
+    where = ("each within one host" if not split else
+             f"{len(split)} of {len(groups)} span hosts (tensor-parallel traffic crosses the network: put "
+             f"--ntasks-per-node at a multiple of parallel.tensor_parallel)")
+    listed = ", ".join(_spans(list(g)) for g in groups[:max_listed]) + (" ..." if len(groups) > max_listed else "")
+    return f"ranks per host: {', '.join(shown)}{more}; tensor-parallel groups {listed}: {where}"
 
 
 def destroy() -> None:

@@ -46,7 +46,7 @@ from ..models.lightningdit import LightningDiT, count_parameters, parallel_confi
 from ..models.official import load_official_state_dict, read_checkpoint
 from ..parallel.engines import build_engine, check_installed
 from ..parallel.engines.base import local_micro_batches
-from ..parallel.layout import ParallelLayout, initialize
+from ..parallel.layout import ParallelLayout, initialize, placement_line
 from ..parallel.optimizations import apply_activation_checkpointing, apply_compile, compile_enabled, compiled_modules
 from ..parallel.pipeline import build_stages
 from .ema import EMA, ShardedEMA, frozen_state
@@ -273,6 +273,7 @@ class Trainer:
         logger.write(f"start: job {env.get('SLURM_JOB_ID', '-')} restart {env.get('SLURM_RESTART_COUNT', '0')}, "
                      f"{dist.get_world_size()} ranks, sfd_scale {self.code.get('git_commit', self.code['sfd_scale'])}"
                      + (" (modified)" if self.code.get("git_modified") else ""))
+        logger.write(placement_line())  # collective: every rank is here
         for note in self.notes:
             logger.write(note)
         logger.write(f"model {cfg.model.name} ({n_params / 1e6:.2f}M params per TP rank) on {self.device}, "

@@ -1,9 +1,17 @@
-"""A real one-node SLURM cluster under a temp dir, for testing the sbatch scripts (``tests/slurm``).
+"""A real SLURM cluster under a temp dir, for testing the sbatch scripts (``tests/slurm``): one node on
+localhost, or several "nodes" on this machine, each a set of namespaces of its own (``netns.py``).
 
 munged (own key, socket, pid file), ``slurmctld -D`` and ``slurmd -D`` run as children of the test
 process with ``SLURM_CONF`` pointing into the temp dir; no systemd, cgroups or accounting. Two partitions
-on the one node: ``low`` (default) whose jobs ``high`` preempts by requeueing them (partition_prio,
+over all nodes: ``low`` (default) whose jobs ``high`` preempts by requeueing them (partition_prio,
 PreemptMode=REQUEUE). The settings follow shared/ENVIRONMENT.md ("A real SLURM cluster on localhost").
+
+Several nodes (``LocalSlurm(nodes=2)``): node ``vnodeK`` has its own address, host name, ``/dev/shm``,
+``TMPDIR`` contents (``<root>/vnodeK/tmp`` mounted at ``<root>/tmp``) and munged (its own daemon and socket:
+``<root>/vnodeK/munge`` mounted at ``<root>/munge``, the path slurm.conf names); its slurmd runs inside it.
+All munged daemons read one key, as on a real cluster (munge authenticates a credential only with the key
+that made it). slurmctld, a munged for it and the test's SLURM clients stay in the root namespace, on the
+nodes' network. Everything else (the repository, the tests' temp dirs) is one shared file system.
 """
 from __future__ import annotations
 
@@ -17,6 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional
+
+from .netns import VirtualHosts
 
 BINARIES = ("munged", "slurmctld", "slurmd", "sbatch", "scontrol", "scancel", "sinfo")
 FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
@@ -38,20 +48,20 @@ def _free_port() -> int:
 
 SLURM_CONF = """\
 ClusterName=sfdtest{tag}
-SlurmctldHost={host}(127.0.0.1)
+SlurmctldHost={host}({ctld_addr})
 SlurmctldPort={ctld_port}
 SlurmdPort={slurmd_port}
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
-AuthInfo=socket={root}/munge.sock,cred_expire=5
+AuthInfo=socket={root}/munge/munge.sock,cred_expire=5
 StateSaveLocation={root}/state
-SlurmdSpoolDir={root}/spool
+SlurmdSpoolDir={root}/spool/%n
 SlurmctldPidFile={root}/slurmctld.pid
-SlurmdPidFile={root}/slurmd.pid
+SlurmdPidFile={root}/slurmd-%n.pid
 SlurmctldLogFile={root}/slurmctld.log
-SlurmdLogFile={root}/slurmd.log
+SlurmdLogFile={root}/slurmd-%n.log
 SlurmctldDebug=info
 SlurmdDebug=info
 ProctrackType=proctrack/linuxproc
@@ -70,20 +80,50 @@ SchedulerParameters=sched_interval=1
 PreemptType=preempt/partition_prio
 PreemptMode=REQUEUE
 SlurmctldParameters=preempt_send_user_signal
-NodeName={host} NodeAddr=127.0.0.1 CPUs={cpus} State=UNKNOWN
-PartitionName=low Nodes={host} Default=YES MaxTime=INFINITE State=UP PriorityTier=1 PreemptMode=REQUEUE GraceTime=10
-PartitionName=high Nodes={host} MaxTime=INFINITE State=UP PriorityTier=10 PreemptMode=OFF
+SlurmdParameters=config_overrides
+{node_lines}
+PartitionName=low Nodes={node_list} Default=YES MaxTime=INFINITE State=UP PriorityTier=1 PreemptMode=REQUEUE \
+GraceTime=10
+PartitionName=high Nodes={node_list} MaxTime=INFINITE State=UP PriorityTier=10 PreemptMode=OFF
 """
 
 
-class LocalSlurm:
-    """Start with :meth:`start`, always :meth:`stop` (kills the daemons, removes the dir)."""
+def _kill_processes_of(conf: Path) -> None:
+    """SIGKILL every process started for the cluster of ``conf`` (daemons, job steps): their command lines name
+    its dir only through the environment, so match on SLURM_CONF in /proc/PID/environ."""
+    me = f"SLURM_CONF={conf}".encode()
+    for pid_dir in Path("/proc").glob("[0-9]*"):
+        try:
+            if me in (pid_dir / "environ").read_bytes().split(b"\0") and int(pid_dir.name) != os.getpid():
+                os.kill(int(pid_dir.name), signal.SIGKILL)
+        except (OSError, ValueError):
+            pass
 
-    def __init__(self, cpus: Optional[int] = None):
-        self.root = Path(tempfile.mkdtemp(prefix="sfd_slurm_", dir="/tmp"))  # short: the munge socket path
+
+def reclaim_dead_clusters() -> None:
+    """The daemons and dirs of clusters whose test process was killed (``/tmp/sfd_slurm_pid<pid>_*``, pid gone);
+    their namespaced nodes go in ``netns.reclaim_stale``."""
+    for root in Path("/tmp").glob("sfd_slurm_pid*_*"):
+        m = re.match(r"sfd_slurm_pid(\d+)_", root.name)
+        if m and not Path(f"/proc/{m.group(1)}").exists():
+            _kill_processes_of(root / "slurm.conf")
+            shutil.rmtree(root, ignore_errors=True)
+
+
+class LocalSlurm:
+    """Start with :meth:`start`, always :meth:`stop` (kills the daemons, removes the dir). ``nodes=0``: one node,
+    this host on 127.0.0.1; ``nodes=N``: N namespaced nodes ``vnode1..N``. Each node has ``cpus`` CPUs (default:
+    this machine's), more than it has if asked (``config_overrides``: SLURM then believes slurm.conf)."""
+
+    def __init__(self, cpus: Optional[int] = None, nodes: int = 0):
+        # short (the munge socket path), and naming this process: a later run removes what a killed one left
+        self.root = Path(tempfile.mkdtemp(prefix=f"sfd_slurm_pid{os.getpid()}_", dir="/tmp"))
         self.host = socket.gethostname().split(".")[0]
         self.cpus = cpus or os.cpu_count() or 1
         self.conf = self.root / "slurm.conf"
+        self.tmp = self.root / "tmp"  # the jobs' TMPDIR (node-local contents on namespaced nodes)
+        self.hosts = VirtualHosts([f"vnode{k}" for k in range(1, nodes + 1)], self.root, self.host) if nodes else None
+        self.nodes = self.hosts.names if self.hosts else [self.host]
         self.procs: Dict[str, subprocess.Popen] = {}
         self.cwd: Optional[str] = None  # where sbatch runs (the jobs' SLURM_SUBMIT_DIR)
         self.env = dict(os.environ, SLURM_CONF=str(self.conf))
@@ -93,26 +133,48 @@ class LocalSlurm:
 
     # ------------------------------------------------------------------------------------------ lifecycle
     def start(self, timeout: float = 30.0) -> "LocalSlurm":
-        for d in ("state", "spool"):
-            (self.root / d).mkdir()
+        reclaim_dead_clusters()
+        for d in ["state", "munge", "tmp"] + [f"spool/{n}" for n in self.nodes]:
+            (self.root / d).mkdir(parents=True)
         key = self.root / "munge.key"
         key.write_bytes(os.urandom(1024))
         key.chmod(0o400)
-        self._spawn("munged", [_which("munged"), "-F", "--force", f"--key-file={key}",
-                               f"--socket={self.root}/munge.sock", f"--pid-file={self.root}/munged.pid",
-                               f"--log-file={self.root}/munged.log", f"--seed-file={self.root}/munged.seed"])
-        self._wait_for(lambda: (self.root / "munge.sock").exists(), timeout, "munged socket")
-        self.conf.write_text(SLURM_CONF.format(root=self.root, host=self.host, cpus=self.cpus, tag=os.getpid(),
-                                               ctld_port=_free_port(), slurmd_port=_free_port()))
+        self._start_munged("munged", [], self.root / "munge")
+        if self.hosts is not None:
+            binds = {n: [(self.root / n / "munge", self.root / "munge"), (self.root / n / "tmp", self.tmp)]
+                     for n in self.nodes}
+            for n in self.nodes:
+                for what, _ in binds[n]:
+                    what.mkdir(parents=True)
+            self.hosts.start(binds)
+            for n in self.nodes:  # each node's own munged, serving <root>/munge/munge.sock inside the node
+                self._start_munged(f"munged-{n}", self.hosts.enter(n), self.root / n / "munge")
+        ctld_addr = self.hosts.root_addr if self.hosts else "127.0.0.1"
+        node_lines = "\n".join(f"NodeName={n} NodeAddr={self.hosts.addr(n) if self.hosts else '127.0.0.1'} "
+                               f"CPUs={self.cpus} State=UNKNOWN" for n in self.nodes)
+        self.conf.write_text(SLURM_CONF.format(root=self.root, host=self.host, ctld_addr=ctld_addr, tag=os.getpid(),
+                                               ctld_port=_free_port(), slurmd_port=_free_port(),
+                                               node_lines=node_lines, node_list=",".join(self.nodes)))
         self._spawn("slurmctld", [_which("slurmctld"), "-D", "-i", "-f", str(self.conf)])
-        self._spawn("slurmd", [_which("slurmd"), "-D", "-N", self.host, "-f", str(self.conf)])
-        self._wait_for(self._node_idle, timeout, "node idle")
+        for n in self.nodes:
+            enter = self.hosts.enter(n) if self.hosts else []
+            self._spawn(f"slurmd-{n}", enter + [_which("slurmd"), "-D", "-N", n, "-f", str(self.conf)])
+        self._wait_for(self._nodes_idle, timeout, "nodes idle")
         return self
+
+    def _start_munged(self, name: str, enter: List[str], socket_dir: Path, timeout: float = 30.0) -> None:
+        """A munged whose socket appears in ``socket_dir`` (as seen from here) and is ``<root>/munge/munge.sock``
+        where it runs."""
+        self._spawn(name, enter + [_which("munged"), "-F", "--force", f"--key-file={self.root}/munge.key",
+                                   f"--socket={self.root}/munge/munge.sock", f"--pid-file={self.root}/{name}.pid",
+                                   f"--log-file={self.root}/{name}.log", f"--seed-file={self.root}/{name}.seed"])
+        self._wait_for(lambda: (socket_dir / "munge.sock").exists(), timeout, f"{name} socket")
 
     def stop(self) -> None:
         if self.procs.get("slurmctld") and self.procs["slurmctld"].poll() is None:
             subprocess.run(["scancel", "--full", "--state=RUNNING"], env=self.env, capture_output=True, timeout=10)
-        for name in ("slurmd", "slurmctld", "munged"):  # slurmd first: it kills the job steps it runs
+        daemons = [f"slurmd-{n}" for n in self.nodes] + ["slurmctld"] + [f"munged-{n}" for n in self.nodes]
+        for name in daemons + ["munged"]:  # slurmds first: they kill the job steps they run
             p = self.procs.get(name)
             if p is not None and p.poll() is None:
                 p.terminate()
@@ -121,6 +183,8 @@ class LocalSlurm:
                 except subprocess.TimeoutExpired:
                     p.kill()
                     p.wait()
+        if self.hosts is not None:
+            self.hosts.stop()  # whatever still runs inside the nodes, their /dev/shm, the namespaces
         self._kill_leftover_steps()
         shutil.rmtree(self.root, ignore_errors=True)
 
@@ -131,15 +195,8 @@ class LocalSlurm:
         out.close()
 
     def _kill_leftover_steps(self) -> None:
-        """slurmstepd processes outlive slurmd; kill those of this cluster (their command line names our dir
-        only through the environment, so match on SLURM_CONF in /proc/PID/environ)."""
-        me = f"SLURM_CONF={self.conf}".encode()
-        for pid_dir in Path("/proc").glob("[0-9]*"):
-            try:
-                if me in (pid_dir / "environ").read_bytes().split(b"\0") and int(pid_dir.name) != os.getpid():
-                    os.kill(int(pid_dir.name), signal.SIGKILL)
-            except (OSError, ValueError):
-                pass
+        """slurmstepd processes outlive slurmd; kill those of this cluster."""
+        _kill_processes_of(self.conf)
 
     def _wait_for(self, ready, timeout: float, what: str) -> None:
         deadline = time.monotonic() + timeout
@@ -153,9 +210,10 @@ class LocalSlurm:
             time.sleep(0.2)
         raise TimeoutError(f"SLURM test cluster: no {what} after {timeout:.0f}s:\n" + self.daemon_logs())
 
-    def _node_idle(self) -> bool:
-        r = subprocess.run(["sinfo", "-h", "-N", "-o", "%T"], env=self.env, capture_output=True, text=True)
-        return r.returncode == 0 and r.stdout.strip().startswith("idle")
+    def _nodes_idle(self) -> bool:
+        r = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %T"], env=self.env, capture_output=True, text=True)
+        idle = {line.split()[0] for line in r.stdout.splitlines() if line.split()[1:2] == ["idle"]}
+        return r.returncode == 0 and idle >= set(self.nodes)
 
     def daemon_logs(self, tail: int = 30) -> str:
         parts = []

@@ -127,10 +127,11 @@ def train_job(slurm, root: Path, *sbatch_args: str) -> tuple:
     return job, root / f"sfd-train-{job}.out"
 
 
-def check_requeued_run(slurm, job: str, log: Path, run: Path, how: str) -> str:
+def check_requeued_run(slurm, job: str, log: Path, run: Path, how: str, steps: int = STEPS,
+                       timeout: float = 180) -> str:
     """The job ran twice (restart 0, then 1), the second run resumed and finished; returns the job log."""
     slurm.wait_for_text(log, r"job \d+ restart 1 on", timeout=120, job_id=job)
-    rec = slurm.wait(job, ("COMPLETED",), timeout=180, log=log)
+    rec = slurm.wait(job, ("COMPLETED",), timeout=timeout, log=log)
     assert rec["Restarts"] == "1" and rec["ExitCode"] == "0:0", rec
     text = slurm.read(log)
     first, second = text.split(f"job {job} restart 1 on")
@@ -141,7 +142,7 @@ def check_requeued_run(slurm, job: str, log: Path, run: Path, how: str) -> str:
     assert f"job {job} restart 0" in run_log and f"job {job} restart 1" in run_log, run_log
     assert "signal SIGUSR1" in run_log, run_log
     resumed = re.findall(r"resumed from \S*step_(\d+)", run_log)
-    assert len(resumed) == 1 and 10 <= int(resumed[0]) < STEPS, run_log  # the signal's checkpoint, mid-run
+    assert len(resumed) == 1 and 10 <= int(resumed[0]) < steps, run_log  # the signal's checkpoint, mid-run
     return text
 
 
