@@ -27,11 +27,12 @@ from torch.utils.data import DataLoader, Dataset
 from .decoding import LatentStats, TextureDecoder, official_latent_stats, shard_latent_stats, stats_file_latent_stats
 from .demo import build_demo_latents, images_to_uint8
 from .official import OfficialLatentDataset
+from .images import DALI_MISSING
 from .online_repa import OnlineRepa, dataset_dino
 from .shards import (INDEX_FILE, LatentShardDataset, Normalization, ShardFormatError, fetch_dataset_files,
                      latent_channels, read_meta)
 from ..errors import one_line
-from ..config import ConfigError
+from ..config import ConfigError, require_package
 from ..streaming_leases import StreamingLease
 
 
@@ -312,7 +313,9 @@ def _shard_source(cfg) -> TrainingData:
     if online and "image" not in cols:
         raise ShardFormatError(f"data.repa_features=online needs the images in the shards, but {d.path} has no "
                                f"'image' column: extract with images=true (or import official latents with --images)")
-    dino = dataset_dino(meta, d.dino, d.path) if online else None  # weight problems before anything is written
+    if online:  # a missing DALI or weights are named before anything is written
+        require_package("nvidia.dali", DALI_MISSING)
+    dino = dataset_dino(meta, d.dino, d.path) if online else None
 
     def batches(start_step: int, where: Placement) -> Iterable[dict]:
         lease = StreamingLease.acquire()
