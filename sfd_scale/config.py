@@ -65,6 +65,12 @@ class DataConfig:
                                     # processes for remote shards and the other sources; 0: the training
                                     # thread reads
     demo_samples: Optional[int] = None  # demo only: use a subset of the 1797 digits
+    repa_features: str = "stored"   # shards, with model.use_repa: stored = read feats_dino from the shards;
+                                    # online = computed each step by a frozen DINOv2 from the shards' JPEG crops
+                                    # (extracted with images=true): ~10x fewer bytes read per sample
+    dino: Optional[str] = None      # online: DINOv2 weights; null = those the dataset's extraction recorded
+    repa_chunk: int = 32            # online: images per DINOv2 call (the last one padded), so that targets do
+                                    # not depend on the per-rank batch size
 
 
 @dataclass
@@ -359,7 +365,8 @@ LOWER_BOUNDS = {
     "train.stop_check_every": (1, ""), "checkpoint.every": (0, "0 = only at the end"),
     "checkpoint.keep_last": (1, ""), "checkpoint.keep_every": (0, "0 = off"), "optim.grad_clip": (0, "0 = off"),
     "optim.warmup_steps": (0, ""), "optim.weight_decay": (0, ""), "data.num_workers": (0, "0 = the training "
-    "thread reads"), "data.canonical_nodes": (1, ""), "model.num_classes": (1, ""), "model.input_size": (1, ""),
+    "thread reads"), "data.canonical_nodes": (1, ""), "data.repa_chunk": (1, ""), "model.num_classes": (1, ""),
+    "model.input_size": (1, ""),
     "sample.grid_images": (1, ""),  # sample.num_steps: the sampler's own check (>= 2 grid points)
 }
 
@@ -424,6 +431,10 @@ def validate(cfg: Config, for_training: bool = True) -> None:
     need(not bad, f"train.requeue_signals: unknown signal name(s) {bad} (e.g. SIGUSR1, SIGTERM)")
     need(cfg.data.source in ("shards", "official", "demo", "synthetic"),
          f"data.source must be 'shards', 'official', 'demo' or 'synthetic', got {cfg.data.source!r}")
+    need(cfg.data.repa_features in ("stored", "online"),
+         f"data.repa_features must be 'stored' or 'online', got {cfg.data.repa_features!r}")
+    need(cfg.data.repa_features == "stored" or cfg.data.source == "shards",
+         f"data.repa_features=online needs data.source=shards (images in latent shards), got {cfg.data.source!r}")
     need(not for_training or cfg.data.source in ("demo", "synthetic") or bool(cfg.data.path),
          f"data.path is required when data.source is {cfg.data.source!r}")
     need(cfg.logging.wandb_mode in ("offline", "online", "disabled"),

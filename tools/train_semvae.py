@@ -10,7 +10,10 @@ def main(argv=None) -> int:
     """Exit status 2 with one line on stderr for a config or start-up problem (data directory, resume state)."""
     args = config_parser(__doc__, run_config=False).parse_intermixed_args(argv)
     cfg = load_semvae_config(args.config, args.overrides)
-    summary = train_semvae(cfg)
+    image_source = None
+    if cfg.data.source == "images":  # the data layer's: DALI decoding, random crops, DINOv2 per batch
+        from sfd_scale.data.semvae_images import ImageFeatures as image_source
+    summary = train_semvae(cfg, image_source)
     print(semvae_summary_text(summary, cfg))
     return 0
 

@@ -335,9 +335,7 @@ class CompositeEncoder(nn.Module):
         """``images``: uint8 (B, H, W, 3) or float (B, 3, H, W) in [0, 1]. Returns float32 ``latents``
         (B, 32, H/16, W/16), ``latents_sv`` (B, 16, H/16, W/16) and, if asked, ``feats_dino`` (B, 768, ...)."""
         device = next(self.parameters()).device
-        if images.dtype == torch.uint8:
-            images = images.to(device).permute(0, 3, 1, 2).float() / 255.0
-        images = images.to(device=device).float()
+        images = unit_images(images, device) if images.dtype == torch.uint8 else images.to(device=device).float()
         out = {"latents": self.texture.encode(images * 2.0 - 1.0, generator).float()}
         feats = self.dino(images)
         if self.semantic is not None:
@@ -345,6 +343,20 @@ class CompositeEncoder(nn.Module):
         if with_features:
             out["feats_dino"] = feats.float()
         return out
+
+
+def flip_crops(crops: torch.Tensor, flips: Sequence[bool]) -> torch.Tensor:
+    """uint8 (B, H, W, 3) crops, mirrored (width reversed) where ``flips`` is true: the flip of a shard sample
+    (``latents_flip`` / ``feats_dino_flip``), done on the decoded crop before any encoder sees it."""
+    mask = torch.as_tensor(flips, dtype=torch.bool, device=crops.device).view(-1, 1, 1, 1)
+    return torch.where(mask, crops.flip(2), crops)
+
+
+def unit_images(crops: torch.Tensor, device) -> torch.Tensor:
+    """uint8 (B, H, W, 3) crops -> float32 (B, 3, H, W) in [0, 1] on ``device``: what every encoder is given
+    (``CompositeEncoder.encode`` at extraction, ``online_repa.FrozenDino`` in training); DINOv2 resizes and
+    normalises it itself (``DinoEncoder.preprocess``)."""
+    return crops.to(device).permute(0, 3, 1, 2).float() / 255.0
 
 
 def image_generators(seed: int, indices: Sequence[int], flip: bool) -> List[torch.Generator]:

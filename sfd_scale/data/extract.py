@@ -30,14 +30,12 @@ import torch
 from ..device import resolve_device
 from ..config import ConfigError, load_structured, require_package
 from . import shards
+from .images import DALI_MISSING, ImageDecoder, jpeg_bytes
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 CONFIG_FILE, LOCK_FILE, LOCK_STALE_S = "extract_config.json", ".finalize.lock", 600.0
 PAUSE_ENV = "SFD_EXTRACT_PAUSE_AFTER_PART"  # tests: seconds to sleep after each finished part
 RANDOM_SEMVAE = "random"  # ``semvae`` value for a tiny random Semantic VAE (with ``random_init``)
-# DALI is an extra (setup.py), its wheel chosen by the driver's CUDA major version
-DALI_MISSING = ("latent extraction decodes images with NVIDIA DALI, which is not installed: pip install "
-                "'sfd_scale[extract-cu13]' (CUDA 13 driver) or 'sfd_scale[extract-cu12]' (CUDA 12 driver)")
 
 
 @dataclass
@@ -52,6 +50,10 @@ class ExtractConfig:
     device: str = "auto"                # auto | cpu | cuda (cuda: GPU JPEG decode + encoders)
     seed: int = 0                       # posterior noise: generator per (seed, source_index, flip)
     features: bool = True               # also store DINOv2 features (REPA targets), float16
+    images: bool = False                # also store each crop as JPEG bytes (column 'image'), for REPA targets
+                                        # computed online in training (data.repa_features=online); every encoder
+                                        # then sees the decoded JPEG, so stored and online targets agree
+    jpeg_quality: int = 95              # images: JPEG quality of the stored crops
     texture_vae: Optional[str] = None   # LDM .ckpt/.pt/.safetensors or diffusers directory
     texture_mode: str = "sample"        # sample | mean (texture posterior)
     dino: Optional[str] = None          # DINOv2 ViT-B/14-reg4 weights (timm or torch-hub layout)
@@ -82,6 +84,7 @@ def validate(cfg: ExtractConfig) -> None:
     for key in ("chunk_size", "batch_size", "num_threads"):
         need(getattr(cfg, key) > 0, f"{key} must be > 0, got {getattr(cfg, key)}")
     need(cfg.device in ("auto", "cpu", "cuda"), f"device must be auto, cpu or cuda, got {cfg.device!r}")
+    need(1 <= cfg.jpeg_quality <= 100, f"jpeg_quality must lie in [1, 100], got {cfg.jpeg_quality}")
     need(cfg.texture_mode in ("sample", "mean"), f"texture_mode must be sample or mean, got {cfg.texture_mode!r}")
     need(cfg.device != "cuda" or torch.cuda.is_available(), "device is 'cuda' but no CUDA device is available")
     need(Path(cfg.input).is_dir(), f"input folder not found: {cfg.input}")
@@ -193,17 +196,19 @@ def load_crops(files: Sequence[str], resolution: int, batch_size: int = 16, devi
 
 # ----------------------------------------------------------------------------------------------- encoding
 def encode_samples(encoder, crops: torch.Tensor, indices: Sequence[int], labels: Sequence[int], seed: int,
-                   features: bool, bf16: bool = False) -> List[dict]:
+                   features: bool, bf16: bool = False, images: Optional[Sequence[bytes]] = None) -> List[dict]:
     """Shard samples for a batch of crops: the crops and their mirror images go through the encoders in one
-    batch of 2B (the image first, then the flips), each with its own (seed, index, flip) generator."""
-    from .encoders import image_generators
-    x = torch.cat([crops, crops.flip(2)])  # NHWC: dim 2 is the width
+    batch of 2B (the image first, then the flips), each with its own (seed, index, flip) generator. ``images``:
+    the crops' JPEG bytes, stored as column ``image``."""
+    from .encoders import flip_crops, image_generators
+    b = len(indices)
+    x = flip_crops(torch.cat([crops, crops]), [False] * b + [True] * b)
     gens = image_generators(seed, indices, False) + image_generators(seed, indices, True)
     device = next(encoder.parameters()).device
     with torch.no_grad(), torch.autocast(device.type, torch.bfloat16, enabled=bf16 and device.type == "cuda"):
         out = encoder.encode(x, with_features=features, generator=gens)
     out = {k: v.float().cpu() for k, v in out.items()}
-    b, samples = len(indices), []
+    samples = []
     for i, (src, label) in enumerate(zip(indices, labels)):
         s = {"latents": out["latents"][i].numpy(), "latents_flip": out["latents"][b + i].numpy()}
         if "latents_sv" in out:
@@ -211,10 +216,19 @@ def encode_samples(encoder, crops: torch.Tensor, indices: Sequence[int], labels:
         if features:
             s["feats_dino"] = out["feats_dino"][i].half().numpy()
             s["feats_dino_flip"] = out["feats_dino"][b + i].half().numpy()
+        if images is not None:
+            s["image"] = bytes(images[i])
         s["label"] = int(label)
         s["source_index"] = np.array([src], dtype=np.int64)
         samples.append(s)
     return samples
+
+
+def jpeg_round_trip(crops: torch.Tensor, quality: int, decoder: ImageDecoder) -> Tuple[torch.Tensor, List[bytes]]:
+    """(the crops as their stored JPEGs decode, the JPEG bytes): with ``images`` on, the encoders see what
+    training decodes (``online_repa``), through the same decoder."""
+    encoded = [jpeg_bytes(c, quality) for c in crops.cpu().numpy()]
+    return decoder.decode([np.frombuffer(e, np.uint8) for e in encoded]), encoded
 
 
 def build_encoder(cfg: ExtractConfig, device: str):
@@ -248,7 +262,7 @@ def provenance(cfg: ExtractConfig, inputs: Inputs) -> dict:
     return {"num_items": len(inputs.files), "inputs_sha256": inputs.digest(), "resolution": cfg.resolution,
             "chunk_size": cfg.chunk_size, "seed": cfg.seed, "features": cfg.features, "bf16": cfg.bf16,
             "texture_mode": cfg.texture_mode, "dino_antialias": cfg.dino_antialias, "random_init": cfg.random_init,
-            "weights": weights}
+            "weights": weights, **({"images": True, "jpeg_quality": cfg.jpeg_quality} if cfg.images else {})}
 
 
 def claim_output(root: Path, prov: dict) -> None:
@@ -331,14 +345,17 @@ def extract(cfg: ExtractConfig, rank: int = 0, world: int = 1, finalize_only: bo
         pause = float(os.environ.get(PAUSE_ENV, 0))
         bar = tqdm(total=images, unit="img", desc=f"extract r{rank}/{world}", disable=not cfg.progress,
                    dynamic_ncols=True)
+        decoder = ImageDecoder(device, cfg.num_threads, cfg.batch_size) if cfg.images else None
         for k in todo:
             items = chunk_range(k, cfg.chunk_size, n)
             with shards.PartWriter(root, k) as writer:
                 for crops, pos in crop_batches([inputs.files[i] for i in items], cfg.resolution, cfg.batch_size,
                                                cfg.num_threads, device):
-                    idx = [items[p] for p in pos]
+                    idx, encoded = [items[p] for p in pos], None
+                    if decoder is not None:
+                        crops, encoded = jpeg_round_trip(crops, cfg.jpeg_quality, decoder)
                     for s in encode_samples(encoder, crops, idx, [inputs.labels[i] for i in idx], cfg.seed,
-                                            cfg.features, cfg.bf16):
+                                            cfg.features, cfg.bf16, encoded):
                         writer.write(s)
                     bar.update(len(idx))
             if pause:

@@ -196,7 +196,38 @@ class OfficialLatentDataset(torch.utils.data.Dataset):
 
 
 # ---------------------------------------------------------------------------------------------- import
-def import_official(src, dst, progress: bool = True) -> dict:
+def _image_inputs(reader: OfficialLatentDataset, images, image_list):
+    """The user's images of an official latent folder (``extract.list_inputs`` order: ImageFolder, or
+    ``image_list``'s lines), checked against it: one per sample, and every label equal to the sample's."""
+    from .extract import list_inputs
+
+    inputs = list_inputs(images, image_list)
+    if len(inputs.files) != len(reader):
+        raise DataError(f"{images}: {len(inputs.files)} images, but {reader.data_dir} holds {len(reader)} samples: "
+                        f"give the images the latents were extracted from (--image-list for another order)")
+    for k, path in enumerate(reader.files):
+        with safe_open(path, framework="np") as f:
+            labels = f.get_tensor("labels")
+        start = reader._starts[k]
+        for row, label in enumerate(labels.tolist()):
+            if inputs.labels[start + row] != int(label):
+                raise DataError(f"image {inputs.files[start + row]} (sample {start + row}) has label "
+                                f"{inputs.labels[start + row]}, the official sample {int(label)}: the latents were "
+                                f"extracted in another order; give it with --image-list (path label per line)")
+    return inputs
+
+
+def _jpegs(files, resolution: int, quality: int, num_threads: int) -> list:
+    """The extraction's centre crops (``extract.crop_batches``) of ``files``, as JPEG bytes."""
+    from .extract import crop_batches
+    from .images import jpeg_bytes
+
+    return [jpeg_bytes(crop, quality) for crops, _ in crop_batches(files, resolution, 64, num_threads)
+            for crop in crops.numpy()]
+
+
+def import_official(src, dst, progress: bool = True, images=None, image_list=None, jpeg_quality: int = 95,
+                    num_threads: int = 2) -> dict:
     """Convert an official latent folder into sfd_scale latent shards at ``dst``, value-exact.
 
     One part per official shard file, in the official (sorted) order, so global indices are unchanged;
@@ -204,10 +235,17 @@ def import_official(src, dst, progress: bool = True) -> dict:
     when present (the numbers the official reader uses); otherwise exact per-channel mean / unbiased std
     over every non-flipped sample (the official class would estimate them from 10k random samples of the
     global numpy RNG). Rerunning after a crash skips the parts already written. Returns the dataset info.
+
+    ``images`` (an ImageFolder tree, or the root of ``image_list``'s paths, in the official sample order)
+    attaches each sample's image as the JPEG of the extraction's centre crop at the latents' resolution (column
+    ``image``, for ``data.repa_features=online``; give ``data.dino`` then). The official latents were encoded
+    from PIL crops of the original images, not from these JPEGs: online targets see the same picture, within
+    JPEG and resampling differences.
     """
     from tqdm.auto import tqdm
 
     reader = OfficialLatentDataset(src, latent_norm=False, latent_sv_norm=False)  # headers only, no stats
+    inputs = _image_inputs(reader, images, image_list) if images is not None else None
     stats = {}
     for key in ("latents", "latents_sv"):
         path = os.path.join(reader.data_dir, f"{key}_stats.pt")
@@ -224,11 +262,19 @@ def import_official(src, dst, progress: bool = True) -> dict:
             continue
         with safe_open(path, framework="np") as f:
             tensors = {key: f.get_tensor(key) for key in reader._keys[k]}
+        n, jpegs = len(tensors["labels"]), None
+        if inputs is not None:
+            start = reader._starts[k]
+            jpegs = _jpegs(inputs.files[start:start + n], 16 * tensors["latents"].shape[-1], jpeg_quality, num_threads)
         with PartWriter(dst, k) as writer:
-            for row in range(len(tensors["labels"])):
+            for row in range(n):
                 sample = {key: value[row] for key, value in tensors.items() if key != "labels"}
+                if jpegs is not None:
+                    sample["image"] = jpegs[row]
                 sample["label"] = int(tensors["labels"][row])
                 writer.write(sample)
+    images_info = {} if inputs is None else {"images": os.path.abspath(images), "image_list": image_list,
+                                             "jpeg_quality": jpeg_quality}
     return finalize(dst, {"source": "official latent folder", "official_dir": os.path.abspath(reader.data_dir),
-                          "stats": "copied from the official stats files" if stats else "exact over all samples"},
-                    stats=stats or None)
+                          "stats": "copied from the official stats files" if stats else "exact over all samples",
+                          **images_info}, stats=stats or None)

@@ -116,22 +116,30 @@ READAHEAD_REQUEST = 8 << 20
 class ShardFile:
     """A local, uncompressed MDS shard open for positional reads: where every sample starts and where each
     column sits inside a sample. MDS layout: a uint32 sample count, the samples' uint32 start offsets (one more
-    than samples, the last is the file's end), then each sample's columns back to back; sfd_scale's columns all
-    have a fixed size, so a column's place in a sample is fixed too. The descriptor closes with the object,
-    i.e. only after the last reader thread holding it is done."""
+    than samples, the last is the file's end), then the samples. A sample is a head of uint32 sizes, one per
+    variable-size column (``bytes``: the encoded images of online REPA targets), then its columns back to back in
+    column order. Without variable-size columns a column's place in a sample is fixed; with them ``locate``
+    reads the sample's head (one more small read) first. The descriptor closes with the object, i.e. only after
+    the last reader thread holding it is done."""
 
     def __init__(self, reader):
         self.path = os.path.join(reader.dirname, reader.split or "", reader.raw_data.basename)
-        self.columns: Dict[str, Tuple[int, int]] = {}  # name -> (byte offset in a sample, bytes)
-        offset = 0
-        for name, size in zip(reader.column_names, reader.column_sizes):
-            self.columns[name] = (offset, size)
+        self.layout: List[Tuple[str, Optional[int]]] = list(zip(reader.column_names, reader.column_sizes))
+        self.head = 4 * sum(size is None for _, size in self.layout)  # bytes of a sample's size head
+        self.fixed: Dict[str, Tuple[int, int]] = {}  # columns at a fixed place: name -> (offset in a sample, bytes)
+        offset = self.head
+        for name, size in self.layout:
+            if size is None:
+                break
+            self.fixed[name] = (offset, size)
             offset += size
+        smallest = self.head + sum(size or 0 for _, size in self.layout)
         self.fd = os.open(self.path, os.O_RDONLY)
         table = os.pread(self.fd, 4 * (reader.samples + 1), 4)
         self.starts = np.frombuffer(table, np.uint32)
+        sizes = np.diff(self.starts.astype(np.int64))
         if len(self.starts) != reader.samples + 1 or os.fstat(self.fd).st_size < int(self.starts[-1]) or \
-                np.any(np.diff(self.starts.astype(np.int64)) != offset):
+                np.any((sizes < smallest) if self.head else (sizes != smallest)):
             os.close(self.fd)
             self.fd = None
             raise ShardFormatError(f"{self.path} is truncated or does not match its index.json entry")
@@ -143,21 +151,47 @@ class ShardFile:
             for start in range(0, int(self.starts[-1]), READAHEAD_REQUEST):
                 os.posix_fadvise(self.fd, start, READAHEAD_REQUEST, os.POSIX_FADV_WILLNEED)
 
-    def read_into(self, row: int, column: str, out: np.ndarray) -> None:
-        offset, size = self.columns[column]
-        got = os.preadv(self.fd, [out], int(self.starts[row]) + offset)  # releases the GIL while copying
-        if got != size:
-            raise ShardFormatError(f"{self.path}: sample {row}, column '{column}': read {got} of {size} bytes")
+    def locate(self, row: int) -> Tuple[int, Dict[str, Tuple[int, int]]]:
+        """(file offset of sample ``row``, column -> (offset in the sample, bytes)): the fixed places, or the
+        sample's own, read from its head, when it has variable-size columns."""
+        start = int(self.starts[row])
+        if not self.head:
+            return start, self.fixed
+        head = np.frombuffer(os.pread(self.fd, self.head, start), np.uint32)
+        if len(head) * 4 != self.head:
+            raise ShardFormatError(f"{self.path}: sample {row}: its head is truncated")
+        places, offset, sizes = {}, self.head, iter(head.tolist())
+        for name, size in self.layout:
+            size = next(sizes) if size is None else size
+            places[name], offset = (offset, size), offset + size
+        return start, places
+
+    def read_into(self, where: Tuple[int, Dict[str, Tuple[int, int]]], column: str, out: np.ndarray) -> None:
+        """Column ``column`` of the sample ``where`` (``locate``) into ``out`` (its size)."""
+        offset, size = where[1][column]
+        got = os.preadv(self.fd, [out], where[0] + offset)  # releases the GIL while copying
+        if got != size or out.nbytes != size:
+            raise ShardFormatError(f"{self.path}: sample at {where[0]}, column '{column}': read {got} of {size} bytes")
+
+    def read_bytes(self, where: Tuple[int, Dict[str, Tuple[int, int]]], column: str) -> np.ndarray:
+        """A variable-size column of the sample ``where`` as a uint8 array."""
+        out = np.empty(where[1][column][1], np.uint8)
+        self.read_into(where, column, out)
+        return out
 
     def __del__(self):
         if getattr(self, "fd", None) is not None:
             os.close(self.fd)
 
 
+VARIABLE_ENCODINGS = ("bytes",)  # variable-size MDS columns sfd_scale writes (the online REPA images)
+
+
 def readable_by_offset(reader) -> bool:
-    """Every column fixed-size and the shard stored uncompressed (all that sfd_scale writes)."""
-    return not reader.compression and all(reader.column_sizes) and \
-        all(e.startswith("ndarray:") or e in ("int64", "int32", "float32", "float64", "uint8")
+    """Every column fixed-size or raw bytes, and the shard stored uncompressed (all that sfd_scale writes)."""
+    return not reader.compression and \
+        all(size or e in VARIABLE_ENCODINGS for e, size in zip(reader.column_encodings, reader.column_sizes)) and \
+        all(e.startswith("ndarray:") or e in ("int64", "int32", "float32", "float64", "uint8") + VARIABLE_ENCODINGS
             for e in reader.column_encodings)
 
 

@@ -11,7 +11,8 @@ A dataset root holds
   ``sfd_dataset.json``     format version, sample count, columns, provenance (written last).
 Sample columns use the official key names: ``latents``/``latents_flip`` (texture latents of the image
 and of its mirror image), ``label`` (int64), optional ``latents_sv``/``latents_sv_flip`` (semantic
-latents) and ``feats_dino``/``feats_dino_flip`` (REPA targets).
+latents), ``feats_dino``/``feats_dino_flip`` (REPA targets) and ``image`` (the crop as JPEG bytes, for REPA targets
+computed online: ``online_repa.py``).
 
 ``LatentShardDataset`` is a ``StreamingDataset``: shard-aware shuffling and an order that depends on
 (seed, epoch, ``canonical_nodes``) but not on the number of ranks or workers. Its iteration yields sample
@@ -39,6 +40,7 @@ from streaming import MDSWriter, StreamingDataset
 from streaming.base.util import merge_index
 
 from ..atomic import atomic_path, write_text
+from .images import pack_images
 from .shard_check import (CHECKSUM, ShardFile, ShardFormatError, ShardVerifier, entry_of_reader, readable_by_offset,
                           unverified_warning)
 
@@ -106,8 +108,8 @@ def column_encodings(sample: Dict[str, np.ndarray]) -> Dict[str, str]:
     """MDS column encodings for samples shaped like ``sample`` (fixed dtype and shape per column)."""
     cols = {}
     for key, value in sample.items():
-        if key == "label":
-            cols[key] = "int64"
+        if key == "label" or isinstance(value, bytes):
+            cols[key] = "int64" if key == "label" else "bytes"
             continue
         value = np.asarray(value)
         cols[key] = f"ndarray:{value.dtype.name}:{','.join(str(d) for d in value.shape)}"
@@ -311,7 +313,8 @@ class LatentShardDataset(StreamingDataset):
 
     Iterating the dataset (streaming's shuffle, rank/worker partition and resume) yields sample keys
     ``(index, flip)``, the flip drawn from (seed, epoch, index). ``read_batch(keys)`` reads a list of keys into
-    ``{"latent": (B,C,H,W) f32, "label": i64, "index": i64[, "repa": (B,D,h,w) in the stored dtype]}``; ``read``
+    ``{"latent": (B,C,H,W) f32, "label": i64, "index": i64[, "repa": (B,D,h,w) in the stored dtype]}`` (with
+    ``images``, also the samples' JPEG bytes and flips: ``images.pack_images``); ``read``
     gives one such item with ``repa`` as float32, as the official reader. Splitting order from reading lets a
     batch be read where it is consumed (reader threads, ``sources.ShardBatches``) straight into its arrays.
 
@@ -321,7 +324,8 @@ class LatentShardDataset(StreamingDataset):
     """
 
     def __init__(self, root, *, batch_size: int, seed: int = 0, shuffle: bool = True, hflip: bool = True,
-                 norm: Normalization = Normalization(), repa: bool = False, replication: Optional[int] = None,
+                 norm: Normalization = Normalization(), repa: bool = False, images: bool = False,
+                 replication: Optional[int] = None,
                  canonical_nodes: int = 8, remote: Optional[str] = None, fast_local_reads: bool = True, **kwargs):
         fetch_dataset_files(root, remote)
         self.meta = read_meta(root)
@@ -329,6 +333,9 @@ class LatentShardDataset(StreamingDataset):
         if repa and "feats_dino" not in cols:
             raise ShardFormatError(f"REPA features requested but {root} has no 'feats_dino' column "
                                    f"(columns: {sorted(cols)})")
+        if images and "image" not in cols:
+            raise ShardFormatError(f"online REPA targets need the images, but {root} has no 'image' column: extract "
+                                   f"with images=true (or import official latents with --images)")
         if remote is None:
             # Nothing to download: let streaming's ready thread run ahead freely. Its default look-ahead
             # (8 batches) makes it poll with 7 ms sleeps, which halves local-disk throughput (measured).
@@ -337,7 +344,7 @@ class LatentShardDataset(StreamingDataset):
                          replication=replication, num_canonical_nodes=canonical_nodes, **kwargs)
         self._warn_unverified(root)
         self.stats = read_stats(root)
-        self.seed, self.hflip, self.norm, self.repa = seed, hflip, norm, repa
+        self.seed, self.hflip, self.norm, self.repa, self.images = seed, hflip, norm, repa, images
         self.remote = remote
         self.local_reads = remote is None and fast_local_reads
         # the composite latent's blocks: stored column -> its channels in the latent, in STORED_KEYS order
@@ -429,7 +436,7 @@ class LatentShardDataset(StreamingDataset):
         if self.repa:
             dest["feats_dino"] = _column_array(cols["feats_dino"], n)
         dest["label"] = _column_array(cols["label"], n)
-        local_shards = set()
+        local_shards, images = set(), []
         for j, key in enumerate(keys):
             index, flip = key[0], key[1]
             shard_id, row = (int(x) for x in self.spanner[index])
@@ -441,12 +448,16 @@ class LatentShardDataset(StreamingDataset):
                     self._verifier.start(shard_id)
                 file = self._shard_file(shard_id)
                 sample = self.get_item(index) if file is None else None
+            where = file.locate(row) if file is not None else None
             for col, out in dest.items():
                 name = col + "_flip" if flip and col != "label" else col
                 if file is not None:
-                    file.read_into(row, name, out[j:j + 1])
+                    file.read_into(where, name, out[j:j + 1])
                 else:
                     out[j] = sample[name]
+            if self.images:  # one JPEG per sample (of the unflipped crop): flipped where it is decoded
+                images.append(file.read_bytes(where, "image") if file is not None else
+                              np.frombuffer(sample["image"], np.uint8))
         for key, block in staged.items():
             block[...] = dest[key]
         self._verifier.require(local_shards)  # ShardCorruptError naming the file if one is damaged
@@ -458,6 +469,8 @@ class LatentShardDataset(StreamingDataset):
                  "index": torch.tensor([key[0] for key in keys], dtype=torch.int64)}
         if self.repa:  # kept in the stored dtype (float16): the trainer casts it on the device
             batch["repa"] = torch.from_numpy(dest["feats_dino"])
+        if self.images:
+            batch.update(pack_images(images, [bool(key[1]) for key in keys]))
         return batch
 
     def read(self, index: int, flip: bool) -> dict:

@@ -27,10 +27,12 @@ from torch.utils.data import DataLoader, Dataset
 from .decoding import LatentStats, TextureDecoder, official_latent_stats, shard_latent_stats, stats_file_latent_stats
 from .demo import build_demo_latents, images_to_uint8
 from .official import OfficialLatentDataset
+from .images import DALI_MISSING
+from .online_repa import OnlineRepa, dataset_dino
 from .shards import (INDEX_FILE, LatentShardDataset, Normalization, ShardFormatError, fetch_dataset_files,
                      latent_channels, read_meta)
 from ..errors import one_line
-from ..config import ConfigError
+from ..config import ConfigError, require_package
 from ..streaming_leases import StreamingLease
 
 
@@ -43,6 +45,7 @@ class Placement:
     replication: int = 1            # consecutive ranks reading the same samples (tensor x pipeline group)
     num_workers: int = 0
     pin_memory: bool = False
+    device: str = "cpu"             # the training device: where online REPA targets are computed
 
     @property
     def per_rank(self) -> int:
@@ -306,16 +309,27 @@ def _shard_source(cfg) -> TrainingData:
         check_local_shards(d.path)
     cols = meta["columns"]
     opened: List[Tuple[LatentShardDataset, StreamingLease]] = []
+    online = cfg.model.use_repa and d.repa_features == "online"
+    if online and "image" not in cols:
+        raise ShardFormatError(f"data.repa_features=online needs the images in the shards, but {d.path} has no "
+                               f"'image' column: extract with images=true (or import official latents with --images)")
+    if online:  # a missing DALI or weights are named before anything is written
+        require_package("nvidia.dali", DALI_MISSING)
+    dino = dataset_dino(meta, d.dino, d.path) if online else None
 
     def batches(start_step: int, where: Placement) -> Iterable[dict]:
         lease = StreamingLease.acquire()
         ds = LatentShardDataset(d.path, remote=d.remote, batch_size=where.per_rank, seed=cfg.train.seed,
                                 hflip=d.hflip, norm=Normalization(d.latent_norm, d.latent_sv_norm, d.latent_multiplier),
-                                repa=cfg.model.use_repa, canonical_nodes=d.canonical_nodes,
+                                repa=cfg.model.use_repa and not online, images=online,
+                                canonical_nodes=d.canonical_nodes,
                                 replication=where.replication if where.replication > 1 else None)
         lease.record(ds)
         opened.append((ds, lease))
-        return ShardBatches(ds, start_step, where)
+        shard_batches = ShardBatches(ds, start_step, where)
+        if not online:
+            return shard_batches
+        return OnlineRepa(dino, where.device, d.repa_chunk, max(d.num_workers, 1)).attach(shard_batches)
 
     def close() -> None:
         while opened:
@@ -325,8 +339,10 @@ def _shard_source(cfg) -> TrainingData:
     channels = latent_channels(cols)
     stats = shard_latent_stats(d.path, d)
     return TrainingData(channels, None, _texture_decoder(cfg, stats),
-                        f"latent shards at {d.path}: {meta['num_samples']} samples, {channels} channels",
-                        has_repa_features="feats_dino" in cols, batches=batches, close=close, latent_stats=stats)
+                        f"latent shards at {d.path}: {meta['num_samples']} samples, {channels} channels"
+                        + ("; REPA targets computed online from the shards' JPEG crops" if online else ""),
+                        has_repa_features="image" in cols if online else "feats_dino" in cols, batches=batches,
+                        close=close, latent_stats=stats)
 
 
 def _synthetic_source(cfg) -> TrainingData:

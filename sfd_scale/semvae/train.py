@@ -2,8 +2,10 @@
 
 Data sources: ``random`` draws synthetic (B, 768, G, G) features from a fixed seeded low-rank Gaussian (smoke
 tests, CPU demos); ``shards`` reads precomputed DINOv2 features from mosaicml-streaming MDS shards (column
-``feats_dino``, optionally ``feats_dino_flip``). Random-crop augmentation is not available on precomputed
-features (the crop happens before DINOv2); the only augmentation is the stored horizontal flip.
+``feats_dino``, optionally ``feats_dino_flip``), whose only augmentation is the stored horizontal flip (the crop
+happens before DINOv2); ``images`` decodes an image folder with DALI, cuts the paper's random crops (Tab. 7) and
+computes the DINOv2 features of every batch (``sfd_scale.data.semvae_images``: the data layer, above this one,
+so ``train_semvae`` is handed its constructor, as ``tools/train_semvae.py`` does).
 """
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -30,12 +32,21 @@ FINAL_FILE = "semvae.safetensors"
 
 @dataclass
 class SemVAEDataConfig:
-    source: str = "random"          # random | shards
-    path: Optional[str] = None      # shards: MDS directory whose samples hold feats_dino (768, 16, 16)
-    eval_path: Optional[str] = None  # shards: held-out MDS directory; null = the last eval_size training samples
+    source: str = "random"          # random | shards | images
+    path: Optional[str] = None      # shards: MDS directory whose samples hold feats_dino (768, 16, 16);
+                                    # images: image folder (one sub-folder per class, or the root of input_list)
+    eval_path: Optional[str] = None  # shards / images: held-out MDS directory / image folder; null = the last
+                                     # eval_size training samples
     eval_size: int = 64             # samples in the fixed evaluation batch
-    hflip: bool = True              # shards: take feats_dino_flip (when stored) for a random half of the samples
-    num_workers: int = 2            # shards: DataLoader workers
+    hflip: bool = True              # shards: take feats_dino_flip (when stored) for a random half of the samples;
+                                    # images: mirror a random half of the crops
+    num_workers: int = 2            # shards: DataLoader workers; images: DALI decoding threads
+    input_list: Optional[str] = None  # images: "relative/path label" per line instead of the class folders
+    resolution: int = 256           # images: crop side (DINOv2 sees it resized to 14 * resolution / 16)
+    min_crop_frac: float = 0.8      # images: random crop as ADM's random_crop_arr: short side resized to a random
+                                    # size in [resolution, resolution / min_crop_frac], then a random square crop
+    dino: Optional[str] = None      # images: DINOv2 ViT-B/14-reg4 weights (as extraction's ``dino``)
+    dino_random_init: bool = False  # images: the extraction's tiny random DINOv2 stand-in (tests, demos)
     grid_size: int = 16             # random: token grid side
     random_rank: int = 8            # random: rank of the Gaussian's covariance (plus isotropic noise)
     random_noise: float = 0.05      # random: std of the isotropic noise
@@ -90,8 +101,14 @@ def validate_semvae(cfg: SemVAETrainConfig) -> None:
     checks = [
         (m.width % m.num_heads == 0, f"model.width ({m.width}) must be divisible by model.num_heads ({m.num_heads})"),
         (min(m.feature_dim, m.latent_channels, m.depth) > 0, "model.feature_dim, latent_channels, depth must be > 0"),
-        (d.source in ("random", "shards"), f"data.source must be 'random' or 'shards', got {d.source!r}"),
+        (d.source in ("random", "shards", "images"),
+         f"data.source must be 'random', 'shards' or 'images', got {d.source!r}"),
         (d.source != "shards" or bool(d.path), "data.path is required when data.source is 'shards' (an MDS directory)"),
+        (d.source != "images" or bool(d.path), "data.path is required when data.source is 'images' (an image folder)"),
+        (d.source != "images" or bool(d.dino) or d.dino_random_init,
+         "data.dino (DINOv2 weights) is required when data.source is 'images' (or data.dino_random_init=true)"),
+        (d.resolution > 0 and d.resolution % 16 == 0, f"data.resolution must be a multiple of 16, got {d.resolution}"),
+        (0 < d.min_crop_frac <= 1, f"data.min_crop_frac must lie in (0, 1], got {d.min_crop_frac}"),
         (d.eval_size > 0, f"data.eval_size must be > 0, got {d.eval_size}"),
         (o.lr > 0 and o.final_lr >= 0, f"optim.lr must be > 0 and optim.final_lr >= 0, got {o.lr}, {o.final_lr}"),
         (0 <= o.warmup_steps <= o.constant_until <= o.total_steps,
@@ -268,8 +285,19 @@ def _build(cfg: SemVAETrainConfig, device: torch.device, state_path: Path):
     return model, opt, sched, state
 
 
-def train_semvae(cfg: SemVAETrainConfig) -> dict:
-    """Train (or continue training) a SemVAE; returns the run summary (see ``semvae_summary_text``)."""
+def build_source(cfg: SemVAETrainConfig, device: torch.device, image_source: Optional[Callable] = None) -> _Source:
+    """The run's feature source; ``image_source(cfg, device)`` builds the ``images`` one."""
+    if cfg.data.source == "images":
+        if image_source is None:
+            raise ConfigError("data.source=images needs the image feature source of sfd_scale.data "
+                              "(tools/train_semvae.py passes it)")
+        return image_source(cfg, device)
+    return ShardFeatures(cfg) if cfg.data.source == "shards" else RandomFeatures(cfg)
+
+
+def train_semvae(cfg: SemVAETrainConfig, image_source: Optional[Callable] = None) -> dict:
+    """Train (or continue training) a SemVAE; returns the run summary (see ``semvae_summary_text``).
+    ``image_source``: ``sfd_scale.data.semvae_images.ImageFeatures`` for ``data.source=images``."""
     validate_semvae(cfg)
     o, t, args = cfg.optim, cfg.train, cfg.model
     device = resolve_device(t.device)
@@ -280,7 +308,7 @@ def train_semvae(cfg: SemVAETrainConfig) -> dict:
     max_steps = o.total_steps if t.max_steps is None else t.max_steps
     step = start_step = state["step"] if state else 0
     first_loss, state_path = None, out / STATE_FILE
-    source = ShardFeatures(cfg) if cfg.data.source == "shards" else RandomFeatures(cfg)
+    source = build_source(cfg, device, image_source)
     amp = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=t.precision == "bf16")  # noqa: E731
     params_m = sum(p.numel() for p in model.parameters()) / 1e6
     history, metrics, last_loss, ckpt, logger = [], {}, None, None, None

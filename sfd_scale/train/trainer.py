@@ -189,7 +189,7 @@ class Trainer:
         where = Placement(self.cfg.train.global_batch_size, self.dp_rank, self.dp_size,
                           replication=dist.get_world_size() // self.dp_size,
                           num_workers=self.cfg.data.num_workers if self.cfg.data.source != "demo" else 0,
-                          pin_memory=self.device.type == "cuda")
+                          pin_memory=self.device.type == "cuda", device=str(self.device))
         return self.data.batches(self.step, where)
 
     def step_inputs(self, batch: dict) -> MicroBatch:
@@ -199,7 +199,8 @@ class Trainer:
         index = batch["index"].to(self.device, non_blocking=True)
         label = batch["label"].to(self.device, non_blocking=True)
         repa = None
-        if self.cfg.model.use_repa:  # shards keep REPA features in their stored dtype (float16) until here
+        if self.cfg.model.use_repa:  # stored REPA features keep their dtype (float16) until here; online ones
+            # (data.repa_features=online) were computed on the device already
             repa = batch["repa"].to(self.device, non_blocking=True).float()
         return self.draws(self.step, x1, label, index, repa)
 

@@ -178,3 +178,38 @@ def test_shards_source(tmp_path, streaming_tmp):
     assert all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(ConfigError, match="index.json"):
         train_semvae(tiny_cfg(tmp_path, "data.source=shards", f"data.path={tmp_path / 'none'}"))
+
+
+def test_images_source_random_crops_and_exact_resume(tmp_path, capsys):
+    """Online from an image folder (real photos, tiny random DINOv2, DALI on the CPU): the crops are random (step
+    to step, scale and place) but a pure function of (seed, step); a resumed run is bit-identical; the held-out
+    batch is the extraction's centre crop."""
+    from sfd_scale.data.extract import load_crops
+    from sfd_scale.data.semvae_images import ImageFeatures, random_crops
+    from tests.data.online_data import photo_tree
+    from tools.train_semvae import main
+
+    tree = photo_tree(tmp_path / "photos")
+    images = ("data.source=images", f"data.path={tree}", "data.dino_random_init=true", "data.resolution=64",
+              "data.eval_size=2", "data.num_workers=1", "train.eval_every=0", "optim.warmup_steps=2",
+              "optim.constant_until=4", "optim.total_steps=6")
+    source = ImageFeatures(tiny_cfg(tmp_path, *images), torch.device("cpu"))
+    first, again, second = source.crops(0), source.crops(0), source.crops(1)
+    assert first.shape == (4, 64, 64, 3) and torch.equal(first, again) and not torch.equal(first, second)
+    shorter, x, y = random_crops(0, 0, 64, 64, 0.8)
+    assert min(shorter) >= 64 and max(shorter) <= 80 and len(set(shorter)) > 5 and 0 <= min(x) < max(y) < 1
+    assert random_crops(1, 0, 4, 64, 0.8) != random_crops(0, 0, 4, 64, 0.8)
+    assert torch.equal(source.encoder(load_crops(source.eval_files, 64)), source.eval_batch())
+    straight = train_semvae(tiny_cfg(tmp_path / "a", *images, "train.max_steps=6"), ImageFeatures)
+    train_semvae(tiny_cfg(tmp_path / "b", *images, "train.max_steps=3"), ImageFeatures)
+    resumed = train_semvae(tiny_cfg(tmp_path / "b", *images, "train.max_steps=6"), ImageFeatures)
+    assert resumed["steps_this_run"] == 3 and np.isfinite(straight["last_loss"])
+    a, b = load_file(straight["checkpoint"]), load_file(resumed["checkpoint"])
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ConfigError, match="data.dino"):
+        load_semvae_config([], ["data.source=images", f"data.path={tree}"])
+    with pytest.raises(ConfigError, match="needs the image feature source"):
+        train_semvae(tiny_cfg(tmp_path / "c", *images))
+    argv = ["--config", str(REPO / "configs/semvae/tiny_cpu.yaml"), "model.width=32", "train.batch_size=4",
+            "train.max_steps=1", f"train.output_dir={tmp_path / 'tool'}", *images]
+    assert main(argv) == 0 and "on images features for 1 steps" in capsys.readouterr().out

@@ -229,14 +229,26 @@ def _kill_when(proc, out: Path, step: int, during_save: bool, timeout=300) -> st
     return f"step {_logged_step(out)}" + (" during a save" if during_save else "")
 
 
+ONLINE = "online"  # latent shards of real photos, REPA targets computed online (data.repa_features=online)
+
+
 @pytest.mark.parametrize("ranks,extra", [
     (1, []),
     (2, ["parallel.engine=megatron", "parallel.distributed_optimizer=true"]),
-], ids=["one_process", "dp2"])
-def test_sigkill_at_random_steps_then_auto_resume_is_bit_identical(tmp_path, ranks, extra):
+    (1, ONLINE),
+], ids=["one_process", "dp2", "online_repa"])
+def test_sigkill_at_random_steps_then_auto_resume_is_bit_identical(tmp_path, ranks, extra, request):
+    online = extra == ONLINE
+    if online:  # 8 samples, batch 4: epochs of 2 steps, both flips; each batch's targets from its JPEGs
+        request.getfixturevalue("streaming_tmp")  # a private TMPDIR; what the killed runs leak is reclaimed after
+        from tests.data.online_data import extract_online, photo_tree
+        from tests.train.test_online_repa import ONLINE_RUN
+
+        data = extract_online(photo_tree(tmp_path / "photos"), tmp_path / "shards")
+        extra = [*ONLINE_RUN, f"data.path={data}", "data.repa_features=online", "data.hflip=true"]
     _run_to_end(_command(tmp_path / "straight", ranks, extra))
     rng = random.Random(ranks)
-    targets = sorted(rng.sample(range(1, 9), 3 if ranks == 1 else 2))
+    targets = sorted(rng.sample(range(1, 9), 3 if ranks == 1 and not online else 2))
     out, kills = tmp_path / "killed", []
     for i, step in enumerate(targets):
         proc = _start(_command(out, ranks, extra))
