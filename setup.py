@@ -12,6 +12,11 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["sfd_scale", "sfd_scale.*"]),
+    # the shipped configs and SLURM scripts (sfd_scale/resources.py); in a checkout sfd_scale/configs and
+    # sfd_scale/slurm link to the top-level folders, a wheel carries copies
+    package_data={"sfd_scale": ["configs/**/*.yaml", "slurm/*.sbatch", "slurm/*.sh"]},
+    # `sfd COMMAND ...` (sfd_scale/apps); `python -m sfd_scale COMMAND ...` is the same
+    entry_points={"console_scripts": ["sfd=sfd_scale.apps:main"]},
     install_requires=[
         # torch / torchvision: install first with the pins from the README (a bare "torch" pulls a
         # multi-GB build of pip's choosing); any recent release works.
@@ -60,7 +65,9 @@ setup(
         # scikit-image: real photos for the extraction tests; import-linter: the layering contract (.importlinter);
         # ruff: the lint rules of ruff.toml (tests/test_style.py). DeepSpeed and DALI (the CUDA 13 wheel, whose CPU
         # pipelines run anywhere): the DeepSpeed-engine and extraction tests need them, and the README's one test
-        # command installs only this extra
-        "test": ["pytest>=7", "scikit-image", "import-linter>=2.0", "ruff>=0.2", DEEPSPEED, DALI_CUDA13],
+        # command installs only this extra. setuptools >= 70.1 builds wheels by itself (no `wheel` package): the test
+        # that installs a wheel of the checkout builds it without network (tests/test_apps.py)
+        "test": ["pytest>=7", "scikit-image", "import-linter>=2.0", "ruff>=0.2", DEEPSPEED, DALI_CUDA13,
+                 "setuptools>=70.1"],
     },
 )

@@ -51,6 +51,7 @@ from omegaconf import MISSING
 
 from . import atomic
 from .errors import UserError
+from .logging import show_progress
 
 COLUMNS = ["run", "step", "images_seen", "fid", "sfid", "precision", "recall"]
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
@@ -121,9 +122,9 @@ def _dotlist(value, where: str) -> List[str]:
 def load_study(path, overrides: Sequence[str] = (), study_overrides: Sequence[str] = ()) -> Study:
     """The study file at ``path``, checked; ``overrides`` (key=value) go to every run after the study's own;
     ``study_overrides`` (key=value) change the study file's own keys (e.g. ``eval.images=10000``) before checks."""
-    from .config import ConfigError, load_structured
+    from .config import ConfigError, find_config_file, load_structured
 
-    path = Path(path).resolve()
+    path = find_config_file(path).resolve()  # a path, or a shipped study by name (studies/digits_cpu)
     try:
         f: Study = load_structured(Study, [str(path)], list(study_overrides))
     except ConfigError as err:
@@ -144,7 +145,7 @@ def load_study(path, overrides: Sequence[str] = (), study_overrides: Sequence[st
     need((f.checkpoint_every or 1) > 0, f"checkpoint_every must be >= 1, got {f.checkpoint_every}")
     need(all(x > 0 for x in f.speedup_fids), f"speedup_fids must be positive, got {f.speedup_fids}")
     f.path, f.cli_overrides, f.study_overrides = str(path), list(overrides), list(study_overrides)
-    f.configs = [str((path.parent / c).resolve()) for c in f.configs]
+    f.configs = [str(find_config_file(c, path.parent).resolve()) for c in f.configs]  # else shipped names
     f.overrides = _dotlist(f.overrides, f"{path}: overrides")
     f.runs = {str(r): _dotlist(v, f"{path}: runs.{r}") for r, v in f.runs.items()}
     ev.sample = _dotlist(ev.sample, f"{path}: eval.sample")
@@ -180,7 +181,7 @@ def _write_atomic(path: Path, data: bytes) -> None:
 
 # ----------------------------------------------------------------------------------------------- one point
 def train_to(study: Study, out, run: str, step: int, log: Callable[[str], None] = print) -> int:
-    """Train ``run`` to ``step`` in this process (``tools/train.py``'s ``Trainer(cfg).fit()``), resuming from its
+    """Train ``run`` to ``step`` in this process (``sfd train``'s ``Trainer(cfg).fit()``), resuming from its
     newest verified checkpoint; nothing to do when the checkpoint of ``step`` exists. Returns the trainer's exit
     status (75: stopped on a signal, checkpoint written: run again)."""
     from . import checkpoint_store as store
@@ -238,7 +239,7 @@ class Evaluator:
                     self._reference = Reference(**{k: z[k] if z[k].size else None for k in keys},
                                                 num_images=int(z["num_images"]))
                     return self._reference
-        self._reference = ref = load_reference(source, self.inception, s.eval.batch)
+        self._reference = ref = load_reference(source, self.inception, s.eval.batch, show_progress())
         buf = io.BytesIO()
         np.savez(buf, source=np.array(label), num_images=np.int64(ref.num_images or 0),
                  **{k: np.zeros(0) if getattr(ref, k) is None else getattr(ref, k) for k in keys})
@@ -282,7 +283,7 @@ def evaluate_point(study: Study, out, run: str, step: int, evaluator: Optional[E
     evaluator = evaluator or Evaluator(study, out)
     evaluator.device = evaluator.device or device
     scores = evaluate(samples.npz, evaluator.reference(), extractor=evaluator.inception, batch_size=study.eval.batch,
-                      fid_method="fast", device=device)
+                      fid_method="fast", device=device, progress=show_progress(None, rank))
     row = {"run": run, "step": step, "images_seen": step * cfg.train.global_batch_size,
            "global_batch_size": cfg.train.global_batch_size, **scores,
            "checkpoint": f"runs/{run}/checkpoints/{directory.name}",
