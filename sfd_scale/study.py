@@ -322,11 +322,13 @@ def submit_slurm(study: Study, out, dry_run: bool = False, sbatch: str = "sbatch
     """Submit each run's chain train(step 1) -> eval(step 1) -> train(step 2) -> ... (``--dependency=afterok``)
     and a collect job after every evaluation (``afterany``: it tabulates whatever finished). Training segments
     are ``slurm/train.sbatch`` jobs (requeued on preemption and at the time limit, resumed from checkpoints);
-    evaluations and the collect step ``slurm/study_eval.sbatch``. Finished points and trained segments are not
-    resubmitted. Run from the repository root (the jobs start there). Returns the job ids."""
-    if not Path("slurm/train.sbatch").is_file() or not Path("slurm/study_eval.sbatch").is_file():
-        raise StudyError("submit from the repository root (slurm/train.sbatch and slurm/study_eval.sbatch)")
+    evaluations and the collect step ``slurm/study_eval.sbatch`` (the scripts shipped with the package, so any
+    directory will do: the jobs start in it). Finished points and trained segments are not resubmitted. Returns
+    the job ids."""
     from . import checkpoint_store as store
+    from .resources import SLURM
+
+    train_script, eval_script = str(SLURM / "train.sbatch"), str(SLURM / "study_eval.sbatch")
 
     out = Path(out).resolve()
     check_runs(study, out)
@@ -359,16 +361,16 @@ def submit_slurm(study: Study, out, dry_run: bool = False, sbatch: str = "sbatch
             if result_path(out, run, step).is_file():
                 continue
             if not (store.checkpoint_dir(out / "runs" / run, step) / store.MANIFEST).is_file():
-                job = submit("train", f"{run}-train-{step}", prev, "afterok", "slurm/train.sbatch",
+                job = submit("train", f"{run}-train-{step}", prev, "afterok", train_script,
                              base + study.run_overrides(run, step, out))
                 jobs["train"].append({"run": run, "step": step, "job": job})
                 prev = [job]
-            job = submit("eval", f"{run}-eval-{step}", prev, "afterok", "slurm/study_eval.sbatch",
+            job = submit("eval", f"{run}-eval-{step}", prev, "afterok", eval_script,
                          point + ["--eval-point", run, str(step), *study.cli_overrides])
             jobs["eval"].append({"run": run, "step": step, "job": job})
             prev = [job]
     jobs["collect"] = submit("collect", "collect", [j["job"] for j in jobs["eval"]], "afterany",
-                             "slurm/study_eval.sbatch", point + ["--collect-only", *study.cli_overrides])
+                             eval_script, point + ["--collect-only", *study.cli_overrides])
     return jobs
 
 
