@@ -214,8 +214,7 @@ def train_semvae(cfg: SemVAETrainConfig) -> dict:
         source.load_state_dict(state["data"] if state else {})
         eval_feats = source.eval_batch().to(device)
         logger = RunLogger(str(out), cfg.logging.wandb_mode, cfg.logging.project, cfg.logging.run_name,
-                           OmegaConf.to_container(OmegaConf.structured(cfg)), max_steps, step,
-                           show_progress(cfg.logging.progress, rank=0))
+                           asdict(cfg), max_steps, step, show_progress(cfg.logging.progress, rank=0))
         model.train()
         while step < max_steps:
             feats = source.batch(step).to(device, non_blocking=True)
