@@ -1,7 +1,8 @@
-"""Shared command-line plumbing for the thin tools: ``--config`` files plus ``key=value`` overrides, and the
-one way every tool reports a problem the user can fix.
+"""Shared command-line plumbing of the ``sfd`` commands (``sfd_scale/apps``, one module per command):
+``--config`` files (a path or a shipped config by name, ``config.find_config_file``) plus ``key=value`` overrides,
+the ``--help`` epilog, and the one way every command reports a problem the user can fix.
 
-``entry_point(main)`` wraps a tool's ``main(argv)``: a ``UserError`` (``sfd_scale/errors.py``: config, data,
+``entry_point(main)`` wraps a command's ``main(argv)``: a ``UserError`` (``sfd_scale/errors.py``: config, data,
 checkpoint and input-file problems) becomes one line on stderr, ``error: <message>``, and exit status 2
 (``EXIT_USER_ERROR``); any other exception is a bug and keeps its traceback. ``--debug`` anywhere on the
 command line (taken out before the tool parses it) or ``SFD_DEBUG=1`` re-raises the UserError with its
@@ -9,7 +10,7 @@ traceback. Under a multi-rank launch each rank writes at most that one line, ran
 their rank (a problem only one rank sees is still named); ``python -m sfd_scale.torchrun`` then turns the
 workers' status 2 into its own.
 
-Start-up order (issue #18): a tool parses its arguments and loads and validates the run config first
+Start-up order (issue #18): a command parses its arguments and loads and validates the run config first
 (``parse_config``; ``sfd_scale.config`` and the settings classes it builds on import neither torch nor
 megatron-core / DeepSpeed), and imports the heavy parts only after that, so a typo is reported in about a
 second and ``--print-config`` (the resolved config as YAML, then exit 0) is as fast. ``--help`` lists the
@@ -55,14 +56,27 @@ def config_epilog() -> str:
     return "\n".join(lines)
 
 
-def config_parser(description: str, run_config: bool = True) -> argparse.ArgumentParser:
+def help_epilog(run_config: bool = True) -> str:
+    """The end of every command's ``--help``: the config keys (``run_config``) and the ``--debug`` switch."""
+    debug = f"{DEBUG_FLAG} (or {DEBUG_ENV}=1): show the traceback of an error"
+    return f"{config_epilog()}\n{debug}" if run_config else debug
+
+
+def command_parser(prog: str, description: str, run_config: bool = False) -> argparse.ArgumentParser:
+    """The argument parser of command ``prog`` (e.g. ``sfd sample``), its ``--help`` ending in ``help_epilog``
+    (``run_config``: the command's ``key=value`` arguments are run config keys)."""
+    return argparse.ArgumentParser(prog=prog, description=description, epilog=help_epilog(run_config),
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def config_parser(description: str, run_config: bool = True, prog: Optional[str] = None) -> argparse.ArgumentParser:
     """``--config`` files and ``key=value`` overrides. ``run_config``: the files are run configs (``Config``):
     ``--help`` lists its sections and ``COMMON_KEYS``, and ``--print-config`` is offered (``parse_config``)."""
-    epilog = f"{DEBUG_FLAG} (or {DEBUG_ENV}=1): show the traceback of an error"
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog=f"{config_epilog()}\n{epilog}" if run_config else epilog)
+    parser = argparse.ArgumentParser(prog=prog, description=description, epilog=help_epilog(run_config),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", action="append", default=[], metavar="YAML",
-                        help="config file (repeatable; later files override earlier ones)")
+                        help="config file (repeatable; later files override earlier ones): a path, or a shipped "
+                             "config by name (experiments/sfd_xl; `sfd configs` lists them)")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="dotted overrides, e.g. train.max_steps=100 model.name=LightningDiT-B/1")
     if run_config:

@@ -17,6 +17,7 @@ from omegaconf.errors import OmegaConfBaseException
 # megatron-core or DeepSpeed (tests/test_cli.py checks what a config error has imported)
 from .diffusion.settings import GuidanceConfig, ObjectiveConfig, SamplerConfig, SFDSpec
 from .errors import UserError
+from . import resources
 from .models.args import ArchitectureOptions, ModelArgs, parse_model_name
 
 
@@ -147,7 +148,7 @@ class LoggingConfig:
     wandb_mode: str = "offline"     # offline | online | disabled
     project: str = "sfd_scale"
     run_name: Optional[str] = None
-    progress: bool = True
+    progress: Optional[bool] = None  # step bar on rank 0; null: when stderr is a terminal (logging.show_progress)
 
 
 @dataclass
@@ -197,10 +198,26 @@ class Config:
 
 
 # ----------------------------------------------------------------------------------------------- loading
+def find_config_file(name, relative_to: Optional[Path] = None) -> Path:
+    """The YAML file a ``--config`` value (or an ``includes`` entry: ``relative_to`` is its file's folder) names: an
+    existing path first, else a config shipped with the package by its name under ``configs/`` (``.yaml``
+    optional): ``--config experiments/sfd_xl`` works from any directory, installed or in a checkout. Not found:
+    a ConfigError naming every place it looked."""
+    given = Path(str(name))
+    first = relative_to / given if relative_to is not None else given
+    if first.is_file():
+        return first
+    tried = [first]
+    for candidate in resources.shipped_config_candidates(str(name)):
+        if candidate.is_file():
+            return candidate
+        tried.append(candidate)
+    raise ConfigError(f"config file not found: {first} (looked for {', '.join(str(p) for p in tried)}; "
+                      f"`sfd configs` lists the shipped ones)")
+
+
 def _read_yaml(path: Path, seen: tuple = ()) -> list:
-    """A YAML file as a list of layers: its ``includes`` (paths relative to it, in order) first."""
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
+    """A YAML file as a list of layers: its ``includes`` (paths relative to it, else shipped names) first."""
     if path.resolve() in seen:
         raise ConfigError(f"config include cycle: {' -> '.join(str(p) for p in seen + (path,))}")
     try:
@@ -210,7 +227,7 @@ def _read_yaml(path: Path, seen: tuple = ()) -> list:
     includes = layer.pop("includes", []) if isinstance(layer, DictConfig) else []
     layers = []
     for inc in includes:
-        layers += _read_yaml(path.parent / str(inc), seen + (path.resolve(),))
+        layers += _read_yaml(find_config_file(inc, path.parent), seen + (path.resolve(),))
     return layers + [(str(path), layer)]
 
 
@@ -226,7 +243,7 @@ def load_structured(schema, files: Sequence[str] = (), overrides: Sequence[str] 
         except OmegaConfBaseException as err:
             raise ConfigError(f"{base[0]}: {_describe(err)}") from None
     for f in files:
-        layers += _read_yaml(Path(f))
+        layers += _read_yaml(find_config_file(f))
     try:
         layers.append(("command line", OmegaConf.from_dotlist(list(overrides))))
     except OmegaConfBaseException as err:

@@ -1,6 +1,7 @@
 """The errors a user can fix: bad configuration, damaged or missing input files, a run directory that cannot
-continue. Every tool (``tools/*.py``, through ``cli.entry_point``) reports one of these as one line on stderr,
-``error: <message>``, and exits with ``EXIT_USER_ERROR``; anything else is a bug and keeps its traceback.
+continue. Every command (``sfd ...``: ``sfd_scale/apps``, through ``cli.entry_point``) reports one of these as
+one line on stderr, ``error: <message>``, and exits with ``EXIT_USER_ERROR``; anything else is a bug and keeps
+its traceback.
 
 A message names the key, file or value at fault and says what to do. The family lives on the ground floor so
 that any layer can raise it; the specific kinds live where they are found and keep the built-in base their

@@ -5,7 +5,9 @@ checkpoints, signals) and ``metrics.jsonl`` (one line per logged step). A resume
 from __future__ import annotations
 
 import json
+import os
 import secrets
+import sys
 import time
 from pathlib import Path
 from typing import Optional
@@ -13,6 +15,18 @@ from typing import Optional
 from tqdm.auto import tqdm
 
 from .atomic import write_text
+
+
+def show_progress(setting: Optional[bool] = None, rank: Optional[int] = None) -> bool:
+    """Whether a long task draws a tqdm progress bar (on stderr). Never on a rank other than 0 (``rank``; default
+    the ``RANK`` environment variable of torchrun, srun or an extraction array); on rank 0 ``setting`` True forces
+    it, False turns it off, and None (auto, the default of every command) draws it only when stderr is a
+    terminal, so job logs and pipes get no bar redraws (training then logs one plain line per log step)."""
+    if rank is None:
+        rank = int(os.environ.get("RANK") or 0)
+    if rank != 0 or setting is False:
+        return False
+    return bool(setting) or sys.stderr.isatty()
 
 
 # what the console line (or the progress bar) shows of a metrics line, in this order; the rest is in

@@ -51,6 +51,7 @@ from omegaconf import MISSING
 
 from . import atomic
 from .errors import UserError
+from .logging import show_progress
 
 COLUMNS = ["run", "step", "images_seen", "fid", "sfid", "precision", "recall"]
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
@@ -121,9 +122,9 @@ def _dotlist(value, where: str) -> List[str]:
 def load_study(path, overrides: Sequence[str] = (), study_overrides: Sequence[str] = ()) -> Study:
     """The study file at ``path``, checked; ``overrides`` (key=value) go to every run after the study's own;
     ``study_overrides`` (key=value) change the study file's own keys (e.g. ``eval.images=10000``) before checks."""
-    from .config import ConfigError, load_structured
+    from .config import ConfigError, find_config_file, load_structured
 
-    path = Path(path).resolve()
+    path = find_config_file(path).resolve()  # a path, or a shipped study by name (studies/digits_cpu)
     try:
         f: Study = load_structured(Study, [str(path)], list(study_overrides))
     except ConfigError as err:
@@ -144,7 +145,7 @@ def load_study(path, overrides: Sequence[str] = (), study_overrides: Sequence[st
     need((f.checkpoint_every or 1) > 0, f"checkpoint_every must be >= 1, got {f.checkpoint_every}")
     need(all(x > 0 for x in f.speedup_fids), f"speedup_fids must be positive, got {f.speedup_fids}")
     f.path, f.cli_overrides, f.study_overrides = str(path), list(overrides), list(study_overrides)
-    f.configs = [str((path.parent / c).resolve()) for c in f.configs]
+    f.configs = [str(find_config_file(c, path.parent).resolve()) for c in f.configs]  # else shipped names
     f.overrides = _dotlist(f.overrides, f"{path}: overrides")
     f.runs = {str(r): _dotlist(v, f"{path}: runs.{r}") for r, v in f.runs.items()}
     ev.sample = _dotlist(ev.sample, f"{path}: eval.sample")
@@ -180,7 +181,7 @@ def _write_atomic(path: Path, data: bytes) -> None:
 
 # ----------------------------------------------------------------------------------------------- one point
 def train_to(study: Study, out, run: str, step: int, log: Callable[[str], None] = print) -> int:
-    """Train ``run`` to ``step`` in this process (``tools/train.py``'s ``Trainer(cfg).fit()``), resuming from its
+    """Train ``run`` to ``step`` in this process (``sfd train``'s ``Trainer(cfg).fit()``), resuming from its
     newest verified checkpoint; nothing to do when the checkpoint of ``step`` exists. Returns the trainer's exit
     status (75: stopped on a signal, checkpoint written: run again)."""
     from . import checkpoint_store as store
@@ -238,7 +239,7 @@ class Evaluator:
                     self._reference = Reference(**{k: z[k] if z[k].size else None for k in keys},
                                                 num_images=int(z["num_images"]))
                     return self._reference
-        self._reference = ref = load_reference(source, self.inception, s.eval.batch)
+        self._reference = ref = load_reference(source, self.inception, s.eval.batch, show_progress())
         buf = io.BytesIO()
         np.savez(buf, source=np.array(label), num_images=np.int64(ref.num_images or 0),
                  **{k: np.zeros(0) if getattr(ref, k) is None else getattr(ref, k) for k in keys})
@@ -282,7 +283,7 @@ def evaluate_point(study: Study, out, run: str, step: int, evaluator: Optional[E
     evaluator = evaluator or Evaluator(study, out)
     evaluator.device = evaluator.device or device
     scores = evaluate(samples.npz, evaluator.reference(), extractor=evaluator.inception, batch_size=study.eval.batch,
-                      fid_method="fast", device=device)
+                      fid_method="fast", device=device, progress=show_progress(None, rank))
     row = {"run": run, "step": step, "images_seen": step * cfg.train.global_batch_size,
            "global_batch_size": cfg.train.global_batch_size, **scores,
            "checkpoint": f"runs/{run}/checkpoints/{directory.name}",
@@ -321,11 +322,13 @@ def submit_slurm(study: Study, out, dry_run: bool = False, sbatch: str = "sbatch
     """Submit each run's chain train(step 1) -> eval(step 1) -> train(step 2) -> ... (``--dependency=afterok``)
     and a collect job after every evaluation (``afterany``: it tabulates whatever finished). Training segments
     are ``slurm/train.sbatch`` jobs (requeued on preemption and at the time limit, resumed from checkpoints);
-    evaluations and the collect step ``slurm/study_eval.sbatch``. Finished points and trained segments are not
-    resubmitted. Run from the repository root (the jobs start there). Returns the job ids."""
-    if not Path("slurm/train.sbatch").is_file() or not Path("slurm/study_eval.sbatch").is_file():
-        raise StudyError("submit from the repository root (slurm/train.sbatch and slurm/study_eval.sbatch)")
+    evaluations and the collect step ``slurm/study_eval.sbatch`` (the scripts shipped with the package, so any
+    directory will do: the jobs start in it). Finished points and trained segments are not resubmitted. Returns
+    the job ids."""
     from . import checkpoint_store as store
+    from .resources import SLURM
+
+    train_script, eval_script = str(SLURM / "train.sbatch"), str(SLURM / "study_eval.sbatch")
 
     out = Path(out).resolve()
     check_runs(study, out)
@@ -358,16 +361,16 @@ def submit_slurm(study: Study, out, dry_run: bool = False, sbatch: str = "sbatch
             if result_path(out, run, step).is_file():
                 continue
             if not (store.checkpoint_dir(out / "runs" / run, step) / store.MANIFEST).is_file():
-                job = submit("train", f"{run}-train-{step}", prev, "afterok", "slurm/train.sbatch",
+                job = submit("train", f"{run}-train-{step}", prev, "afterok", train_script,
                              base + study.run_overrides(run, step, out))
                 jobs["train"].append({"run": run, "step": step, "job": job})
                 prev = [job]
-            job = submit("eval", f"{run}-eval-{step}", prev, "afterok", "slurm/study_eval.sbatch",
+            job = submit("eval", f"{run}-eval-{step}", prev, "afterok", eval_script,
                          point + ["--eval-point", run, str(step), *study.cli_overrides])
             jobs["eval"].append({"run": run, "step": step, "job": job})
             prev = [job]
     jobs["collect"] = submit("collect", "collect", [j["job"] for j in jobs["eval"]], "afterany",
-                             "slurm/study_eval.sbatch", point + ["--collect-only", *study.cli_overrides])
+                             eval_script, point + ["--collect-only", *study.cli_overrides])
     return jobs
 
 

@@ -1,4 +1,5 @@
-"""torchrun that keeps the trainer's exit status: ``python -m sfd_scale.torchrun <torchrun arguments>``.
+"""torchrun that keeps the trainer's exit status: ``python -m sfd_scale.torchrun <torchrun arguments>`` (also
+``sfd torchrun ...``).
 
 torchrun (``torch.distributed.run``) reports any failed worker as a ChildFailedError and exits 1, so a run that
 stopped for a requeue (every worker exits 75, ``REQUEUE_EXIT``: checkpoint written on a signal or at

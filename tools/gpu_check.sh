@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The GPU check of issue #14 in one command (tools/gpu_check.py says what it checks); writes benchmarks/RESULTS.md.
+# The GPU check of issue #14 in one command (sfd_scale/bench/gpu_check.py says what it checks; `sfd gpu-check` runs
+# it, through the shim tools/gpu_check.py here); writes benchmarks/RESULTS.md.
 #
 #   bash tools/gpu_check.sh --golden DIR --official-code DIR      # on one H100, <= 8 minutes
 #   bash tools/gpu_check.sh --cpu-smoke                            # anywhere, tiny sizes, about a minute

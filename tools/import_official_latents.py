@@ -1,38 +1,8 @@
-"""Convert an official SFD latent folder (``*.safetensors`` shards + ``*_stats.pt``) into sfd_scale latent
-shards, value-exact: ``python tools/import_official_latents.py OFFICIAL_DIR OUT_DIR``.
-
-Train on the result with ``data.source=shards data.path=OUT_DIR``. Rerunning after an interruption
-continues where it stopped. ``--images IMAGENET_TRAIN`` also stores each sample's image (the centre crop as
-JPEG) for REPA targets computed online (``data.repa_features=online data.dino=DINOV2_WEIGHTS``); the images
-must be in the official sample order (ImageFolder order, or ``--image-list`` lines ``relative/path label``).
-"""
-import argparse
+"""``python tools/import_official_latents.py ...`` is ``sfd import-latents ...``
+(``sfd_scale/apps/import_latents.py``): kept for checkouts and scripts."""
 import sys
-import time
 
-from sfd_scale.cli import as_user_errors, entry_point
-from sfd_scale.data.official import import_official
-
-
-@entry_point
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("src", help="official latent folder")
-    parser.add_argument("dst", help="output folder for the sfd_scale shards")
-    parser.add_argument("--images", default=None, help="image folder to attach each sample's image from")
-    parser.add_argument("--image-list", default=None, help="with --images: 'relative/path label' per line, in the "
-                                                           "official sample order (default: ImageFolder order)")
-    parser.add_argument("--jpeg-quality", type=int, default=95)
-    parser.add_argument("--num-threads", type=int, default=4, help="DALI decoding threads")
-    args = parser.parse_args(argv)
-    t0 = time.time()
-    with as_user_errors(FileNotFoundError, KeyError, ValueError):  # the official folder's missing keys, shapes
-        info = import_official(args.src, args.dst, images=args.images, image_list=args.image_list,
-                               jpeg_quality=args.jpeg_quality, num_threads=args.num_threads)
-    print(f"Imported {info['num_samples']} samples from {args.src} into {info['parts']} parts at {args.dst} in "
-          f"{time.time() - t0:.1f}s; columns {', '.join(sorted(info['columns']))}; statistics {info['stats']}.")
-    return 0
-
+from sfd_scale.apps.import_latents import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,25 +1,7 @@
-"""Draw a run's PNG plots (loss curves; FID vs. step when the run evaluated FID) from its metrics.jsonl.
-
-    python tools/plot_run.py runs/demo_digits [--out plots/]
-"""
-import argparse
+"""``python tools/plot_run.py ...`` is ``sfd plot ...`` (``sfd_scale/apps/plot.py``): kept for checkouts and scripts."""
 import sys
 
-from sfd_scale.cli import entry_point
-
-
-@entry_point
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("run_dir", help="a train.output_dir")
-    parser.add_argument("--out", default=None, help="folder for the PNGs (default: the run directory)")
-    args = parser.parse_args(argv)
-    from sfd_scale.eval.plots import plot_run
-
-    paths = plot_run(args.run_dir, args.out)  # no metrics.jsonl: a MissingInputError, one line
-    print("\n".join(map(str, paths)))
-    return 0
-
+from sfd_scale.apps.plot import main
 
 if __name__ == "__main__":
     sys.exit(main())

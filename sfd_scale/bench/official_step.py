@@ -1,5 +1,5 @@
 """The real baseline: the OFFICIAL SFD training step, imported from the official code at a path, timed next to
-ours on the same model, batch, device and precision (``tools/benchmark.py --official-code DIR``).
+ours on the same model, batch, device and precision (``sfd bench --official-code DIR``).
 
 The official code (github.com/yuemingPAN/SFD, MIT) is never copied into sfd_scale: ``import_official`` puts
 its directory on ``sys.path`` in the process that times it and imports only what its model and transport

@@ -34,7 +34,6 @@ from ..streaming_leases import StreamingLease
 from .cost_model import ATTENTION_FLOPS, GEMM_FLOPS, LAUNCH_S, NON_GEMM_BYTES_PER_S
 from .dispatch_count import CudaAutocast, OpCounter
 
-REPO = Path(__file__).resolve().parents[2]
 
 
 # ----------------------------------------------------------------------------------------------- data
@@ -73,12 +72,12 @@ def write_photo_tree(root, n: int, seed: int = 0) -> Path:
 
 def extract_dataset(tree, out, resolution: int = 256, jpeg_quality: int = 95) -> Path:
     """The real extraction (tiny random encoders) with features and images, unless ``out`` is finished."""
-    from ..data.extract import main
+    from ..data.extract import extract, load_extract_config
 
     if not (Path(out) / "sfd_dataset.json").is_file():
-        main(["--config", str(REPO / "configs/extract/tiny_cpu.yaml"), f"input={tree}", f"output={out}",
-              f"resolution={resolution}", "images=true", "features=true", f"jpeg_quality={jpeg_quality}",
-              "chunk_size=256", "batch_size=16", "progress=false"])
+        extract(load_extract_config(["extract/tiny_cpu"], [  # the shipped config, by name
+            f"input={tree}", f"output={out}", f"resolution={resolution}", "images=true", "features=true",
+            f"jpeg_quality={jpeg_quality}", "chunk_size=256", "batch_size=16", "progress=false"]), 0, 1)
     return Path(out)
 
 

@@ -17,7 +17,7 @@ reaches a training step; a remote one's downloaded copy is checked in the loader
 ``ShardCorruptError`` naming the file and what to do. Shards written before checksums existed have none:
 they load, unverified, with one warning per dataset.
 
-``verify_dataset`` checks every shard of a dataset (``tools/verify_shards.py``).
+``verify_dataset`` checks every shard of a dataset (``sfd verify-shards``).
 """
 from __future__ import annotations
 
@@ -100,8 +100,8 @@ def corrupt_message(entry: ShardEntry, problem: str) -> str:
     """One line: the file, what is wrong, what to do."""
     part = Path(entry.path).parent
     return (f"latent shard {entry.path} is damaged: {problem}. Restore it from a copy of the dataset, or delete "
-            f"its part directory {part} and rerun the extraction (tools/extract_latents.py or "
-            f"tools/import_official_latents.py, same arguments: finished parts are kept)")
+            f"its part directory {part} and rerun the extraction (sfd extract or "
+            f"sfd import-latents, same arguments: finished parts are kept)")
 
 
 def unverified_warning(root, unverified: int, total: int) -> str:
@@ -231,12 +231,15 @@ class ShardVerifier:
 
 
 # ------------------------------------------------------------------------------------------ whole dataset
-def verify_dataset(root, report=print) -> List[str]:
+def verify_dataset(root, report=print, progress: bool = False) -> List[str]:
     """Check every shard file of the dataset at ``root``; ``report`` gets one line per damaged shard (and one
-    about shards without checksums). Returns the damaged shards' lines."""
+    about shards without checksums); ``progress``: a tqdm bar over the shard files. Returns the damaged shards'
+    lines."""
+    from tqdm import tqdm
+
     entries = dataset_entries(root)
     bad = []
-    for entry in entries:
+    for entry in tqdm(entries, desc="verify", unit="shard", dynamic_ncols=True, disable=not progress):
         problem = shard_problem(entry)
         if problem is not None:
             bad.append(corrupt_message(entry, problem))

@@ -265,7 +265,7 @@ def read_meta(root) -> dict:
     path = Path(root) / META_FILE
     if not path.is_file():
         raise ShardFormatError(f"{path} not found: {root} is not a finished sfd_scale latent dataset "
-                               f"(run tools/extract_latents.py or tools/import_official_latents.py)")
+                               f"(run sfd extract or sfd import-latents)")
     meta = json.loads(path.read_text())
     if meta.get("format_version") != FORMAT_VERSION:
         raise ShardFormatError(f"{path}: format_version {meta.get('format_version')!r}, expected {FORMAT_VERSION}")

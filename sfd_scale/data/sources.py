@@ -298,7 +298,7 @@ def check_local_shards(root) -> None:
         if size is None or size != raw.get("bytes", size):
             what = "is missing (deleted?)" if size is None else f"has {size} bytes, index.json says {raw['bytes']}"
             raise ShardFormatError(f"shard file {path} {what}: restore it, or rebuild the dataset "
-                                   f"(tools/extract_latents.py, tools/import_official_latents.py)")
+                                   f"(sfd extract, sfd import-latents)")
 
 
 def _shard_source(cfg) -> TrainingData:

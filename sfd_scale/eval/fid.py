@@ -348,7 +348,7 @@ def _psd_factor(a: np.ndarray) -> np.ndarray:
 FID_NUMERICS_HELP = ("check the statistics (finite features, enough images) and the numerical libraries: a "
                      "broken BLAS / LAPACK build (e.g. some OpenBLAS builds) is known to make scipy.linalg.sqrtm "
                      "return NaN or complex results; reinstall numpy / scipy from official wheels, or compare with "
-                     "the SVD-based method (tools/eval_fid.py --fid-method fast)")
+                     "the SVD-based method (sfd fid --fid-method fast)")
 IMAGINARY_TOLERANCE = 1e-3  # ADM / pytorch-fid: a larger imaginary part on sqrtm's diagonal is an error
 
 

@@ -1,6 +1,6 @@
 """FID-50K as the paper measures it, in one command on any number of ranks: sample, then score on rank 0.
 
-``fid50k(checkpoint, out_dir, reference, num_images=50000, ...)`` (tools/fid50k.py, slurm/fid50k.sbatch):
+``fid50k(checkpoint, out_dir, reference, num_images=50000, ...)`` (``sfd fid50k``, slurm/fid50k.sbatch):
 
 1. Every rank samples its share of the class-balanced images into ``out_dir`` (``fid_sampling.sample_for_fid``:
    per-batch parts, resumable, the same images for any number of ranks or restarts).
@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from ..atomic import atomic_path
+from ..logging import show_progress
 from .fid import InceptionFeatures, evaluate, reference_keys
 from .fid_sampling import MANIFEST, images_done, merge_samples, rank_and_world, sample_for_fid
 
@@ -100,12 +101,13 @@ def score_samples(out_dir, npz: Path, reference: str, extractor: InceptionFeatur
 
 def fid50k(checkpoint, out_dir, reference, num_images: int = 50000, *, config_files: Sequence[str] = (),
            overrides: Sequence[str] = (), inception: Optional[str] = None, batch_size: int = 64,
-           eval_batch: int = 64, fid_method: str = "sqrtm", png: bool = False, progress: bool = False,
+           eval_batch: int = 64, fid_method: str = "sqrtm", png: bool = False, progress: Optional[bool] = False,
            poll_s: float = POLL_S, log: Callable[[str], None] = print) -> Optional[dict]:
     """Sample this rank's share of ``num_images`` from ``checkpoint`` (its config <- ``config_files`` <-
-    ``overrides``, as tools/sample_fid.py) into ``out_dir``; on rank 0 wait for all shares and score them against
+    ``overrides``, as ``sfd sample-fid``) into ``out_dir``; on rank 0 wait for all shares and score them against
     ``reference`` (an ADM reference batch or stats npz) with ``inception`` (None: the shipped network, no IS).
-    Returns the metrics on rank 0, None on the others. Ranks: RANK / WORLD_SIZE (torchrun) or srun's."""
+    Returns the metrics on rank 0, None on the others. Ranks: RANK / WORLD_SIZE (torchrun) or srun's.
+    ``progress``: bars on rank 0 (``logging.show_progress``: None = when stderr is a terminal)."""
     from ..parallel.slurm_env import slurm_rendezvous
     from .fid_sampling import FidSamplingError
     from .generate import prepare_sampling
@@ -115,6 +117,7 @@ def fid50k(checkpoint, out_dir, reference, num_images: int = 50000, *, config_fi
                                f"{eval_batch}) must be >= 1")
     slurm_rendezvous()  # srun tasks: RANK / WORLD_SIZE / LOCAL_RANK from SLURM's variables
     rank, world = rank_and_world()
+    progress = show_progress(progress, rank)
     reference = os.fspath(reference)
     reference_keys(reference)  # every rank: a bad reference fails before any sampling
     run = prepare_sampling(checkpoint, config_files, overrides)

@@ -37,6 +37,7 @@ import torch
 from ..atomic import atomic_path
 from ..config import Config, ConfigError, guidance_config, sampler_config, sfd_spec
 from ..errors import UserError
+from ..logging import show_progress
 from ..diffusion.sampling import ADAPTIVE_METHODS, Sampler, balanced_labels
 
 FID_NOISE_KEY = 0x464944   # "FID": spawn key that keeps these draws apart from the trainer's (seed, step, index)
@@ -189,14 +190,15 @@ def _write_part(out: Path, a: int, b: int, images: np.ndarray, labels: np.ndarra
 def sample_for_fid(model: torch.nn.Module, cfg: Config, out_dir, num_images: int, decode: Optional[Callable] = None,
                    *, batch_size: int = 64, num_classes: Optional[int] = None, guide: Optional[Callable] = None,
                    rank: Optional[int] = None, world_size: Optional[int] = None, device=None, checkpoint=None,
-                   png: bool = True, progress: bool = True, merge: bool = True, group=None,
+                   png: bool = True, progress: Optional[bool] = None, merge: bool = True, group=None,
                    after_part: Optional[Callable[[int, int], None]] = None) -> FidSamples:
     """Sample this rank's share of ``num_images`` FID images into ``out_dir`` (see the module docstring) and merge
     when every part is there. ``rank`` / ``world_size`` default to RANK / WORLD_SIZE; under tensor parallelism
     pass the data-parallel ones and the TP ``group``: its ranks sample together, its first rank decides what is
     left to do and alone writes. ``decode``: the run's decoder (``TrainingData.decode``, ``SamplingRun.decode``),
     required while images are left to do; ``guide`` defaults to ``load_guide`` for autoguidance. ``checkpoint`` is
-    recorded (and checked on resume). ``after_part(a, b)``: a test hook."""
+    recorded (and checked on resume). ``progress``: a bar on rank 0 (``logging.show_progress``: None = when stderr
+    is a terminal). ``after_part(a, b)``: a test hook."""
     import torch.distributed as dist
     from tqdm import tqdm
 
@@ -218,7 +220,7 @@ def sample_for_fid(model: torch.nn.Module, cfg: Config, out_dir, num_images: int
             plan = [r for k in batches for r in _runs(pending[k * batch_size:(k + 1) * batch_size], k * batch_size)]
             if plan and decode is None:
                 raise ConfigError(f"decoding data.source={cfg.data.source!r} samples needs the texture VAE: set "
-                                  f"sample.texture_vae (tools/sample_fid.py --texture-vae)")
+                                  f"sample.texture_vae (sfd sample-fid --texture-vae)")
         except Exception as err:  # peers must not wait for a plan that never comes
             plan = err
     if group is not None:
@@ -237,7 +239,7 @@ def sample_for_fid(model: torch.nn.Module, cfg: Config, out_dir, num_images: int
     was_training = model.training
     model.eval()
     bar = tqdm(total=todo, unit="img", desc=f"FID samples rank {rank}/{world}", dynamic_ncols=True,
-               disable=not (progress and writer and rank == 0))
+               disable=not (writer and show_progress(progress, rank)))
     try:
         for a, b in plan:
             idx = torch.arange(a, b)

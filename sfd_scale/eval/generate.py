@@ -1,6 +1,6 @@
 """Generate latents / images from a trained model with the configured sampler and guidance.
 
-Sampling a checkpoint (``prepare_sampling``, used by tools/sample.py, tools/sample_fid.py and the study): its own
+Sampling a checkpoint (``prepare_sampling``, used by sfd sample, sfd sample-fid and the study): its own
 config with ``--config`` files and ``key=value`` overrides layered on top, its EMA weights, the latent statistics
 it carries, and model, guide and decoding on ``train.device`` (the GPU when one is visible). The decoder is the
 data's (``data.sources.sampling_decoder``, the same one training-time grids use): the texture VAE when

@@ -37,7 +37,7 @@ class Rope2D(nn.Module):
     Token-major because that is how q and k leave the qkv projection: the official code rotates
     (B, heads, T, d_h) after a permute, and the per-element arithmetic here is the same, bit for bit. Under
     compile the QK-norm statistics and the rotation then read and write in one loop order, so inductor makes
-    them one kernel (measured on XXL blocks by ``tools/cost_model.py``: one kernel instead of five forward,
+    them one kernel (measured on XXL blocks by ``sfd cost-model``: one kernel instead of five forward,
     1.7 MB less traffic per sample per block).
 
     The cos/sin tables are persistent (T, d_h) buffers (they are part of the official state dict).

@@ -2,7 +2,7 @@
 
 Counts come from a model built on the ``meta`` device: every layer is constructed exactly as for
 training, so the numbers cannot drift from the real architecture, but no weight memory is allocated
-(the 1.6B model would take ~7 GB in fp32 on CPU). ``tools/model_summary.py`` is the CLI over this.
+(the 1.6B model would take ~7 GB in fp32 on CPU). ``sfd summary`` is the CLI over this.
 """
 from __future__ import annotations
 

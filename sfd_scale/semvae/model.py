@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Dict, Optional, Tuple
 
@@ -29,20 +29,11 @@ from torch import nn
 
 from ..atomic import atomic_path
 from ..errors import UserError
+from .settings import SemVAEArgs
 
 ARGS_KEY = "semvae_args"           # safetensors metadata key holding SemVAEArgs as JSON
 FORMAT_KEY = "format"
 FORMAT = "sfd_scale.semvae/1"
-
-
-@dataclass
-class SemVAEArgs:
-    feature_dim: int = 768           # DINOv2 ViT-B token width
-    latent_channels: int = 16        # C_s: channels of the semantic latent
-    width: int = 768                 # transformer width of encoder and decoder
-    depth: int = 4                   # blocks per half
-    num_heads: int = 6
-    mlp_ratio: float = 4.0
 
 
 class SemVAECheckpointError(UserError, RuntimeError):

@@ -39,7 +39,7 @@ from ..data.sources import Placement, build_training_data
 from ..diffusion.micro_batch import MicroBatch, TrainingDraws
 from ..diffusion.sfd import SFDObjective
 from ..eval.generate import save_sample_grid
-from ..logging import RunLogger
+from ..logging import RunLogger, show_progress
 from ..models.flops import training_flops_per_image
 from ..models.layers import attention_backend
 from ..models.lightningdit import LightningDiT, count_parameters, parallel_config
@@ -217,7 +217,7 @@ class Trainer:
 
     def sample_grid(self, name: str) -> Optional[str]:
         """Collective under TP (every rank samples); rank 0 writes the PNG. Not with pipeline stages:
-        sample those runs from their checkpoint (tools/sample.py)."""
+        sample those runs from their checkpoint (sfd sample)."""
         if self.pipelined:
             return None
         path = str(self.out / "samples" / f"{name}.png")
@@ -342,7 +342,7 @@ class Trainer:
                 raise ConfigError(f"train.output_dir={self.out}: cannot write into it ({err})") from err
         logger = RunLogger(str(self.out), cfg.logging.wandb_mode if main else "disabled", cfg.logging.project,
                            cfg.logging.run_name, asdict(cfg), cfg.train.max_steps, self.step,
-                           cfg.logging.progress and main, quiet=not main)
+                           show_progress(cfg.logging.progress, rank=self.rank), quiet=not main)
         n_params = self.n_params
         self.checkpointer.report = logger.write  # one line per save: how long it blocked training
         self._log_start(logger, n_params)

@@ -31,9 +31,10 @@ def photo_tree(root) -> Path:
 
 def extract_online(tree, out, *extra: str) -> Path:
     """The dataset: features and images, 3 parts of up to 3 samples, encoder batches of 2."""
-    from sfd_scale.data.extract import main
+    from sfd_scale.data.extract import extract, load_extract_config
 
-    summary = main(["--config", TINY_EXTRACT, f"input={tree}", f"output={out}", "images=true", "features=true",
-                    "chunk_size=3", "batch_size=2", "progress=false", *extra])
+    summary = extract(load_extract_config([TINY_EXTRACT], [f"input={tree}", f"output={out}", "images=true",
+                                                           "features=true", "chunk_size=3", "batch_size=2",
+                                                           "progress=false", *extra]), 0, 1)
     assert summary["finalized"] and summary["num_samples"] == IMAGES
     return Path(out)

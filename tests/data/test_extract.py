@@ -19,8 +19,8 @@ from safetensors.torch import load_file
 from sfd_scale.config import ConfigError
 from sfd_scale.data import shards
 from sfd_scale.data.encoders import CompositeEncoder, image_generators
-from sfd_scale.data.extract import (LOCK_FILE, PAUSE_ENV, claim_output, list_inputs, load_crops,
-                                    load_extract_config, main)
+from sfd_scale.data.extract import (LOCK_FILE, PAUSE_ENV, claim_output, extract, list_inputs, load_crops,
+                                    load_extract_config, rank_world)
 from tools import extract_latents as extract_tool
 
 REPO = Path(__file__).resolve().parents[2]
@@ -49,6 +49,13 @@ def tree(tmp_path_factory) -> Path:
             Image.fromarray(a).save(root / cls / f"img{i}.{ext}", quality=95)
     (root / "a_cat" / "notes.txt").write_text("not an image")
     return root
+
+
+def main(argv) -> dict:
+    """One extraction as ``sfd extract ARGV`` runs it (``sfd_scale/apps/extract.py``), returning its summary."""
+    files = [argv[i + 1] for i, a in enumerate(argv) if a == "--config"]
+    overrides = [a for a in argv if "=" in a and not a.startswith("-")]
+    return extract(load_extract_config(files, overrides), *rank_world(), finalize_only="--finalize-only" in argv)
 
 
 def args(tree, out, *extra):

@@ -1,6 +1,6 @@
 """Content checksums of latent shards (issue #16 case 9): recorded by the writer, checked on first read in the
 background (the loader and the trainer stop with the damaged file's name), checked for a whole dataset by
-tools/verify_shards.py; shards written before checksums still load, with one warning."""
+``sfd verify-shards``; shards written before checksums still load, with one warning."""
 from __future__ import annotations
 
 import json
@@ -92,7 +92,10 @@ def test_verify_command_reports_each_damaged_shard(tmp_path, capsys):
     root = tmp_path / "s"
     write_toy_shards(root, n=40, chunk=16)
     assert verify_main([str(root)]) == 0
-    assert "3 shard files" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "3 shard files" in captured.out and captured.err == ""  # stderr is no terminal here: no bar
+    assert verify_main([str(root), "--progress"]) == 0  # forced: the bar over the shard files
+    assert "verify: 100%" in capsys.readouterr().err
     damaged = _shard_of_sample(root, 3)
     _flip_byte(damaged)
     truncated = _shard_of_sample(root, 35)

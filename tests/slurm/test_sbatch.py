@@ -100,12 +100,16 @@ def assert_same_weights(got: dict, want: dict) -> None:
 
 
 class Reference:
-    """The uninterrupted run of TRAIN as a job of its own; submitted once, waited for when needed."""
+    """The uninterrupted run of TRAIN as a job of its own; submitted once, waited for when needed. It is submitted
+    as an installed package is used, from a directory outside the checkout: the script by the path ``sfd
+    slurm-script --path train`` prints, the config by its shipped name (the other jobs: from the checkout)."""
 
     def __init__(self, slurm, root: Path):
+        from sfd_scale.resources import SLURM
+
         self.slurm, self.out, self._weights = slurm, root / "run", None
-        self.job = slurm.sbatch(*ONE_CORE, f"--output={root}/%x-%j.out", "slurm/train.sbatch", *TRAIN,
-                                f"train.output_dir={self.out}")
+        self.job = slurm.sbatch(*ONE_CORE, f"--output={root}/%x-%j.out", str(SLURM / "train.sbatch"), "demo/digits",
+                                *TRAIN[1:], f"train.output_dir={self.out}", cwd=str(root))
         self.log = root / f"sfd-train-{self.job}.out"
 
     def weights(self) -> dict:
