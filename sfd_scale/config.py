@@ -359,8 +359,13 @@ def ema_sharded(parallel: ParallelConfig, data_parallel: int) -> bool:
     p = parallel
     if p.engine == "deepspeed" and p.zero_stage == 3:
         return True  # ZeRO-3 partitions the weights themselves: there is no whole copy to follow
-    shards_masters = p.engine == "deepspeed" or (p.engine == "megatron" and p.distributed_optimizer)
-    return shards_masters and (data_parallel > 1 if p.shard_ema is None else p.shard_ema)
+    return shards_masters(p) and (data_parallel > 1 if p.shard_ema is None else p.shard_ema)
+
+
+def shards_masters(parallel: ParallelConfig) -> bool:
+    """Whether the engine's optimizer shards its fp32 master weights over data-parallel ranks (what a sharded
+    EMA follows): megatron's distributed optimizer, DeepSpeed ZeRO."""
+    return parallel.engine == "deepspeed" or (parallel.engine == "megatron" and parallel.distributed_optimizer)
 
 
 def check_layout_sizes(tensor_parallel: int, pipeline_parallel: int, virtual_stages: int) -> None:
@@ -400,7 +405,7 @@ def check_lower_bounds(cfg: Config) -> None:
 
 
 def _check_shard_ema(p: ParallelConfig) -> None:
-    if p.shard_ema and not (p.engine == "deepspeed" or (p.engine == "megatron" and p.distributed_optimizer)):
+    if p.shard_ema and not shards_masters(p):
         what = ("parallel.distributed_optimizer is off" if p.engine == "megatron"
                 else f"parallel.engine={p.engine!r} does not shard its optimizer")
         raise ConfigError(f"parallel.shard_ema=true needs an optimizer sharded over data-parallel ranks, but {what}: "

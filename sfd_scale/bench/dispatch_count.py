@@ -236,7 +236,7 @@ class OpCounter(TorchDispatchMode):
         if not outputs:  # in-place multi-tensor ops return nothing: what they write is their mutated arguments
             outputs = _tensors([args[i] for i, a in enumerate(func._schema.arguments[:len(args)])
                                 if a.alias_info is not None and a.alias_info.is_write
-                                and not _unwritten_grads(packet, a.name, kwargs)])
+                                and not _unwritten_grads(name, a.name, kwargs)])
         t["bytes"] += sum(tensor_bytes(x) for x in inputs) + sum(tensor_bytes(x) for x in outputs)
         self.ops[name] += n
 
@@ -247,9 +247,8 @@ class OpCounter(TorchDispatchMode):
 _FUSED_ADAM = {"_fused_adam_", "_fused_adamw_"}
 
 
-def _unwritten_grads(packet, arg_name: str, kwargs: dict) -> bool:
-    return (arg_name == "grads" and str(packet).split(".", 1)[-1] in _FUSED_ADAM
-            and kwargs.get("grad_scale") is None)
+def _unwritten_grads(op_name: str, arg_name: str, kwargs: dict) -> bool:
+    return arg_name == "grads" and op_name in _FUSED_ADAM and kwargs.get("grad_scale") is None
 
 
 # ----------------------------------------------------------------------------------------------- autocast

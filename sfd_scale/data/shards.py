@@ -108,8 +108,11 @@ def column_encodings(sample: Dict[str, np.ndarray]) -> Dict[str, str]:
     """MDS column encodings for samples shaped like ``sample`` (fixed dtype and shape per column)."""
     cols = {}
     for key, value in sample.items():
-        if key == "label" or isinstance(value, bytes):
-            cols[key] = "int64" if key == "label" else "bytes"
+        if key == "label":
+            cols[key] = "int64"
+            continue
+        if isinstance(value, bytes):  # the crop's JPEG (online REPA targets): variable size
+            cols[key] = "bytes"
             continue
         value = np.asarray(value)
         cols[key] = f"ndarray:{value.dtype.name}:{','.join(str(d) for d in value.shape)}"
