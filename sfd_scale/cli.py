@@ -62,6 +62,13 @@ def help_epilog(run_config: bool = True) -> str:
     return f"{config_epilog()}\n{debug}" if run_config else debug
 
 
+def add_progress_flag(parser: argparse.ArgumentParser, what: str) -> None:
+    """``--progress`` / ``--no-progress``: whether to show ``what`` (a progress bar); unset (None), the bar shows
+    only when stderr is a terminal (``logging.show_progress``)."""
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                        help=f"{what} (default: only when stderr is a terminal)")
+
+
 def command_parser(prog: str, description: str, run_config: bool = False) -> argparse.ArgumentParser:
     """The argument parser of command ``prog`` (e.g. ``sfd sample``), its ``--help`` ending in ``help_epilog``
     (``run_config``: the command's ``key=value`` arguments are run config keys)."""

@@ -2,13 +2,12 @@
 
     sfd bench-loader --work /tmp/loader_bench --out benchmarks/loader_cpu.md [--cold]
 """
-import argparse
 import os
 import platform
 import statistics
 import tempfile
 
-from ..cli import command_parser, entry_point
+from ..cli import add_progress_flag, command_parser, entry_point
 
 # for scale: what one training GPU consumes at the issue #7 target for SFD-XXL (500 images/s per H100)
 CONSUMED = 500
@@ -28,8 +27,7 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="measurements per row (the median is shown)")
     parser.add_argument("--cold", action="store_true", help="also time with the page cache dropped (root, Linux)")
     parser.add_argument("--out", default=None, help="markdown file to write (default: print only)")
-    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
-                        help="a bar over the measurements (default: only when stderr is a terminal)")
+    add_progress_flag(parser, "a bar over the measurements")
     args = parser.parse_args(argv)
     from tqdm import tqdm
 

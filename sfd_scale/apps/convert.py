@@ -12,7 +12,7 @@ loading), so there is no offline resharding step: point ``train.output_dir`` at 
 """
 import argparse
 
-from ..cli import as_user_errors, command_parser, entry_point
+from ..cli import add_progress_flag, as_user_errors, command_parser, entry_point
 from ..config import load_config
 
 
@@ -38,8 +38,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--which", choices=("ema", "model"), default="ema")
     p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32")
     for p in sub.choices.values():
-        p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
-                       help="a bar through the conversion's steps (default: only when stderr is a terminal)")
+        add_progress_flag(p, "a bar through the conversion's steps")
     return parser
 
 

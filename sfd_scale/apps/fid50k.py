@@ -24,7 +24,7 @@ Downloads (nothing is fetched by the tool):
 """
 import argparse
 
-from ..cli import entry_point, help_epilog
+from ..cli import add_progress_flag, entry_point, help_epilog
 
 
 @entry_point
@@ -47,8 +47,7 @@ def main(argv=None) -> int:
     parser.add_argument("--fid-method", choices=("sqrtm", "fast"), default="sqrtm",
                         help="sqrtm: ADM's scipy.linalg.sqrtm (default); fast: same trace by an SVD, seconds on a CPU")
     parser.add_argument("--png", action="store_true", help="also write one PNG per image (<out>/images)")
-    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
-                        help="progress bars on rank 0 (default: only when stderr is a terminal)")
+    add_progress_flag(parser, "progress bars on rank 0")
     parser.add_argument("--poll-seconds", type=float, default=10.0,
                         help="how often rank 0 looks for the other ranks' samples (default 10)")
     parser.add_argument("overrides", nargs="*", metavar="key=value")

@@ -6,10 +6,9 @@ continues where it stopped. ``--images IMAGENET_TRAIN`` also stores each sample'
 JPEG) for REPA targets computed online (``data.repa_features=online data.dino=DINOV2_WEIGHTS``); the images
 must be in the official sample order (ImageFolder order, or ``--image-list`` lines ``relative/path label``).
 """
-import argparse
 import time
 
-from ..cli import as_user_errors, command_parser, entry_point
+from ..cli import add_progress_flag, as_user_errors, command_parser, entry_point
 
 
 @entry_point
@@ -22,8 +21,7 @@ def main(argv=None) -> int:
                                                            "official sample order (default: ImageFolder order)")
     parser.add_argument("--jpeg-quality", type=int, default=95)
     parser.add_argument("--num-threads", type=int, default=4, help="DALI decoding threads")
-    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
-                        help="a bar over the shard files (default: only when stderr is a terminal)")
+    add_progress_flag(parser, "a bar over the shard files")
     args = parser.parse_args(argv)
     from ..data.official import import_official
     from ..logging import show_progress

@@ -12,11 +12,10 @@ top. An official checkpoint (its ``ema``) needs --config. Guidance, solver and g
 the checkpoint carries (an official one: ``data.path`` or ``sample.latent_stats``), else the grid shows a
 false-colour view of latent channels. Runs on ``train.device`` (auto: the GPU when one is visible).
 """
-import argparse
 import sys
 from pathlib import Path
 
-from ..cli import as_user_errors, command_parser, entry_point
+from ..cli import add_progress_flag, as_user_errors, command_parser, entry_point
 
 
 @entry_point
@@ -25,8 +24,7 @@ def main(argv=None) -> int:
     parser.add_argument("checkpoint", help="sfd_scale checkpoint directory, or an official .pt / .safetensors")
     parser.add_argument("--config", action="append", default=[], metavar="YAML")
     parser.add_argument("--out", default=None, help="PNG path (default: <checkpoint>/samples.png)")
-    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
-                        help="a bar of model evaluations (default: only when stderr is a terminal)")
+    add_progress_flag(parser, "a bar of model evaluations")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_intermixed_args(argv)
 

@@ -11,10 +11,9 @@ official checkpoint needs --config. Non-demo data decodes with the texture VAE (
 sample.texture_vae) and the latent statistics the checkpoint carries (an official one: data.path or
 sample.latent_stats). Model, guide and VAE run on train.device (auto: the GPU when one is visible).
 """
-import argparse
 import time
 
-from ..cli import as_user_errors, command_parser, entry_point
+from ..cli import add_progress_flag, as_user_errors, command_parser, entry_point
 
 
 @entry_point
@@ -28,8 +27,7 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=64, help="images per sampling batch (default 64)")
     parser.add_argument("--texture-vae", default=None, help="texture VAE weights (sets sample.texture_vae)")
     parser.add_argument("--no-png", action="store_true", help="write only the npz parts, no per-image PNGs")
-    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
-                        help="a bar on rank 0 (default: only when stderr is a terminal)")
+    add_progress_flag(parser, "a bar on rank 0")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_intermixed_args(argv)
 

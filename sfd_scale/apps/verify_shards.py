@@ -5,19 +5,17 @@ Prints one line per damaged shard (the file, what is wrong, what to do) and exit
 damaged, 0 otherwise. Shards written before sfd_scale recorded checksums are checked for their size only
 (one warning line says how many). Training checks each shard the same way on its first read.
 """
-import argparse
 import sys
 import time
 
-from ..cli import command_parser, entry_point
+from ..cli import add_progress_flag, command_parser, entry_point
 
 
 @entry_point
 def main(argv=None) -> int:
     parser = command_parser("sfd verify-shards", __doc__)
     parser.add_argument("root", help="latent dataset folder (the data.path of a training run)")
-    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
-                        help="a bar over the shard files (default: only when stderr is a terminal)")
+    add_progress_flag(parser, "a bar over the shard files")
     args = parser.parse_args(argv)
     from ..data.shard_check import dataset_entries, verify_dataset
     from ..data.shards import ShardFormatError, read_meta
