@@ -23,7 +23,8 @@ to the transformer block ``blocks.i`` it ran in, forward or backward.
 
 ``CudaAutocast`` is a ``TorchFunctionMode`` standing in for ``torch.autocast("cuda", bfloat16)`` on meta
 and CPU tensors (autocast has no meta backend, and CPU autocast's op lists differ): it casts the inputs
-of the ops CUDA autocast runs in low precision, and the fp32-list ops this model calls back to fp32. It
+of the ops CUDA autocast runs in low precision, and the fp32-list ops this model calls back to fp32; a
+linear over trainable fp32 weights runs as ``models/master_linear.linear`` runs it under autocast. It
 also routes ``F.scaled_dot_product_attention`` to the kernel the target device would run.
 """
 from __future__ import annotations
@@ -43,6 +44,8 @@ from torch.utils import flop_counter
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map_only
 from torch.utils.module_tracker import ModuleTracker
+
+from ..models.master_linear import master_weight_linear, uses_master_weight_path
 
 aten = torch.ops.aten
 
@@ -266,6 +269,12 @@ def _cast(tree, dtype):
                          else t, tree)
 
 
+def _linear_args(args, kwargs) -> tuple:
+    """``F.linear``'s (input, weight, bias) however they were passed."""
+    named = dict(zip(("input", "weight", "bias"), args), **kwargs)
+    return named["input"], named["weight"], named.get("bias")
+
+
 class CudaAutocast(TorchFunctionMode):
     """``torch.autocast("cuda", dtype)`` semantics on any tensors (``dtype`` None: no casting), and SDPA run as
     the fused kernel of the target: CUDA flash (half precision) / efficient (fp32) on meta, CPU flash on CPU."""
@@ -276,6 +285,8 @@ class CudaAutocast(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func is F.linear and uses_master_weight_path(_linear_args(args, kwargs)[1], self.dtype):
+            return master_weight_linear(*_linear_args(args, kwargs), self.dtype)  # what master_linear.linear runs
         if self.dtype is not None and func in _LOW:
             args, kwargs = _cast((args, kwargs), self.dtype)
         elif self.dtype is not None and func in _FP32:

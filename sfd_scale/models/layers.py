@@ -29,6 +29,8 @@ from megatron.core.tensor_parallel import (ColumnParallelLinear, RowParallelLine
                                            copy_to_tensor_model_parallel_region)
 from megatron.core.utils import get_pg_size
 
+from .master_linear import linear
+
 try:  # optional GPU extra: used only on CUDA tensors in half precision
     from flash_attn import __version__ as flash_attn_version  # type: ignore
     from flash_attn import flash_attn_func  # type: ignore
@@ -49,8 +51,9 @@ class _ExactSingleRank:
 
     Why: megatron adds the bias after the matmul, which rounds differently from ``nn.Linear`` by ~1e-6;
     adaptive dopri5 sampling amplifies that to ~1e-3 in the final latent. With one TP rank there is no
-    communication to overlap, so we compute exactly what the official ``nn.Linear`` computes; with several
-    ranks megatron's forward (async all-reduce, sequence parallel) runs unchanged.
+    communication to overlap, so we compute exactly what the official ``nn.Linear`` computes (under autocast
+    with fp32 weights through ``master_linear.linear``: the same forward, fp32 weight gradients from the GEMM);
+    with several ranks megatron's forward (async all-reduce, sequence parallel) runs unchanged.
     """
 
     def __init__(self, *args, **kwargs):
@@ -59,7 +62,7 @@ class _ExactSingleRank:
 
     def forward(self, x: torch.Tensor, *args, **kwargs):
         if self.tp_size == 1 and not self.sequence_parallel:
-            return F.linear(x, self.weight, self.bias), None
+            return linear(x, self.weight, self.bias), None
         return super().forward(x, *args, **kwargs)
 
 

@@ -30,6 +30,7 @@ from .args import (REPA_FEATURE_DIMS, SIZE_ALIASES, SIZES, ArchitectureOptions, 
                    args_for, check_pipeline_split, parse_model_name)
 from .embeddings import LabelEmbedder, Rope2D, TimestepEmbedder, sincos_pos_embed_2d
 from .layers import AdaLNModulation, Attention, GeluMlp, SwiGLU, column_linear, make_norm, modulate, zeros
+from .master_linear import Linear
 
 
 @dataclass(frozen=True)
@@ -151,8 +152,8 @@ class LightningDiT(nn.Module):
         if self.has_repa:
             p = args.repa_projector_dim
             with _seeded(base, 2 + args.depth):
-                self.repa_projector = nn.Sequential(nn.Linear(d, p), nn.SiLU(), nn.Linear(p, p), nn.SiLU(),
-                                                    nn.Linear(p, args.repa_feature_dim))
+                self.repa_projector = nn.Sequential(Linear(d, p), nn.SiLU(), Linear(p, p), nn.SiLU(),
+                                                    Linear(p, args.repa_feature_dim))
                 for layer in self.repa_projector:
                     if isinstance(layer, nn.Linear):
                         nn.init.xavier_uniform_(layer.weight)
