@@ -23,7 +23,8 @@ update) counted aten op by aten op, eager, on real CPU tensors or on the meta de
 forward explained by dynamo; one transformer block compiled by inductor (CPU) at micro-batch 2 and 4,
 and the same block's forward and backward scheduled by inductor's Triton backend (fusion as on CUDA, no
 kernel generated or run): the compiled prediction uses the Triton-scheduled figures ("compiled prediction
-uses" says which), the C++ backend's stay beside them.
+uses" says which), the C++ backend's stay beside them. The other modules compiled on CUDA (final layer,
+REPA projector) are Triton-scheduled the same way, at the run's micro-batch.
 
 Commands (rerun after merging; `--baseline` puts the before figures beside the new ones):
 
@@ -37,16 +38,18 @@ Fixed constants (module-level in `cost_model.py`; they change only from a real G
 
 Step time = GEMM FLOPs / GEMM rate + attention FLOPs / attention rate + activation non-GEMM bytes / 2.6 TB/s
 + optimizer and EMA bytes / 2.6 TB/s + 4 us x every kernel (GEMM, attention, non-GEMM); MFU = model FLOPs
-(`sfd_scale/models/flops.py`) / (step time x 989 TF/s). Compiled: the blocks' non-GEMM kernels and bytes
-replaced by the compiled block's (GEMMs, attention and everything outside the blocks stay eager).
+(`sfd_scale/models/flops.py`) / (step time x 989 TF/s). Compiled: the non-GEMM kernels and bytes of the
+blocks, the final layer and the REPA projector (what `train.compile` compiles) replaced by their
+Triton-scheduled ones (GEMMs, attention and everything else, e.g. the embedders and the loss, stay eager).
 
 Rules: a non-GEMM kernel is every aten op on the device that is not a view / alias / detach, an
 allocation without a fill, or a metadata query; its bytes are its inputs + outputs (broadcast inputs
 count their stored elements). Host-side ops (the trainer's CPU work) do not count on meta. Syncs:
 `.item()` / `bool()` / `float()` of a device tensor, data-dependent shapes (`nonzero`, boolean-mask
 indexing, `unique`, ...), device-to-host copies; the log step also reads its metrics on the host.
-Per block: ops attributed to `blocks.i` (forward and backward) by torch's ModuleTracker; kernels per
-block are per micro-batch step, bytes per sample per block = block bytes / micro-batch / depth.
+Per block: ops attributed to `blocks.i` (forward and backward) by torch's ModuleTracker (likewise to
+`final_layer` and `repa_projector`); kernels per block are per micro-batch step, bytes per sample per block =
+block bytes / micro-batch / depth.
 
 "counted / formula model FLOPs" = the counted GEMM + attention FLOPs over `flops.py`'s 3x-forward model
 FLOPs: above 1 because torch counts the fused attention backward as 2.5x its forward (QK^T recomputed),

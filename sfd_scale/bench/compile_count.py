@@ -26,6 +26,7 @@ import torch._inductor.config
 from ..config import Config, model_args
 from ..models.embeddings import Rope2D
 from ..models.lightningdit import LightningDiT, LightningDiTBlock, ModelArgs, parallel_config
+from ..parallel.optimizations import COMPILED_HEADS
 
 EXPLAIN_MAX_PARAMS = 200e6      # bigger models: explain a depth-2 model of the same width
 
@@ -201,26 +202,42 @@ def _schedule_only(counts: Counter):
     return backend
 
 
+def _triton_scheduled(module: torch.nn.Module, inputs: tuple, precision: str) -> dict:
+    """Inductor's Triton-scheduled kernels and bytes of ``module(*inputs)``'s forward and backward graphs."""
+    counts = Counter()
+    torch._dynamo.reset()
+    with torch._inductor.config.patch(fx_graph_cache=False, autotune_local_cache=False), \
+            torch._functorch.config.patch(enable_autograd_cache=False):
+        with _cpu_autocast(precision):
+            torch.compile(module, backend=_schedule_only(counts), dynamic=False)(*inputs)
+    torch._dynamo.reset()
+    if counts["graphs"] != 2:
+        raise RuntimeError(f"expected a forward and a backward graph, scheduled {counts['graphs']}")
+    return dict(counts)
+
+
 def triton_scheduled_block(cfg: Config, micro_batches=BLOCK_MICRO_BATCHES) -> dict:
     """Like ``compiled_block``, with inductor's Triton scheduling as for CUDA nodes (one Triton kernel per fused
     node: a row norm is one persistent reduction; the GPU-only fusions of ``_as_cuda_nodes``): forward and
     backward scheduled at trace time, no kernel generated (the forward runs eagerly, the backward not at all).
     Measure at the run's own micro-batch: some fusions depend on the tensor sizes (mix-order reductions need
     4096 rows or more)."""
-    runs = {}
-    for b in micro_batches:
-        block, inputs = _block_and_inputs(cfg, b)
-        counts = Counter()
-        torch._dynamo.reset()
-        with torch._inductor.config.patch(fx_graph_cache=False, autotune_local_cache=False), \
-                torch._functorch.config.patch(enable_autograd_cache=False):
-            with _cpu_autocast(cfg.train.precision):
-                torch.compile(block, backend=_schedule_only(counts), dynamic=False)(*inputs)
-        if counts["graphs"] != 2:
-            raise RuntimeError(f"expected a forward and a backward graph, scheduled {counts['graphs']}")
-        runs[b] = dict(counts)
-    torch._dynamo.reset()
-    return runs
+    return {b: _triton_scheduled(*_block_and_inputs(cfg, b), cfg.train.precision) for b in micro_batches}
+
+
+def triton_scheduled_heads(cfg: Config, micro_batch: int) -> dict:
+    """{name: Triton-scheduled counts} of the modules compiled besides the blocks (``COMPILED_HEADS``: the final
+    layer, the REPA projector when the model has one), on a depth-1 model of the same width at ``micro_batch``:
+    ``final_layer(tokens, c)``, ``repa_projector(tokens)``."""
+    args = model_args(cfg)
+    args = dataclasses.replace(args, depth=1, repa_depth=min(args.repa_depth, 1))
+    torch.manual_seed(0)
+    model = LightningDiT(args).train()
+    tokens = torch.randn(micro_batch, args.grid ** 2, args.hidden_size, requires_grad=True)
+    c = torch.randn(micro_batch, args.hidden_size, requires_grad=True)
+    inputs = {"final_layer": (tokens, c), "repa_projector": (tokens,)}
+    return {name: _triton_scheduled(getattr(model, name), inputs[name], cfg.train.precision)
+            for name in COMPILED_HEADS if getattr(model, name, None) is not None}
 
 
 def compiled_per_block(runs: dict, micro_batch: int) -> dict:

@@ -31,11 +31,10 @@ from ..config import Config, model_args
 from ..models.flops import training_flops_per_image
 from ..parallel.engines.base import adam_state, fused_adamw
 from .compile_count import (EXPLAIN_MAX_PARAMS, compiled_block, compiled_per_block,  # noqa: F401 (re-exported)
-                            graph_breaks, triton_scheduled_block)
-from .dispatch_count import CudaAutocast, OpCounter
+                            graph_breaks, triton_scheduled_block, triton_scheduled_heads)
+from .dispatch_count import CudaAutocast, OpCounter, OrderedModuleTracker
 from ..train.step_io import StepWindow
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
-from torch.utils.module_tracker import ModuleTracker
 
 # ----------------------------------------------------------------------------------------------- constants
 # H100 SXM figures for the prediction. FIXED: change them only from a real GPU measurement (and say which
@@ -123,12 +122,14 @@ def build_counting_trainer(cfg: Config, device: torch.device):
 
 def _summary(counter: OpCounter, micro_batch: int, depth: int) -> dict:
     phases: Dict[str, Counter] = {}
-    blocks, block_ids = Counter(), set()
-    for (phase, block), c in counter.totals.items():
+    blocks, block_ids, heads = Counter(), set(), {}
+    for (phase, scope), c in counter.totals.items():
         phases.setdefault(phase, Counter()).update(c)
-        if block is not None:
+        if isinstance(scope, int):
             blocks.update(c)
-            block_ids.add(block)
+            block_ids.add(scope)
+        elif scope is not None:
+            heads.setdefault(scope, Counter()).update(c)
     total = sum(phases.values(), Counter())
     out = {k: int(total[k]) for k in ("gemm_flops", "attention_flops", "gemm_kernels", "attention_kernels")}
     out["non_gemm"] = {p: {"kernels": int(c["kernels"]), "bytes": int(c["bytes"])} for p, c in sorted(phases.items())}
@@ -137,6 +138,8 @@ def _summary(counter: OpCounter, micro_batch: int, depth: int) -> dict:
                      "gemm_flops": int(blocks["gemm_flops"]), "attention_flops": int(blocks["attention_flops"]),
                      "kernels_per_block": blocks["kernels"] / depth,
                      "bytes_per_sample_per_block": blocks["bytes"] / micro_batch / depth}
+    # the other modules compiled on CUDA (final layer, REPA projector), eager, per step
+    out["heads"] = {name: {"kernels": int(c["kernels"]), "bytes": int(c["bytes"])} for name, c in sorted(heads.items())}
     out["top_ops"] = dict(counter.ops.most_common(25))
     return out
 
@@ -156,7 +159,7 @@ def count_step(cfg: Config, micro_batch: Optional[int] = None, device: str = "me
         batches = iter(trainer.loader())
         with OpCounter(device):  # warm-up step: optimizer state created (on meta: syncs answered)
             trainer.train_step(next(batches))
-        tracker = ModuleTracker()
+        tracker = OrderedModuleTracker()
         counter = OpCounter(device, tracker)
         with tracker, counter, _phases(counter, trainer):
             trainer.train_step(next(batches))
@@ -181,7 +184,8 @@ def count_step(cfg: Config, micro_batch: Optional[int] = None, device: str = "me
 
 # ----------------------------------------------------------------------------------------------- predict
 def predict(counts: dict, compiled: Optional[dict] = None) -> dict:
-    """H100 step time (s) and MFU from the counts (eager) or with the blocks compiled (``compiled_per_block``)."""
+    """H100 step time (s) and MFU from the counts (eager) or with the blocks compiled (``compiled_per_block``; with
+    its ``heads``, the final layer and REPA projector compiled too, as on CUDA)."""
     b, depth, blocks = counts["micro_batch"], counts["depth"], counts["blocks"]
     ng = counts["non_gemm"]
     opt = [ng.get(p, {"kernels": 0, "bytes": 0}) for p in ("optimizer", "ema")]
@@ -191,6 +195,11 @@ def predict(counts: dict, compiled: Optional[dict] = None) -> dict:
     if compiled is not None:
         act_bytes += compiled["bytes_per_sample_per_block"] * b * depth - blocks["bytes"]
         kernels += compiled["kernels_per_block"] * depth - blocks["kernels"]
+        for name, head in compiled.get("heads", {}).items():  # final layer, REPA projector: where counted both ways
+            eager = counts.get("heads", {}).get(name)
+            if eager is not None:
+                act_bytes += head["bytes"] - eager["bytes"]
+                kernels += head["kernels"] - eager["kernels"]
     kernels += counts["gemm_kernels"] + counts["attention_kernels"]
     parts = {"gemm_s": counts["gemm_flops"] / GEMM_FLOPS, "attention_s": counts["attention_flops"] / ATTENTION_FLOPS,
              "non_gemm_s": act_bytes / NON_GEMM_BYTES_PER_S, "optimizer_ema_s": opt_bytes / OPTIMIZER_BYTES_PER_S,
@@ -225,7 +234,11 @@ def _compiled(cfg: Config, micro_batch: int) -> dict:
         out["compiled"] = {**out["compiled_cpp"], "scheduling": "cpp"}
         return out
     out["compiled_triton"] = compiled_per_block(out["compiled_block_triton"], micro_batch)
-    out["compiled"] = {**out["compiled_triton"], "scheduling": "triton"}
+    out["compiled_heads_triton"] = triton_scheduled_heads(cfg, micro_batch)
+    heads = {name: {"kernels": r.get("fused_kernels", 0) + r.get("extern_other_kernels", 0),
+                    "bytes": r.get("fused_bytes", 0) + r.get("extern_other_bytes", 0)}
+             for name, r in out["compiled_heads_triton"].items()}
+    out["compiled"] = {**out["compiled_triton"], "heads": heads, "scheduling": "triton"}
     return out
 
 
@@ -239,8 +252,22 @@ def _compiled_rows(r: dict) -> Dict[str, str]:
         "non-GEMM kernels per block, compiled (Triton scheduling)": f"{triton['kernels_per_block']}" if triton else "-",
         "non-GEMM MB per sample per block, compiled (Triton scheduling)":
             f"{triton['bytes_per_sample_per_block'] / 1e6:.1f}" if triton else "-",
+        "final layer + REPA projector: non-GEMM kernels / MB per step, eager -> compiled (Triton scheduling)":
+            _heads_row(r),
         "compiled prediction uses": {"triton": "Triton scheduling", "cpp": "C++ backend", None: "-"}[used],
     }
+
+
+def _heads_row(r: dict) -> str:
+    """The compiled modules besides the blocks, eager (counted) and compiled (scheduled), summed."""
+    eager, compiled = r.get("counts", {}).get("heads"), (r.get("compiled") or {}).get("heads")
+    if not eager or not compiled:
+        return "-"
+
+    def total(heads, key):
+        return sum(h[key] for h in heads.values())
+    return (f"{total(eager, 'kernels')} / {total(eager, 'bytes') / 1e6:.0f} -> "
+            f"{total(compiled, 'kernels')} / {total(compiled, 'bytes') / 1e6:.0f}")
 
 
 def headline(r: dict) -> Dict[str, str]:

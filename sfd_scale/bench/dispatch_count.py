@@ -19,7 +19,9 @@ sorts each op that touches a tensor on the counted device into
 Ops on host tensors are not counted when the counted device is not the CPU (the trainer's host-side
 work is not GPU work); on a CPU run every op counts. Each op is attributed to a phase (set by the cost
 model: inputs, optimizer, EMA, else the step) and, through ``torch.utils.module_tracker.ModuleTracker``,
-to the transformer block ``blocks.i`` it ran in, forward or backward.
+to the transformer block ``blocks.i`` it ran in, forward or backward, or to the other module compiled on CUDA
+(final layer, REPA projector: ``parallel/optimizations.COMPILED_HEADS``); ``OrderedModuleTracker`` says which
+module's backward runs now.
 
 ``CudaAutocast`` is a ``TorchFunctionMode`` standing in for ``torch.autocast("cuda", bfloat16)`` on meta
 and CPU tensors (autocast has no meta backend, and CPU autocast's op lists differ): it casts the inputs
@@ -35,7 +37,7 @@ import re
 import traceback
 from collections import Counter, defaultdict
 from contextlib import contextmanager
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +48,7 @@ from torch.utils._pytree import tree_flatten, tree_map_only
 from torch.utils.module_tracker import ModuleTracker
 
 from ..models.master_linear import master_weight_linear, uses_master_weight_path
+from ..parallel.optimizations import COMPILED_HEADS
 
 aten = torch.ops.aten
 
@@ -118,17 +121,60 @@ def caller() -> str:
     return via or "?"
 
 
+# ----------------------------------------------------------------------------------------------- tracker
+class _EntryOrder:
+    """A set of module names that remembers the order they were entered in (newest last)."""
+
+    def __init__(self, names=()):
+        self._names = dict.fromkeys(names)
+
+    def add(self, name: str) -> None:
+        self._names.pop(name, None)
+        self._names[name] = None
+
+    def remove(self, name: str) -> None:
+        del self._names[name]
+
+    def __contains__(self, name) -> bool:
+        return name in self._names
+
+    def __iter__(self):
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+
+class OrderedModuleTracker(ModuleTracker):
+    """torch's ``ModuleTracker`` whose ``parents`` keep the order modules were entered in. Why: in the backward
+    the tracker enters a module when the gradients of its outputs are ready but leaves it only once the
+    gradients of ALL its inputs are complete, so modules whose backward has ended stay among the parents (the
+    final layer's conditioning input ``c`` is complete only after every block's backward). The module whose
+    backward runs now is the newest one entered."""
+
+    @property
+    def parents(self) -> _EntryOrder:
+        return self._parents
+
+    @parents.setter
+    def parents(self, names) -> None:  # ModuleTracker assigns a fresh {"Global"} after each backward
+        self._parents = _EntryOrder(names)
+
+
 # ----------------------------------------------------------------------------------------------- counter
+# a module path ending in a block (its index) or in one of the other compiled modules (its name)
+_SCOPE = re.compile(r"(?:^|\.)(?:blocks\.(\d+)|(" + "|".join(COMPILED_HEADS) + r"))$")
+
 class OpCounter(TorchDispatchMode):
     """Counts of the ops run on ``device`` while active; see the module docstring for the rules."""
 
-    def __init__(self, device: torch.device, tracker: Optional[ModuleTracker] = None):
+    def __init__(self, device: torch.device, tracker: Optional[OrderedModuleTracker] = None):
         super().__init__()
         self.device = torch.device(device)
         self.tracker = tracker
         self.phase = "step"
-        # (phase, block or None) -> {"gemm_flops", "attention_flops", "gemm_kernels", "attention_kernels",
-        # "kernels", "bytes"}
+        # (phase, block index / compiled head's name / None) -> {"gemm_flops", "attention_flops", "gemm_kernels",
+        # "attention_kernels", "kernels", "bytes"}
         self.totals: Dict[tuple, Counter] = defaultdict(Counter)
         self.ops: Counter = Counter()          # non-GEMM aten op name -> kernels
         self.syncs: Counter = Counter()        # (op, caller) -> count
@@ -141,13 +187,14 @@ class OpCounter(TorchDispatchMode):
         finally:
             self.phase = old
 
-    def _block(self) -> Optional[int]:
-        if self.tracker is None:
-            return None
-        for name in self.tracker.parents:
-            m = re.search(r"(?:^|\.)blocks\.(\d+)$", name)
+    def _scope(self) -> Union[int, str, None]:
+        """The transformer block (its index) or the other compiled module (its name, ``COMPILED_HEADS``) whose
+        forward or backward the current op runs in (the newest one entered, ``OrderedModuleTracker``); None
+        elsewhere."""
+        for name in reversed(list(self.tracker.parents) if self.tracker is not None else []):
+            m = _SCOPE.search(name)
             if m:
-                return int(m.group(1))
+                return int(m.group(1)) if m.group(1) is not None else m.group(2)
         return None
 
     def _on_device(self, tensors) -> bool:
@@ -223,7 +270,7 @@ class OpCounter(TorchDispatchMode):
         packet = func._overloadpacket
         if func.is_view or packet in NOT_KERNELS or packet in SYNC_SCALAR:
             return
-        t = self.totals[(self.phase, self._block())]
+        t = self.totals[(self.phase, self._scope())]
         if packet in GEMM or packet in ATTENTION:
             kind = "gemm" if packet in GEMM else "attention"
             t[f"{kind}_flops"] += int(_FLOPS[packet](*args, out_val=out, **kwargs))

@@ -34,9 +34,13 @@ def compile_enabled(setting: Optional[bool], device: torch.device) -> bool:
     return torch.device(device).type == "cuda" if setting is None else bool(setting)
 
 
+# the modules compiled besides the blocks, by attribute name (a chunk holds them when its pipeline stage does)
+COMPILED_HEADS = ("final_layer", "repa_projector")
+
+
 def compiled_modules(chunk: LightningDiT) -> List[nn.Module]:
     """What ``apply_compile`` compiles in one model chunk (each block; final layer and REPA projector if held)."""
-    extra = [getattr(chunk, name, None) for name in ("final_layer", "repa_projector")]
+    extra = [getattr(chunk, name, None) for name in COMPILED_HEADS]
     return [*chunk.blocks, *(m for m in extra if m is not None)]
 
 

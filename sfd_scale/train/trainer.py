@@ -265,8 +265,10 @@ class Trainer:
         modules = sum(len(compiled_modules(chunk)) for chunk in self.chunks)
         compiled = (f"on (torch.compile of {modules} modules: blocks, final layer, REPA projector)"
                     if self.compiled else "off")
+        # fp32 weights under autocast: weight gradients written in fp32 by their GEMM (models/master_linear.py)
+        grads = "fp32 from the GEMM" if bf16 and weights == "float32" else weights
         return (f"hot path: attention {attention}; optimizer {self.engine.optimizer_impl}; compile {compiled}; "
-                f"precision: weights {weights}, autocast {'bfloat16' if bf16 else 'off'}, "
+                f"precision: weights {weights}, autocast {'bfloat16' if bf16 else 'off'}, weight grads {grads}, "
                 f"grad reduce {self.engine.grad_reduce_dtype()}")
 
     def _log_start(self, logger: RunLogger, n_params: int) -> None:

@@ -136,6 +136,12 @@ def test_prediction_arithmetic_with_the_fixed_constants():
     compiled = cost_model.predict(counts, {"kernels_per_block": 20, "bytes_per_sample_per_block": 1e9})
     assert compiled["kernels"] == 850 - 400 + 80 + 150
     assert compiled["non_gemm_s"] == pytest.approx(0.1 - 0.08 + 8e9 / 2.6e12)
+    # the final layer compiled too: its eager 30 kernels / 0.005 s become 6 kernels / 0.001 s
+    counts["heads"] = {"final_layer": {"kernels": 30, "bytes": 2.6e12 * 0.005}}
+    heads = {"final_layer": {"kernels": 6, "bytes": 2.6e12 * 0.001}}
+    both = cost_model.predict(counts, {"kernels_per_block": 20, "bytes_per_sample_per_block": 1e9, "heads": heads})
+    assert both["kernels"] == compiled["kernels"] - 24
+    assert both["non_gemm_s"] == pytest.approx(compiled["non_gemm_s"] - 0.004)
 
 
 def test_compiled_block_bytes_extrapolate_to_the_micro_batch():
@@ -164,13 +170,38 @@ def test_triton_scheduling_fuses_at_least_as_much_as_the_cpp_backend():
     assert 0 < triton["fused_bytes"] <= cpp["fused_bytes"]
 
 
+def test_final_layer_and_repa_projector_are_counted_apart():
+    """The modules compiled on CUDA besides the blocks get their own eager counts, forward and backward, which
+    the compiled prediction replaces by their Triton-scheduled ones."""
+    cfg = tiny("train.precision=bf16", "model.use_repa=true", "model.repa_depth=1", "model.repa_projector_dim=16",
+               "model.repa_feature_dim=8")
+    real, meta = cost_model.count_step(cfg, 4, "cpu"), cost_model.count_step(cfg, 4, "meta")
+    assert set(real["heads"]) == {"final_layer", "repa_projector"} and real["heads"] == meta["heads"]
+    step = real["non_gemm"]["step"]
+    # each smaller than one block (the backward of the blocks, which runs while the final layer's conditioning
+    # gradient is still incomplete, is not theirs)
+    assert all(0 < h["kernels"] < real["blocks"]["kernels_per_block"] for h in real["heads"].values())
+    assert sum(h["bytes"] for h in real["heads"].values()) + real["blocks"]["bytes"] < step["bytes"]
+    scheduled = cost_model.triton_scheduled_heads(cfg, 4)
+    assert set(scheduled) == set(real["heads"])
+    for name, r in scheduled.items():
+        assert r["graphs"] == 2 and 0 < r["fused_kernels"] < real["heads"][name]["kernels"]
+        assert 0 < r["fused_bytes"] < real["heads"][name]["bytes"]
+    # every linear's forward, input- and weight-gradient GEMMs (the final layer's adaLN linear and linear,
+    # the projector's three)
+    assert scheduled["final_layer"]["gemm_kernels"] == 2 * 3 and scheduled["repa_projector"]["gemm_kernels"] == 3 * 3
+
+
 def test_compiled_prediction_falls_back_to_the_cpp_backend(monkeypatch):
     runs = {1: {"fused_kernels": 30, "fused_bytes": 500}, 2: {"fused_kernels": 30, "fused_bytes": 800}}
     monkeypatch.setattr(cost_model, "compiled_block", lambda cfg: runs)
     triton = {1: {"fused_kernels": 20, "fused_bytes": 400}, 2: {"fused_kernels": 20, "fused_bytes": 600}}
     monkeypatch.setattr(cost_model, "triton_scheduled_block", lambda cfg, micro_batches: triton)
+    heads = {"final_layer": {"fused_kernels": 5, "fused_bytes": 100, "gemm_kernels": 6, "gemm_bytes": 1000}}
+    monkeypatch.setattr(cost_model, "triton_scheduled_heads", lambda cfg, micro_batch: heads)
     out = cost_model._compiled(None, 2)
     assert out["compiled"]["scheduling"] == "triton" and out["compiled"]["bytes_per_sample_per_block"] == 300
+    assert out["compiled"]["heads"] == {"final_layer": {"kernels": 5, "bytes": 100}}  # GEMMs stay GEMMs
     assert cost_model._compiled_rows(out)["compiled prediction uses"] == "Triton scheduling"
 
     def no_driver(cfg, micro_batches):
