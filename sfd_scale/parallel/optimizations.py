@@ -44,7 +44,18 @@ def compiled_modules(chunk: LightningDiT) -> List[nn.Module]:
     return [*chunk.blocks, *(m for m in extra if m is not None)]
 
 
+def _contiguous_tokens(module: nn.Module, args: tuple) -> tuple:
+    return (args[0].contiguous(), *args[1:])
+
+
 def apply_compile(chunks: Iterable[LightningDiT]) -> None:
     for chunk in chunks:
+        on_cpu = next(chunk.parameters()).device.type == "cpu"
         for module in compiled_modules(chunk):
+            if on_cpu:
+                # Why: inductor's vectorized C++ code (torch 2.14) gives NaN gradients for a bf16-autocast block
+                # whose token input is strided, as the patch embedding's transposed output is (a CPU-only fault:
+                # with vectorization off the gradients are right). Inside the compiled graph the copy is one
+                # more read and write of the tokens; fp32 values do not change.
+                module.register_forward_pre_hook(_contiguous_tokens)
             module.compile()
