@@ -104,17 +104,19 @@ class StreamingLease:
                                           "started": _start_time(os.getpid()) or "unknown"}))
 
     def release(self, dataset) -> None:
-        """Normal exit: streaming frees its segments when the dataset goes; the lock files are ours to delete."""
+        """Normal exit: streaming frees its segments when the dataset goes; the lock files are ours to delete, by
+        the last local user of the prefix. Our lease goes first, then the others are looked at: of ranks
+        releasing at once, the one that looks last finds no lease left and deletes the lock files (looking
+        first and deleting after let each see the other's lease, and the lock files stayed)."""
         prefix, root = int(dataset._shm_prefix_int), str(dataset._filelock_root)
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)
         others_alive = False
         for path in _lease_dir().glob(f"{prefix:06d}_*.json") if _lease_dir().is_dir() else []:
-            if path != self.path:
-                try:
-                    others_alive |= _alive(json.loads(path.read_text()))
-                except (OSError, ValueError):
-                    pass
+            try:
+                others_alive |= _alive(json.loads(path.read_text()))
+            except (OSError, ValueError):
+                pass
         if not others_alive:  # the last local user of this prefix
             for f in Path(root).glob(f"{prefix:06d}_*_filelock"):
                 f.unlink(missing_ok=True)
-        if self.path is not None:
-            self.path.unlink(missing_ok=True)

@@ -165,6 +165,7 @@ class OrderedModuleTracker(ModuleTracker):
 # a module path ending in a block (its index) or in one of the other compiled modules (its name)
 _SCOPE = re.compile(r"(?:^|\.)(?:blocks\.(\d+)|(" + "|".join(COMPILED_HEADS) + r"))$")
 
+
 class OpCounter(TorchDispatchMode):
     """Counts of the ops run on ``device`` while active; see the module docstring for the rules."""
 
