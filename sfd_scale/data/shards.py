@@ -264,6 +264,13 @@ def fetch_dataset_files(root, remote: Optional[str]) -> None:
             raise ShardFormatError(f"cannot fetch {os.path.join(remote, name)} into {root}: {err}") from err
 
 
+def require_images(root, columns) -> None:
+    """ShardFormatError unless a dataset's ``columns`` hold the crops' JPEGs (``image``: online REPA targets)."""
+    if "image" not in columns:
+        raise ShardFormatError(f"data.repa_features=online needs the images in the shards, but {root} has no 'image' "
+                               f"column: extract with images=true (or import official latents with --images)")
+
+
 def read_meta(root) -> dict:
     path = Path(root) / META_FILE
     if not path.is_file():
@@ -336,9 +343,8 @@ class LatentShardDataset(StreamingDataset):
         if repa and "feats_dino" not in cols:
             raise ShardFormatError(f"REPA features requested but {root} has no 'feats_dino' column "
                                    f"(columns: {sorted(cols)})")
-        if images and "image" not in cols:
-            raise ShardFormatError(f"online REPA targets need the images, but {root} has no 'image' column: extract "
-                                   f"with images=true (or import official latents with --images)")
+        if images:
+            require_images(root, cols)
         if remote is None:
             # Nothing to download: let streaming's ready thread run ahead freely. Its default look-ahead
             # (8 batches) makes it poll with 7 ms sleeps, which halves local-disk throughput (measured).

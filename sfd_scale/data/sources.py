@@ -30,7 +30,7 @@ from .official import OfficialLatentDataset
 from .images import DALI_MISSING
 from .online_repa import OnlineRepa, dataset_dino
 from .shards import (INDEX_FILE, LatentShardDataset, Normalization, ShardFormatError, fetch_dataset_files,
-                     latent_channels, read_meta)
+                     latent_channels, read_meta, require_images)
 from ..errors import one_line
 from ..config import ConfigError, require_package
 from ..streaming_leases import StreamingLease
@@ -310,10 +310,8 @@ def _shard_source(cfg) -> TrainingData:
     cols = meta["columns"]
     opened: List[Tuple[LatentShardDataset, StreamingLease]] = []
     online = cfg.model.use_repa and d.repa_features == "online"
-    if online and "image" not in cols:
-        raise ShardFormatError(f"data.repa_features=online needs the images in the shards, but {d.path} has no "
-                               f"'image' column: extract with images=true (or import official latents with --images)")
-    if online:  # a missing DALI or weights are named before anything is written
+    if online:  # missing images, DALI or weights are named before anything is written
+        require_images(d.path, cols)
         require_package("nvidia.dali", DALI_MISSING)
     dino = dataset_dino(meta, d.dino, d.path) if online else None
 
