@@ -137,7 +137,7 @@ def encode_samples(encoder, crops: torch.Tensor, indices: Sequence[int], labels:
     the crops' JPEG bytes, stored as column ``image``."""
     from .encoders import flip_crops, image_generators
     b = len(indices)
-    x = flip_crops(torch.cat([crops, crops]), [False] * b + [True] * b)
+    x = torch.cat([crops, flip_crops(crops, [True] * b)])
     gens = image_generators(seed, indices, False) + image_generators(seed, indices, True)
     device = next(encoder.parameters()).device
     with torch.no_grad(), torch.autocast(device.type, torch.bfloat16, enabled=bf16 and device.type == "cuda"):
