@@ -69,7 +69,7 @@ def add_progress_flag(parser: argparse.ArgumentParser, what: str) -> None:
                         help=f"{what} (default: only when stderr is a terminal)")
 
 
-def command_parser(prog: str, description: str, run_config: bool = False) -> argparse.ArgumentParser:
+def command_parser(prog: Optional[str], description: str, run_config: bool = False) -> argparse.ArgumentParser:
     """The argument parser of command ``prog`` (e.g. ``sfd sample``), its ``--help`` ending in ``help_epilog``
     (``run_config``: the command's ``key=value`` arguments are run config keys)."""
     return argparse.ArgumentParser(prog=prog, description=description, epilog=help_epilog(run_config),
@@ -79,8 +79,7 @@ def command_parser(prog: str, description: str, run_config: bool = False) -> arg
 def config_parser(description: str, run_config: bool = True, prog: Optional[str] = None) -> argparse.ArgumentParser:
     """``--config`` files and ``key=value`` overrides. ``run_config``: the files are run configs (``Config``):
     ``--help`` lists its sections and ``COMMON_KEYS``, and ``--print-config`` is offered (``parse_config``)."""
-    parser = argparse.ArgumentParser(prog=prog, description=description, epilog=help_epilog(run_config),
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = command_parser(prog, description, run_config)
     parser.add_argument("--config", action="append", default=[], metavar="YAML",
                         help="config file (repeatable; later files override earlier ones): a path, or a shipped "
                              "config by name (experiments/sfd_xl; `sfd configs` lists them)")
