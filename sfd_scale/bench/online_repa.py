@@ -1,5 +1,5 @@
 """Online vs stored REPA targets: bytes per training sample, loader samples/s on the CPU, and the GPU time the
-online DINOv2 adds to a step (``tools/bench_online_repa.py`` -> ``benchmarks/online_repa.md``).
+online DINOv2 adds to a step (``sfd bench-online-repa`` -> ``benchmarks/online_repa.md``).
 
 * Data: real photos (scikit-image, scikit-learn) cut into ``n`` varied images, extracted by the real extraction
   (``extract.py``, tiny random encoders: the values are stand-ins, the shapes are ImageNet's at 256 x 256) with
@@ -33,7 +33,6 @@ from ..data.sources import Placement, ShardBatches
 from ..streaming_leases import StreamingLease
 from .cost_model import ATTENTION_FLOPS, GEMM_FLOPS, LAUNCH_S, NON_GEMM_BYTES_PER_S
 from .dispatch_count import CudaAutocast, OpCounter
-
 
 
 # ----------------------------------------------------------------------------------------------- data

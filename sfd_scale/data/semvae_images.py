@@ -1,4 +1,4 @@
-"""The Semantic VAE trained online from images (``data.source: images`` of ``tools/train_semvae.py``): the
+"""The Semantic VAE trained online from images (``data.source: images`` of ``sfd semvae``): the
 paper's random-crop augmentation (Tab. 7), DINOv2 features computed per batch.
 
 Step k's batch is a pure function of (train.seed, k), so a resumed run continues exactly (nothing to store):

@@ -79,7 +79,7 @@ class Rope2D(nn.Module):
         exact, so (-x1) * s = x1 * (-s)), and inductor fuses it into the rotation. The sign lives in the table
         rather than in a third multiply so the rotation's backward reads four inputs (the gradient twice, cos,
         sin), under inductor's threshold for recomputing a pointwise result in each consumer instead of storing
-        it (measured on XXL blocks by ``tools/cost_model.py``: 2 kernels and 0.8 MB per sample per block
+        it (measured on XXL blocks by ``sfd cost-model``: 2 kernels and 0.8 MB per sample per block
         fewer)."""
         return x.unflatten(-1, (-1, 2)).roll(1, -1).flatten(-2)
 

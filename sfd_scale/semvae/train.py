@@ -5,7 +5,7 @@ tests, CPU demos); ``shards`` reads precomputed DINOv2 features from mosaicml-st
 ``feats_dino``, optionally ``feats_dino_flip``), whose only augmentation is the stored horizontal flip (the crop
 happens before DINOv2); ``images`` decodes an image folder with DALI, cuts the paper's random crops (Tab. 7) and
 computes the DINOv2 features of every batch (``sfd_scale.data.semvae_images``: the data layer, above this one,
-so ``train_semvae`` is handed its constructor, as ``tools/train_semvae.py`` does).
+so ``train_semvae`` is handed its constructor, as ``sfd semvae`` does).
 """
 from __future__ import annotations
 
@@ -194,7 +194,7 @@ def build_source(cfg: SemVAETrainConfig, device: torch.device, image_source: Opt
     if cfg.data.source == "images":
         if image_source is None:
             raise ConfigError("data.source=images needs the image feature source of sfd_scale.data "
-                              "(tools/train_semvae.py passes it)")
+                              "(sfd semvae passes it)")
         return image_source(cfg, device)
     return ShardFeatures(cfg) if cfg.data.source == "shards" else RandomFeatures(cfg)
 
